@@ -1,0 +1,124 @@
+//! The response body: a rejection, or the upstream body passed through frame by frame while a
+//! meter reads the token usage it reports.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::settle::{End, Meter};
+
+pin_project! {
+    /// Response body of [`TokenRateLimit`](crate::TokenRateLimit): either the inner service's
+    /// body, unchanged and unbuffered (metered when the request matched a limit), or the body of
+    /// a rejection.
+    ///
+    /// When the body ends — at its last frame, on an error, or when it is dropped because the
+    /// client went away — the request is settled exactly once.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner {
+            #[pin]
+            body: B,
+            meter: Option<Meter>,
+        },
+        Rejected {
+            body: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B, mut meter: Option<Meter>) -> Self
+    where
+        B: Body,
+    {
+        if body.is_end_stream() {
+            // An empty body is never polled: it is complete as it stands.
+            if let Some(m) = meter.as_mut() {
+                m.settle(End::Complete);
+            }
+        }
+        Self {
+            kind: Kind::Inner { body, meter },
+        }
+    }
+
+    pub(crate) fn rejected(body: Bytes) -> Self {
+        Self {
+            kind: Kind::Rejected { body: Some(body) },
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Inner { meter: Some(_), .. } => "metered",
+            Kind::Inner { meter: None, .. } => "unmetered",
+            Kind::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseBody").field("kind", &kind).finish()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Rejected { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            KindProj::Inner { mut body, meter } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                if let Some(m) = meter.as_mut() {
+                    match &frame {
+                        Some(Ok(f)) => {
+                            if let Some(data) = f.data_ref() {
+                                m.on_data(data);
+                            }
+                            // A server may stop polling (and drop the body) once this is true.
+                            if body.is_end_stream() {
+                                m.settle(End::Complete);
+                            }
+                        }
+                        Some(Err(_)) => m.settle(End::BodyError),
+                        None => m.settle(End::Complete),
+                    }
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Rejected { body } => body.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Rejected { body } => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! The serde configuration, in the Higress `ai-token-ratelimit` vocabulary, and its validation.
+//!
+//! ```
+//! use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+//!
+//! let cfg: TokenRateLimitConfig = serde_json::from_str(r#"{
+//!     "rule_name": "llm",
+//!     "rule_items": [{
+//!         "limit_by_per_header": "x-api-key",
+//!         "limit_keys": [{"key": "*", "token_per_minute": 100000, "token_per_day": 2000000}]
+//!     }]
+//! }"#).unwrap();
+//! let layer = TokenRateLimitLayer::from_config(cfg).unwrap();
+//! # let _ = layer;
+//! ```
+//!
+//! Validation reports every problem at once, each with its path and how to fix it:
+//!
+//! ```
+//! # use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+//! let cfg: TokenRateLimitConfig = serde_json::from_str(r#"{
+//!     "rule_name": "llm",
+//!     "rule_items": [{"limit_by_per_header": "x-user", "limit_keys": [{"key": "alice", "token_per_minute": 0}]}]
+//! }"#).unwrap();
+//! let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
+//! assert_eq!(err.problems().len(), 2);
+//! assert!(err.to_string().contains("rule_items[0].limit_keys[0].token_per_minute: must be > 0"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{HeaderName, StatusCode};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{ConfigError, Problems};
+use crate::key::{IpSource, KeyExtractor, KeySource};
+use crate::rule::{Entry, Item, Limit, MSE_CONSUMER, Matcher, Rules};
+
+/// The default `key_prefix`, Higress's.
+pub const DEFAULT_KEY_PREFIX: &str = "higress-token-ratelimit";
+
+/// Headers whose values are always treated as secrets (hashed in keys, never logged).
+const SECRET_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// Largest compiled size of one `regexp:` key; bigger patterns are a configuration error.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The whole configuration: a Higress `ai-token-ratelimit` plugin config plus this crate's
+/// extensions. Deserialise it from YAML or JSON and pass it to
+/// [`TokenRateLimitLayer::from_config`](crate::TokenRateLimitLayer::from_config).
+///
+/// Unknown fields are kept and reported as errors by validation (with every other problem),
+/// rather than silently ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct TokenRateLimitConfig {
+    /// Names this set of limits; part of every counter key (required).
+    #[serde(default)]
+    pub rule_name: String,
+    /// One limit on every request together.
+    #[serde(default)]
+    pub global_threshold: Option<ThresholdConfig>,
+    /// Limits per key source; all matching items apply.
+    #[serde(default)]
+    pub rule_items: Vec<RuleItemConfig>,
+    /// Status of a rejection (default 429; 400–599).
+    #[serde(default)]
+    pub rejected_code: Option<u16>,
+    /// Body of a rejection, sent as is (default: an OpenAI-style JSON error).
+    #[serde(default)]
+    pub rejected_msg: Option<String>,
+    /// A request header trusted to carry the consumer name (e.g. `x-mse-consumer`). Without it,
+    /// the consumer comes only from the [`Consumer`](crate::Consumer) request extension.
+    #[serde(default)]
+    pub consumer_header: Option<String>,
+    /// IPs / CIDR ranges of proxies whose `X-Forwarded-For` entries are skipped from the right.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Prefix of every counter key (default `higress-token-ratelimit`).
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// Which rate limit headers go on admitted responses.
+    #[serde(default)]
+    pub response_headers: Option<ResponseHeadersConfig>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// `global_threshold`: windows for one limit (every one set applies).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct ThresholdConfig {
+    /// Tokens per second.
+    #[serde(default)]
+    pub token_per_second: Option<u64>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub token_per_minute: Option<u64>,
+    /// Tokens per hour.
+    #[serde(default)]
+    pub token_per_hour: Option<u64>,
+    /// Tokens per day.
+    #[serde(default)]
+    pub token_per_day: Option<u64>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// One `rule_items` entry: exactly one `limit_by_*` source and its `limit_keys`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct RuleItemConfig {
+    /// Header name; one shared counter per listed value.
+    #[serde(default)]
+    pub limit_by_header: Option<String>,
+    /// Query parameter name; one shared counter per listed value.
+    #[serde(default)]
+    pub limit_by_param: Option<String>,
+    /// Cookie name; one shared counter per listed value.
+    #[serde(default)]
+    pub limit_by_cookie: Option<String>,
+    /// Present (any value, e.g. `''`): one shared counter per listed consumer.
+    #[serde(default, deserialize_with = "present")]
+    pub limit_by_consumer: Option<serde_json::Value>,
+    /// Header name; one counter per distinct value.
+    #[serde(default)]
+    pub limit_by_per_header: Option<String>,
+    /// Query parameter name; one counter per distinct value.
+    #[serde(default)]
+    pub limit_by_per_param: Option<String>,
+    /// Cookie name; one counter per distinct value.
+    #[serde(default)]
+    pub limit_by_per_cookie: Option<String>,
+    /// Present (any value): one counter per consumer.
+    #[serde(default, deserialize_with = "present")]
+    pub limit_by_per_consumer: Option<serde_json::Value>,
+    /// `from-remote-addr` or `from-header-<name>`: one counter per client IP.
+    #[serde(default)]
+    pub limit_by_per_ip: Option<String>,
+    /// Treat the values as secrets: hashed in keys, never logged (always on for the
+    /// `authorization`, `x-api-key` and `api-key` headers).
+    #[serde(default)]
+    pub secret: Option<bool>,
+    /// Key entries, tried in order; the first that matches the request's value applies.
+    #[serde(default)]
+    pub limit_keys: Vec<LimitKeyConfig>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// One `limit_keys` entry: a key pattern and its windows (every one set applies).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct LimitKeyConfig {
+    /// An exact value; or, for `per_` sources, `*` (any value) or `regexp:<re>` (anchored);
+    /// or, for `limit_by_per_ip`, an IP, a CIDR range, or `*`.
+    #[serde(default)]
+    pub key: String,
+    /// Tokens per second.
+    #[serde(default)]
+    pub token_per_second: Option<u64>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub token_per_minute: Option<u64>,
+    /// Tokens per hour.
+    #[serde(default)]
+    pub token_per_hour: Option<u64>,
+    /// Tokens per day.
+    #[serde(default)]
+    pub token_per_day: Option<u64>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+impl LimitKeyConfig {
+    /// An entry for this key with no window yet.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// `response_headers`: which rate limit headers admitted responses carry.
+#[derive(Debug, Clone, Deserialize)]
+#[non_exhaustive]
+pub struct ResponseHeadersConfig {
+    /// `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens`, `x-ratelimit-reset-tokens`
+    /// for the tightest matched limit (default on).
+    #[serde(default = "yes")]
+    pub openai: bool,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for ResponseHeadersConfig {
+    fn default() -> Self {
+        Self {
+            openai: true,
+            unknown: BTreeMap::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `Some` whenever the field is present, even as `null` or `''` (Higress only checks presence).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+/// A rule item whose key comes from user code (from the builder only).
+#[derive(Clone)]
+pub(crate) struct CustomSource {
+    pub(crate) name: String,
+    pub(crate) extractor: Arc<dyn KeyExtractor>,
+}
+
+/// A validated configuration.
+#[derive(Clone)]
+pub(crate) struct Compiled {
+    pub(crate) rules: Rules,
+    pub(crate) rejected_code: StatusCode,
+    pub(crate) rejected_msg: Option<Arc<str>>,
+    pub(crate) openai_headers: bool,
+}
+
+const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
+     limit_by_per_header, limit_by_per_param, limit_by_per_cookie, limit_by_per_consumer, \
+     limit_by_per_ip";
+const WINDOWS: &str = "token_per_second, token_per_minute, token_per_hour, token_per_day";
+
+fn unknown_fields(
+    p: &mut Problems,
+    path: &str,
+    unknown: &BTreeMap<String, serde_json::Value>,
+    expected: &str,
+) {
+    for field in unknown.keys() {
+        let at = if path.is_empty() {
+            field.clone()
+        } else {
+            format!("{path}.{field}")
+        };
+        p.push(at, format!("unknown field; expected one of {expected}"));
+    }
+}
+
+fn limits(
+    p: &mut Problems,
+    path: &str,
+    windows: [(&str, Option<u64>, u64); 4],
+    unknown: &BTreeMap<String, serde_json::Value>,
+    expected: &str,
+) -> Vec<Limit> {
+    unknown_fields(p, path, unknown, expected);
+    let mut out = Vec::new();
+    for (name, tokens, window_secs) in windows {
+        match tokens {
+            Some(0) => p.push(
+                format!("{path}.{name}"),
+                "must be > 0 (remove the field for no limit over this window)",
+            ),
+            Some(tokens) => out.push(Limit {
+                tokens,
+                window_secs,
+            }),
+            None => {}
+        }
+    }
+    if out.is_empty() && !windows.iter().any(|w| w.1 == Some(0)) {
+        p.push(path, format!("no limit; set one or more of {WINDOWS}"));
+    }
+    out
+}
+
+fn windows(
+    s: Option<u64>,
+    m: Option<u64>,
+    h: Option<u64>,
+    d: Option<u64>,
+) -> [(&'static str, Option<u64>, u64); 4] {
+    [
+        ("token_per_second", s, 1),
+        ("token_per_minute", m, 60),
+        ("token_per_hour", h, 3600),
+        ("token_per_day", d, 86_400),
+    ]
+}
+
+fn header_name(p: &mut Problems, path: String, name: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            p.push(
+                path,
+                format!("`{name}` is not a valid HTTP header name (letters, digits, `-`)"),
+            );
+            None
+        }
+    }
+}
+
+fn ip_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|net| match net {
+            // `::ffff:a.b.c.d/n` ranges match the IPv4 addresses clients are canonicalised to.
+            IpNet::V6(v6) if v6.addr().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 => {
+                let v4 = v6.addr().to_ipv4_mapped().expect("checked");
+                IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix ≤ 32"))
+            }
+            net => net.trunc(),
+        })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    /// The source is invalid: only check what does not depend on it.
+    Unknown,
+    Exact,
+    Per,
+    Ip,
+}
+
+fn compile_item(
+    p: &mut Problems,
+    i: usize,
+    item: &RuleItemConfig,
+    custom: Option<&CustomSource>,
+) -> Option<Item> {
+    let path = format!("rule_items[{i}]");
+    unknown_fields(
+        p,
+        &path,
+        &item.unknown,
+        &format!("{SOURCES}, limit_keys, secret"),
+    );
+    let present: Vec<(&'static str, Option<&str>)> = [
+        ("limit_by_header", item.limit_by_header.as_deref()),
+        ("limit_by_param", item.limit_by_param.as_deref()),
+        ("limit_by_cookie", item.limit_by_cookie.as_deref()),
+        (
+            "limit_by_consumer",
+            item.limit_by_consumer.as_ref().map(|_| ""),
+        ),
+        ("limit_by_per_header", item.limit_by_per_header.as_deref()),
+        ("limit_by_per_param", item.limit_by_per_param.as_deref()),
+        ("limit_by_per_cookie", item.limit_by_per_cookie.as_deref()),
+        (
+            "limit_by_per_consumer",
+            item.limit_by_per_consumer.as_ref().map(|_| ""),
+        ),
+        ("limit_by_per_ip", item.limit_by_per_ip.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(field, v)| v.map(|v| (field, Some(v))))
+    .collect();
+
+    let mut secret = item.secret.unwrap_or(false);
+    let source = match (custom, present.as_slice()) {
+        (Some(c), []) => {
+            if c.name.is_empty() || c.name.contains([':', '{', '}']) {
+                p.push(
+                    path.clone(),
+                    "the custom key name must be non-empty, without `:`, `{` or `}`",
+                );
+            }
+            Some((
+                "limit_by_per_key",
+                c.name.clone(),
+                KeySource::Custom(c.extractor.clone()),
+            ))
+        }
+        (Some(_), _) => {
+            p.push(path.clone(), "a custom key rule takes no limit_by_* field");
+            None
+        }
+        (None, []) => {
+            p.push(
+                path.clone(),
+                format!("no key source; set exactly one of {SOURCES}"),
+            );
+            None
+        }
+        (None, [(field, Some(value))]) => {
+            let at = format!("{path}.{field}");
+            let needs_name = !field.ends_with("consumer");
+            if needs_name && value.is_empty() {
+                p.push(at, "must not be empty");
+                None
+            } else {
+                match *field {
+                    "limit_by_header" | "limit_by_per_header" => {
+                        header_name(p, at, value).map(|h| {
+                            secret |= SECRET_HEADERS.contains(&h.as_str());
+                            (*field, value.to_string(), KeySource::Header(h))
+                        })
+                    }
+                    "limit_by_param" | "limit_by_per_param" => Some((
+                        *field,
+                        value.to_string(),
+                        KeySource::Param(value.to_string()),
+                    )),
+                    "limit_by_cookie" | "limit_by_per_cookie" => Some((
+                        *field,
+                        value.to_string(),
+                        KeySource::Cookie(value.to_string()),
+                    )),
+                    "limit_by_consumer" | "limit_by_per_consumer" => {
+                        Some((*field, MSE_CONSUMER.to_string(), KeySource::Consumer))
+                    }
+                    _ => {
+                        let ip = if *value == "from-remote-addr" {
+                            Some(IpSource::RemoteAddr)
+                        } else if let Some(h) = value.strip_prefix("from-header-") {
+                            header_name(p, at.clone(), h).map(IpSource::Header)
+                        } else {
+                            p.push(
+                                at,
+                                format!(
+                                    "`{value}` is not an IP source; use `from-remote-addr` or \
+                                     `from-header-<name>` (e.g. from-header-x-forwarded-for)"
+                                ),
+                            );
+                            None
+                        };
+                        ip.map(|ip| ("limit_by_per_ip", value.to_string(), KeySource::Ip(ip)))
+                    }
+                }
+            }
+        }
+        (None, many) => {
+            let names: Vec<&str> = many.iter().map(|(f, _)| *f).collect();
+            p.push(
+                path.clone(),
+                format!(
+                    "several key sources ({}); a rule item takes exactly one: split it into \
+                     separate rule_items",
+                    names.join(", ")
+                ),
+            );
+            None
+        }
+    };
+
+    let kind = match source.as_ref().map(|s| s.0) {
+        None => KeyKind::Unknown,
+        Some("limit_by_per_ip") => KeyKind::Ip,
+        Some(t) if t.starts_with("limit_by_per_") => KeyKind::Per,
+        Some(_) => KeyKind::Exact,
+    };
+    let source_field = source.as_ref().map_or("limit_by_*", |s| s.0);
+    if item.limit_keys.is_empty() {
+        p.push(
+            format!("{path}.limit_keys"),
+            format!("empty; add at least one entry with a key and one of {WINDOWS}"),
+        );
+    }
+    let mut entries = Vec::new();
+    for (j, lk) in item.limit_keys.iter().enumerate() {
+        let at = format!("{path}.limit_keys[{j}]");
+        let matcher = matcher(p, &format!("{at}.key"), &lk.key, kind, source_field);
+        let limits = limits(
+            p,
+            &at,
+            windows(
+                lk.token_per_second,
+                lk.token_per_minute,
+                lk.token_per_hour,
+                lk.token_per_day,
+            ),
+            &lk.unknown,
+            &format!("key, {WINDOWS}"),
+        );
+        if let Some(matcher) = matcher {
+            entries.push(Entry { matcher, limits });
+        }
+    }
+    let (limit_type, key_name, source) = source?;
+    Some(Item {
+        limit_type,
+        key_name,
+        source,
+        entries,
+        secret,
+    })
+}
+
+fn matcher(p: &mut Problems, at: &str, key: &str, kind: KeyKind, source: &str) -> Option<Matcher> {
+    if key.is_empty() {
+        p.push(at, "missing; every limit_keys entry needs a key");
+        return None;
+    }
+    match kind {
+        KeyKind::Unknown => None,
+        KeyKind::Ip => {
+            if key == "*" {
+                return Some(Matcher::Any);
+            }
+            let net = ip_net(key).map(Matcher::Net);
+            if net.is_none() {
+                p.push(
+                    at,
+                    format!(
+                        "`{key}` is not an IP address or CIDR range (e.g. 10.0.0.0/8, \
+                         2001:db8::/32) or `*`"
+                    ),
+                );
+            }
+            net
+        }
+        KeyKind::Per => {
+            if key == "*" {
+                Some(Matcher::Any)
+            } else if let Some(re) = key.strip_prefix("regexp:") {
+                match regex::RegexBuilder::new(&format!("^(?:{re})$"))
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .build()
+                {
+                    Ok(re) => Some(Matcher::Regex(re)),
+                    Err(e) => {
+                        let e = e.to_string().replace('\n', " ");
+                        p.push(at, format!("invalid regular expression: {e}"));
+                        None
+                    }
+                }
+            } else {
+                let exact = source.replace("limit_by_per_", "limit_by_");
+                p.push(
+                    at,
+                    format!(
+                        "`{key}` is a literal key under {source}, which takes `*` or \
+                         `regexp:<re>`; for exact values use {exact}"
+                    ),
+                );
+                None
+            }
+        }
+        KeyKind::Exact => {
+            if key == "*" || key.starts_with("regexp:") {
+                let per = source.replace("limit_by_", "limit_by_per_");
+                p.push(
+                    at,
+                    format!("`*` and `regexp:` keys need a per-value source; use {per}"),
+                );
+                None
+            } else {
+                Some(Matcher::Exact(key.to_string()))
+            }
+        }
+    }
+}
+
+fn has_bad_chars(s: &str) -> bool {
+    s.chars().any(|c| c.is_control() || c == '{' || c == '}')
+}
+
+impl TokenRateLimitConfig {
+    /// Validates the whole configuration, reporting every problem.
+    pub(crate) fn compile(
+        &self,
+        customs: &[(usize, CustomSource)],
+    ) -> Result<Compiled, ConfigError> {
+        let mut p = Problems::default();
+        unknown_fields(
+            &mut p,
+            "",
+            &self.unknown,
+            "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
+             consumer_header, trusted_proxies, key_prefix, response_headers",
+        );
+
+        let name = self.rule_name.trim();
+        let hash_tag = if name.is_empty() {
+            p.push(
+                "rule_name",
+                "required; name this set of limits (e.g. `llm-tokens`)",
+            );
+            String::new()
+        } else if name.len() > 2 && name.starts_with('{') && name.ends_with('}') {
+            if has_bad_chars(&name[1..name.len() - 1]) {
+                p.push(
+                    "rule_name",
+                    "must not contain control characters or inner `{`/`}`",
+                );
+            }
+            name.to_string()
+        } else if has_bad_chars(name) {
+            p.push(
+                "rule_name",
+                "must not contain control characters or `{`/`}` (it becomes the Redis Cluster \
+                 hash tag `{rule_name}`)",
+            );
+            String::new()
+        } else {
+            format!("{{{name}}}")
+        };
+
+        let prefix = self.key_prefix.as_deref().unwrap_or(DEFAULT_KEY_PREFIX);
+        if prefix.is_empty() || has_bad_chars(prefix) {
+            p.push(
+                "key_prefix",
+                "must be non-empty, without control characters or `{`/`}`",
+            );
+        }
+
+        let global = self.global_threshold.as_ref().map_or_else(Vec::new, |t| {
+            limits(
+                &mut p,
+                "global_threshold",
+                windows(
+                    t.token_per_second,
+                    t.token_per_minute,
+                    t.token_per_hour,
+                    t.token_per_day,
+                ),
+                &t.unknown,
+                WINDOWS,
+            )
+        });
+        if self.global_threshold.is_none() && self.rule_items.is_empty() {
+            p.push(
+                "",
+                "nothing to limit: set global_threshold or at least one rule_items entry",
+            );
+        }
+
+        let items: Vec<Item> = self
+            .rule_items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let custom = customs.iter().find(|(j, _)| *j == i).map(|(_, c)| c);
+                compile_item(&mut p, i, item, custom)
+            })
+            .collect();
+
+        let rejected_code = match self.rejected_code {
+            None => StatusCode::TOO_MANY_REQUESTS,
+            Some(code @ 400..=599) => StatusCode::from_u16(code).expect("in range"),
+            Some(code) => {
+                p.push(
+                    "rejected_code",
+                    format!("{code} is not an error status; use 400–599 (default 429)"),
+                );
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        };
+
+        let consumer_header = self
+            .consumer_header
+            .as_deref()
+            .and_then(|h| header_name(&mut p, "consumer_header".into(), h));
+
+        let mut trusted_proxies = Vec::new();
+        for (i, t) in self.trusted_proxies.iter().enumerate() {
+            match ip_net(t.trim()) {
+                Some(net) => trusted_proxies.push(net),
+                None => p.push(
+                    format!("trusted_proxies[{i}]"),
+                    format!("`{t}` is not an IP address or CIDR range (e.g. 10.0.0.0/8)"),
+                ),
+            }
+        }
+
+        let headers = self.response_headers.clone().unwrap_or_default();
+        unknown_fields(&mut p, "response_headers", &headers.unknown, "openai");
+
+        p.into_result(Compiled {
+            rules: Rules {
+                key_base: format!("{prefix}:{hash_tag}"),
+                global,
+                items,
+                consumer_header,
+                trusted_proxies,
+            },
+            rejected_code,
+            rejected_msg: self.rejected_msg.as_deref().map(Arc::from),
+            openai_headers: headers.openai,
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! Where a limit key's value comes from: a header, a query parameter, a cookie, the
+//! authenticated consumer, the client IP, or your own [`KeyExtractor`].
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{COOKIE, HeaderMap, HeaderName};
+use http::{Extensions, Method, Uri};
+use ipnet::IpNet;
+
+/// The authenticated caller, placed in the request extensions by an auth layer that runs before
+/// this one. `limit_by_consumer` / `limit_by_per_consumer` rules key on it.
+///
+/// ```
+/// use tower_token_ratelimit::Consumer;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Consumer::new("alice"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Consumer(Arc<str>);
+
+impl Consumer {
+    /// A consumer with this name.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+
+    /// The consumer's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The client's address, for servers that are neither axum (`ConnectInfo`) nor tonic: insert it
+/// into the request extensions and `from-remote-addr` rules use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub IpAddr);
+
+/// A read-only view of the request, given to a [`KeyExtractor`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    extensions: &'a Extensions,
+}
+
+impl<'a> RequestView<'a> {
+    pub(crate) fn new<B>(req: &'a http::Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+
+    /// The request method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The request URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The request extensions (e.g. what an auth layer put there).
+    pub fn extensions(&self) -> &'a Extensions {
+        self.extensions
+    }
+}
+
+/// Computes a key value from a request, for [`Rule::per_key`](crate::Rule::per_key).
+///
+/// Implemented for closures `Fn(&RequestView<'_>) -> Option<String>`. Returning `None` means
+/// the rule does not apply to this request.
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// The key value for this request, if any.
+    fn extract(&self, request: &RequestView<'_>) -> Option<String>;
+}
+
+impl<F> KeyExtractor for F
+where
+    F: Fn(&RequestView<'_>) -> Option<String> + Send + Sync + 'static,
+{
+    fn extract(&self, request: &RequestView<'_>) -> Option<String> {
+        self(request)
+    }
+}
+
+/// Where the value of a rule item comes from.
+#[derive(Clone)]
+pub(crate) enum KeySource {
+    Header(HeaderName),
+    Param(String),
+    Cookie(String),
+    Consumer,
+    Ip(IpSource),
+    Custom(Arc<dyn KeyExtractor>),
+}
+
+/// Where the client IP comes from (`limit_by_per_ip`).
+#[derive(Debug, Clone)]
+pub(crate) enum IpSource {
+    /// `from-remote-addr`: the TCP peer.
+    RemoteAddr,
+    /// `from-header-<name>`: an `X-Forwarded-For`-style list (or `Forwarded`), right-most
+    /// untrusted entry; the peer when the header gives no address.
+    Header(HeaderName),
+}
+
+/// A value taken from a request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum KeyValue<'a> {
+    /// Text to match keys against. `raw` holds the original bytes when they were not UTF-8
+    /// (the text is then a lossy copy, and the counter key uses a hash of the raw bytes so two
+    /// different values never share a counter).
+    Text {
+        text: Cow<'a, str>,
+        raw: Option<&'a [u8]>,
+    },
+    Ip(IpAddr),
+}
+
+/// What extraction needs besides the request.
+pub(crate) struct ExtractContext<'c> {
+    pub(crate) consumer_header: Option<&'c HeaderName>,
+    pub(crate) trusted_proxies: &'c [IpNet],
+}
+
+impl KeySource {
+    pub(crate) fn extract<'a>(
+        &self,
+        req: &RequestView<'a>,
+        cx: &ExtractContext<'_>,
+    ) -> Option<KeyValue<'a>> {
+        match self {
+            KeySource::Header(name) => header_value(req.headers, name),
+            KeySource::Param(name) => {
+                let query = req.uri.query()?;
+                form_urlencoded::parse(query.as_bytes())
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| text(Cow::Owned(v.into_owned())))
+            }
+            KeySource::Cookie(name) => cookie_value(req.headers, name).map(text),
+            KeySource::Consumer => {
+                if let Some(c) = req.extensions.get::<Consumer>() {
+                    return Some(text(Cow::Owned(c.as_str().to_owned())));
+                }
+                header_value(req.headers, cx.consumer_header?)
+            }
+            KeySource::Ip(source) => client_ip(req, source, cx.trusted_proxies).map(KeyValue::Ip),
+            KeySource::Custom(extractor) => extractor.extract(req).map(|v| text(Cow::Owned(v))),
+        }
+        .filter(|v| !matches!(v, KeyValue::Text { text, .. } if text.is_empty()))
+    }
+}
+
+fn text(text: Cow<'_, str>) -> KeyValue<'_> {
+    KeyValue::Text { text, raw: None }
+}
+
+fn header_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<KeyValue<'a>> {
+    let value = headers.get(name)?;
+    Some(match value.to_str() {
+        Ok(s) => text(Cow::Borrowed(s)),
+        Err(_) => KeyValue::Text {
+            text: String::from_utf8_lossy(value.as_bytes()),
+            raw: Some(value.as_bytes()),
+        },
+    })
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<Cow<'a, str>> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name)
+        .map(|c| Cow::Owned(c.value().to_owned()))
+}
+
+/// The TCP peer's address, from axum's `ConnectInfo<SocketAddr>` (also set by
+/// `MockConnectInfo`), a [`ClientAddr`], or a plain `SocketAddr` extension.
+pub(crate) fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) =
+        extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(addr.ip().to_canonical());
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::connect_info::MockConnectInfo(addr)) =
+        extensions.get::<axum::extract::connect_info::MockConnectInfo<SocketAddr>>()
+    {
+        return Some(addr.ip().to_canonical());
+    }
+    if let Some(ClientAddr(ip)) = extensions.get::<ClientAddr>() {
+        return Some(ip.to_canonical());
+    }
+    extensions
+        .get::<SocketAddr>()
+        .map(|a| a.ip().to_canonical())
+}
+
+fn client_ip(req: &RequestView<'_>, source: &IpSource, trusted: &[IpNet]) -> Option<IpAddr> {
+    match source {
+        IpSource::RemoteAddr => peer_ip(req.extensions),
+        IpSource::Header(name) => {
+            forwarded_ip(req.headers, name, trusted).or_else(|| peer_ip(req.extensions))
+        }
+    }
+}
+
+/// The right-most address of a forwarding list that is not a trusted proxy. Entries are read
+/// from the right and reading stops at the first untrusted one, so a client cannot choose its
+/// key by prepending entries, and a huge header costs no more than its trusted suffix.
+fn forwarded_ip(headers: &HeaderMap, name: &HeaderName, trusted: &[IpNet]) -> Option<IpAddr> {
+    let is_forwarded = name == http::header::FORWARDED;
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    let mut last_trusted = None;
+    for value in values.iter().rev() {
+        for entry in value.rsplit(',') {
+            let entry = if is_forwarded {
+                forwarded_for(entry)
+            } else {
+                Some(entry)
+            };
+            let Some(ip) = entry.and_then(parse_ip_entry) else {
+                // An unparsable entry where the client address should be: nothing usable.
+                return last_trusted;
+            };
+            if trusted.iter().any(|net| net.contains(&ip)) {
+                last_trusted = Some(ip);
+                continue;
+            }
+            return Some(ip);
+        }
+    }
+    last_trusted
+}
+
+/// The `for=` parameter of one `Forwarded` element (RFC 7239).
+fn forwarded_for(element: &str) -> Option<&str> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+    })
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`, `"[::1]:80"`, `::ffff:1.2.3.4`.
+pub(crate) fn parse_ip_entry(entry: &str) -> Option<IpAddr> {
+    let s = entry.trim().trim_matches('"');
+    let ip = if let Ok(ip) = s.parse::<IpAddr>() {
+        ip
+    } else if let Ok(sa) = s.parse::<SocketAddr>() {
+        sa.ip()
+    } else {
+        s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()?
+    };
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xff(values: &[&str], trusted: &[&str]) -> Option<IpAddr> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", v.parse().unwrap());
+        }
+        let trusted: Vec<IpNet> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        forwarded_ip(
+            &headers,
+            &HeaderName::from_static("x-forwarded-for"),
+            &trusted,
+        )
+    }
+
+    #[test]
+    fn right_most_untrusted_wins() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            xff(&["6.6.6.6, 1.2.3.4, 10.0.0.2"], &["10.0.0.0/8"]),
+            ip("1.2.3.4")
+        );
+        assert_eq!(xff(&["6.6.6.6", "1.2.3.4"], &[]), ip("1.2.3.4"));
+        assert_eq!(
+            xff(&["10.0.0.1, 10.0.0.2"], &["10.0.0.0/8"]),
+            ip("10.0.0.1")
+        );
+        assert_eq!(xff(&["[2001:db8::1]:443"], &[]), ip("2001:db8::1"));
+        assert_eq!(xff(&["::ffff:1.2.3.4"], &[]), ip("1.2.3.4"));
+        assert_eq!(xff(&["1.2.3.4:5678"], &[]), ip("1.2.3.4"));
+        assert_eq!(xff(&["garbage, 10.0.0.2"], &["10.0.0.0/8"]), ip("10.0.0.2"));
+        assert_eq!(xff(&["garbage"], &[]), None);
+    }
+
+    #[test]
+    fn forwarded_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::FORWARDED,
+            "for=6.6.6.6, for=\"[2001:db8::7]:80\";proto=https"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            forwarded_ip(&headers, &http::header::FORWARDED, &[]),
+            Some("2001:db8::7".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The layer and its builder.
+
+use std::sync::{Arc, OnceLock};
+
+use tower_layer::Layer;
+
+use crate::config::{Compiled, CustomSource, TokenRateLimitConfig};
+use crate::error::ConfigError;
+use crate::rule::{Rule, RuleKind};
+use crate::service::TokenRateLimit;
+use crate::settle::Settler;
+use crate::store::{MemoryStore, Store};
+
+/// What every service made by one layer shares.
+pub(crate) struct Shared {
+    pub(crate) compiled: Compiled,
+    pub(crate) store: Arc<dyn Store>,
+    settler: OnceLock<Settler>,
+}
+
+impl Shared {
+    /// The settlement worker, started on first use (inside the runtime serving requests).
+    pub(crate) fn settler(&self) -> &Settler {
+        self.settler
+            .get_or_init(|| Settler::start(self.store.clone()))
+    }
+}
+
+/// Applies LLM token rate limiting to a service.
+///
+/// Build one with [`TokenRateLimitLayer::builder`] or [`TokenRateLimitLayer::from_config`].
+/// It is `Clone + Send + Sync`; clones share rules, store and settlement worker. Use it with
+/// `Router::layer`, `Router::route_layer` or `tower::ServiceBuilder`.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+///
+/// # async fn proxy() -> &'static str { "" }
+/// let app: Router = Router::new()
+///     .route("/v1/chat/completions", post(proxy))
+///     .layer(
+///         TokenRateLimitLayer::builder()
+///             .rule(Rule::per_header("x-api-key").any_value().tokens_per_minute(100_000))
+///             .build()
+///             .expect("valid limits"),
+///     );
+/// ```
+#[derive(Clone)]
+pub struct TokenRateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TokenRateLimitLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRateLimitLayer")
+            .field("rule_items", &self.shared.compiled.rules.items.len())
+            .field("global", &!self.shared.compiled.rules.global.is_empty())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenRateLimitLayer {
+    /// Starts a builder: no rules, the in-memory store, rule name `default`.
+    pub fn builder() -> TokenRateLimitLayerBuilder {
+        TokenRateLimitLayerBuilder::default()
+    }
+
+    /// Builds a layer from a Higress-vocabulary configuration, on the in-memory store.
+    pub fn from_config(config: TokenRateLimitConfig) -> Result<Self, ConfigError> {
+        Self::builder().config(config).build()
+    }
+
+    /// Waits until every debit handed to the background worker so far has been written to the
+    /// store. Call it before shutting down, or in tests before reading counters. Responses still
+    /// streaming are not waited for.
+    pub async fn flush(&self) {
+        if let Some(settler) = self.shared.settler.get() {
+            settler.flush().await;
+        }
+    }
+
+    /// Debits handed to the background worker and not yet written.
+    pub fn pending_debits(&self) -> u64 {
+        self.shared.settler.get().map_or(0, Settler::pending)
+    }
+}
+
+impl<S> Layer<S> for TokenRateLimitLayer {
+    type Service = TokenRateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TokenRateLimit::new(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`TokenRateLimitLayer`]; every setter takes and returns the builder by value, and
+/// [`build`](Self::build) validates everything at once.
+///
+/// ```
+/// use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+///
+/// let layer = TokenRateLimitLayer::builder()
+///     .rule_name("llm")
+///     .rule(Rule::global().tokens_per_minute(1_000_000))
+///     .rule(Rule::per_header("x-api-key").any_value().tokens_per_minute(100_000))
+///     .rule(Rule::per_ip_from_header("x-forwarded-for").ip("0.0.0.0/0").tokens_per_hour(500_000))
+///     .trusted_proxies(["10.0.0.0/8"])
+///     .memory()
+///     .build()?;
+/// # Ok::<_, tower_token_ratelimit::ConfigError>(())
+/// ```
+#[must_use]
+pub struct TokenRateLimitLayerBuilder {
+    config: TokenRateLimitConfig,
+    customs: Vec<(usize, CustomSource)>,
+    globals: usize,
+    store: Option<Arc<dyn Store>>,
+}
+
+impl Default for TokenRateLimitLayerBuilder {
+    fn default() -> Self {
+        Self {
+            config: TokenRateLimitConfig {
+                rule_name: "default".into(),
+                ..Default::default()
+            },
+            customs: Vec::new(),
+            globals: 0,
+            store: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenRateLimitLayerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRateLimitLayerBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenRateLimitLayerBuilder {
+    /// Replaces the limits and settings with those of a configuration; rules added with
+    /// [`rule`](Self::rule) afterwards are added to its `rule_items`.
+    pub fn config(mut self, config: TokenRateLimitConfig) -> Self {
+        self.globals = usize::from(config.global_threshold.is_some());
+        self.customs.clear();
+        self.config = config;
+        self
+    }
+
+    /// Names this set of limits; part of every counter key (default `default`).
+    pub fn rule_name(mut self, name: impl Into<String>) -> Self {
+        self.config.rule_name = name.into();
+        self
+    }
+
+    /// Adds a rule. All matching rules apply; a request is rejected when any of its counters
+    /// is spent.
+    pub fn rule(mut self, rule: Rule) -> Self {
+        match rule.kind {
+            RuleKind::Global(t) => {
+                self.globals += 1;
+                self.config.global_threshold = Some(t);
+            }
+            RuleKind::Item(item) => self.config.rule_items.push(item),
+            RuleKind::Custom {
+                name,
+                extractor,
+                item,
+            } => {
+                self.customs.push((
+                    self.config.rule_items.len(),
+                    CustomSource { name, extractor },
+                ));
+                self.config.rule_items.push(item);
+            }
+        }
+        self
+    }
+
+    /// Keeps counters in process memory (the default).
+    pub fn memory(mut self) -> Self {
+        self.store = Some(Arc::new(MemoryStore::new()));
+        self
+    }
+
+    /// Keeps counters in this store (e.g. a shared [`MemoryStore`], or your own [`Store`]).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Trusts this request header to carry the consumer name (e.g. `x-mse-consumer`). Only set
+    /// it when a gateway in front strips the header from client requests.
+    pub fn consumer_header(mut self, header: impl Into<String>) -> Self {
+        self.config.consumer_header = Some(header.into());
+        self
+    }
+
+    /// Proxies (IPs or CIDR ranges) whose entries are skipped, from the right, when the client
+    /// IP is read from a forwarding header.
+    pub fn trusted_proxies<I>(mut self, proxies: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.config.trusted_proxies = proxies.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The status of a rejection (default 429).
+    pub fn rejected_code(mut self, code: u16) -> Self {
+        self.config.rejected_code = Some(code);
+        self
+    }
+
+    /// The body of a rejection, sent as is (default: an OpenAI-style JSON error).
+    pub fn rejected_msg(mut self, body: impl Into<String>) -> Self {
+        self.config.rejected_msg = Some(body.into());
+        self
+    }
+
+    /// The prefix of every counter key (default `higress-token-ratelimit`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Whether admitted responses carry `x-ratelimit-*-tokens` headers (default true).
+    pub fn openai_headers(mut self, on: bool) -> Self {
+        self.config
+            .response_headers
+            .get_or_insert_with(Default::default)
+            .openai = on;
+        self
+    }
+
+    /// Validates everything and builds the layer; every problem is reported at once.
+    /// Nothing is connected here.
+    pub fn build(self) -> Result<TokenRateLimitLayer, ConfigError> {
+        let compiled = self.config.compile(&self.customs);
+        let compiled = match (compiled, self.globals > 1) {
+            (Ok(c), false) => c,
+            (result, several_globals) => {
+                let mut problems = result
+                    .err()
+                    .map(|e| e.problems().to_vec())
+                    .unwrap_or_default();
+                if several_globals {
+                    problems.push(crate::error::Problem {
+                        path: "global_threshold".into(),
+                        message: "set once; put every window in one Rule::global()".into(),
+                    });
+                }
+                return Err(ConfigError::new(problems));
+            }
+        };
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        Ok(TokenRateLimitLayer {
+            shared: Arc::new(Shared {
+                compiled,
+                store,
+                settler: OnceLock::new(),
+            }),
+        })
+    }
+}

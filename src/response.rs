@@ -1,0 +1,180 @@
+//! What a client sees: the rejection (HTTP 429 or gRPC `RESOURCE_EXHAUSTED`) and the token
+//! headers on admitted responses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::config::Compiled;
+use crate::store::{Counter, CounterStatus};
+
+/// Higress's rejection header: seconds until the exhausted window resets.
+pub(crate) const X_TOKENRATELIMIT_RESET: HeaderName =
+    HeaderName::from_static("x-tokenratelimit-reset");
+/// OpenAI-style headers.
+pub(crate) const X_RATELIMIT_LIMIT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-tokens");
+pub(crate) const X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+pub(crate) const X_RATELIMIT_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-tokens");
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// `RESOURCE_EXHAUSTED`.
+const GRPC_RESOURCE_EXHAUSTED: HeaderValue = HeaderValue::from_static("8");
+
+/// Whole seconds, rounded up, at least 1: a client retrying after this is past the reset.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+/// OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
+pub(crate) fn openai_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let s = ceil_secs(d);
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn window_name(window: Duration) -> String {
+    match window.as_secs() {
+        1 => "second".into(),
+        60 => "minute".into(),
+        3600 => "hour".into(),
+        86_400 => "day".into(),
+        s => format!("{s}s"),
+    }
+}
+
+/// The counter a response's headers describe: the one with the least remaining budget (the
+/// latest reset on a tie).
+pub(crate) fn tightest<'a>(
+    counters: &'a [Counter],
+    statuses: &'a [CounterStatus],
+) -> Option<(&'a Counter, &'a CounterStatus)> {
+    counters.iter().zip(statuses).min_by(|(ca, sa), (cb, sb)| {
+        sa.remaining(ca.limit)
+            .cmp(&sb.remaining(cb.limit))
+            .then(sb.reset.cmp(&sa.reset))
+    })
+}
+
+/// Adds the OpenAI-style token headers for one counter.
+pub(crate) fn insert_token_headers(headers: &mut HeaderMap, c: &Counter, s: &CounterStatus) {
+    headers.insert(X_RATELIMIT_LIMIT_TOKENS, HeaderValue::from(c.limit));
+    headers.insert(
+        X_RATELIMIT_REMAINING_TOKENS,
+        HeaderValue::from(s.remaining(c.limit)),
+    );
+    if let Ok(v) = HeaderValue::from_str(&openai_duration(s.reset)) {
+        headers.insert(X_RATELIMIT_RESET_TOKENS, v);
+    }
+}
+
+/// The rejection for a request whose counters include exhausted ones. The counter reported is
+/// the exhausted one that resets last: the request cannot pass before then.
+pub(crate) fn rejection(
+    settings: &Compiled,
+    grpc: bool,
+    counters: &[Counter],
+    statuses: &[CounterStatus],
+) -> Response<Bytes> {
+    let (counter, status) = counters
+        .iter()
+        .zip(statuses)
+        .filter(|(c, s)| s.used >= c.limit)
+        .max_by_key(|(_, s)| s.reset)
+        .expect("a rejection has an exhausted counter");
+    let retry = ceil_secs(status.reset);
+    let message = format!(
+        "Token rate limit reached: {} tokens per {}. Retry after {retry}s.",
+        counter.limit,
+        window_name(counter.window)
+    );
+
+    let mut response = if grpc {
+        let mut r = Response::new(Bytes::new());
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS, GRPC_RESOURCE_EXHAUSTED);
+        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(&message)) {
+            h.insert(GRPC_MESSAGE, v);
+        }
+        r
+    } else {
+        let (body, content_type) = match &settings.rejected_msg {
+            Some(msg) => {
+                let ct = if serde_json::from_str::<serde::de::IgnoredAny>(msg).is_ok() {
+                    "application/json"
+                } else {
+                    "text/plain; charset=utf-8"
+                };
+                (Bytes::copy_from_slice(msg.as_bytes()), ct)
+            }
+            None => (
+                Bytes::from(
+                    serde_json::json!({"error": {
+                        "message": message,
+                        "type": "rate_limit_exceeded",
+                        "code": "rate_limit_exceeded",
+                    }})
+                    .to_string(),
+                ),
+                "application/json",
+            ),
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = settings.rejected_code;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r
+    };
+    let h = response.headers_mut();
+    h.insert(RETRY_AFTER, HeaderValue::from(retry));
+    h.insert(X_TOKENRATELIMIT_RESET, HeaderValue::from(retry));
+    insert_token_headers(h, counter, status);
+    response
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode_grpc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_format() {
+        assert_eq!(openai_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(openai_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(openai_duration(Duration::from_millis(1500)), "2s");
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn grpc_message_encoding() {
+        assert_eq!(percent_encode_grpc("a b%c\n"), "a b%25c%0A");
+    }
+}

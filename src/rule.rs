@@ -1,0 +1,418 @@
+//! Rules: which requests a limit applies to, how their keys are matched, and the counters a
+//! request maps to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+use regex::Regex;
+use sha2::{Digest, Sha256};
+
+use crate::config::{LimitKeyConfig, RuleItemConfig, ThresholdConfig};
+use crate::key::{ExtractContext, KeyExtractor, KeySource, KeyValue, RequestView};
+use crate::store::Counter;
+
+/// The Higress consumer header; also the key-name part of consumer counters.
+pub(crate) const MSE_CONSUMER: &str = "x-mse-consumer";
+
+/// Values longer than this are stored hashed.
+const MAX_RAW_VALUE: usize = 128;
+
+/// One rule item for the builder: where its key comes from and the limits per key.
+///
+/// Mirrors a Higress `rule_items` entry. Start from a constructor naming the source, add key
+/// entries (`any_value`, `value`, `matching`, `ip`), and give each entry one or more windows
+/// (`tokens_per_*`). A `tokens_per_*` call before any entry adds an entry for any value (`*`).
+///
+/// ```
+/// use tower_token_ratelimit::Rule;
+/// // Every API key: 100k tokens per minute and 2M per day.
+/// let rule = Rule::per_header("x-api-key").any_value().tokens_per_minute(100_000).tokens_per_day(2_000_000);
+/// // A named tenant gets more, everyone else the default (first matching entry wins).
+/// let tiered = Rule::per_header("x-tenant")
+///     .matching("big-.*").tokens_per_minute(1_000_000)
+///     .any_value().tokens_per_minute(10_000);
+/// # let _ = (rule, tiered);
+/// ```
+#[derive(Clone)]
+pub struct Rule {
+    pub(crate) kind: RuleKind,
+}
+
+#[derive(Clone)]
+pub(crate) enum RuleKind {
+    Global(ThresholdConfig),
+    Item(RuleItemConfig),
+    Custom {
+        name: String,
+        extractor: Arc<dyn KeyExtractor>,
+        item: RuleItemConfig,
+    },
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            RuleKind::Global(t) => f.debug_tuple("Rule::global").field(t).finish(),
+            RuleKind::Item(i) => f.debug_tuple("Rule").field(i).finish(),
+            RuleKind::Custom { name, item, .. } => f
+                .debug_tuple("Rule::per_key")
+                .field(name)
+                .field(item)
+                .finish(),
+        }
+    }
+}
+
+macro_rules! item_ctor {
+    ($(#[$doc:meta])* $fn:ident, $field:ident) => {
+        $(#[$doc])*
+        pub fn $fn(name: impl Into<String>) -> Self {
+            Self::item(RuleItemConfig { $field: Some(name.into()), ..Default::default() })
+        }
+    };
+}
+
+macro_rules! window_setter {
+    ($(#[$doc:meta])* $fn:ident, $field:ident) => {
+        $(#[$doc])*
+        pub fn $fn(mut self, tokens: u64) -> Self {
+            match &mut self.kind {
+                RuleKind::Global(t) => t.$field = Some(tokens),
+                RuleKind::Item(item) | RuleKind::Custom { item, .. } => {
+                    if item.limit_keys.is_empty() {
+                        item.limit_keys.push(LimitKeyConfig::new("*"));
+                    }
+                    let last = item.limit_keys.last_mut().expect("just ensured");
+                    last.$field = Some(tokens);
+                }
+            }
+            self
+        }
+    };
+}
+
+impl Rule {
+    fn item(item: RuleItemConfig) -> Self {
+        Self {
+            kind: RuleKind::Item(item),
+        }
+    }
+
+    /// A limit on every request together (Higress `global_threshold`).
+    pub fn global() -> Self {
+        Self {
+            kind: RuleKind::Global(ThresholdConfig::default()),
+        }
+    }
+
+    item_ctor!(
+        /// One shared counter per listed value of this header (`limit_by_header`).
+        header, limit_by_header
+    );
+    item_ctor!(
+        /// One shared counter per listed value of this query parameter (`limit_by_param`).
+        param, limit_by_param
+    );
+    item_ctor!(
+        /// One shared counter per listed value of this cookie (`limit_by_cookie`).
+        cookie, limit_by_cookie
+    );
+    item_ctor!(
+        /// One counter per distinct value of this header (`limit_by_per_header`).
+        per_header, limit_by_per_header
+    );
+    item_ctor!(
+        /// One counter per distinct value of this query parameter (`limit_by_per_param`).
+        per_param, limit_by_per_param
+    );
+    item_ctor!(
+        /// One counter per distinct value of this cookie (`limit_by_per_cookie`).
+        per_cookie, limit_by_per_cookie
+    );
+
+    /// One shared counter per listed consumer name (`limit_by_consumer`).
+    pub fn consumer() -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_consumer: Some(serde_json::Value::Null),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per consumer (`limit_by_per_consumer`).
+    pub fn per_consumer() -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_per_consumer: Some(serde_json::Value::Null),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per client IP, from the TCP peer (`limit_by_per_ip: from-remote-addr`).
+    pub fn per_ip() -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_per_ip: Some("from-remote-addr".into()),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per client IP taken from a forwarding header such as `x-forwarded-for`
+    /// (`limit_by_per_ip: from-header-<name>`): the right-most address that is not one of the
+    /// [trusted proxies](crate::TokenRateLimitLayerBuilder::trusted_proxies).
+    pub fn per_ip_from_header(header: impl AsRef<str>) -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_per_ip: Some(format!("from-header-{}", header.as_ref())),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per value computed by your own extractor. `name` is the key-name part of the
+    /// counter key (limit type `limit_by_per_key`).
+    pub fn per_key(name: impl Into<String>, extractor: impl KeyExtractor) -> Self {
+        Self {
+            kind: RuleKind::Custom {
+                name: name.into(),
+                extractor: Arc::new(extractor),
+                item: RuleItemConfig::default(),
+            },
+        }
+    }
+
+    fn entry(mut self, key: String) -> Self {
+        if let RuleKind::Item(item) | RuleKind::Custom { item, .. } = &mut self.kind {
+            item.limit_keys.push(LimitKeyConfig::new(key));
+        }
+        self
+    }
+
+    /// Starts an entry for any value (`*`), for `per_*` rules.
+    pub fn any_value(self) -> Self {
+        self.entry("*".into())
+    }
+
+    /// Starts an entry for one exact value, for non-`per` rules (`header`, `param`, `cookie`,
+    /// `consumer`).
+    pub fn value(self, value: impl Into<String>) -> Self {
+        self.entry(value.into())
+    }
+
+    /// Starts an entry for values matching a regular expression (`regexp:<re>`), anchored at
+    /// both ends, for `per_*` rules.
+    pub fn matching(self, regex: impl AsRef<str>) -> Self {
+        self.entry(format!("regexp:{}", regex.as_ref()))
+    }
+
+    /// Starts an entry for client IPs in an address or CIDR range, for `per_ip` rules.
+    pub fn ip(self, ip_or_cidr: impl Into<String>) -> Self {
+        self.entry(ip_or_cidr.into())
+    }
+
+    /// Marks the values of this rule as secrets: they are hashed in counter keys and never
+    /// logged. Always on for the `authorization`, `x-api-key` and `api-key` headers.
+    pub fn secret(mut self) -> Self {
+        if let RuleKind::Item(item) | RuleKind::Custom { item, .. } = &mut self.kind {
+            item.secret = Some(true);
+        }
+        self
+    }
+
+    window_setter!(
+        /// Adds a per-second limit to the current entry (`token_per_second`).
+        tokens_per_second, token_per_second
+    );
+    window_setter!(
+        /// Adds a per-minute limit to the current entry (`token_per_minute`).
+        tokens_per_minute, token_per_minute
+    );
+    window_setter!(
+        /// Adds a per-hour limit to the current entry (`token_per_hour`).
+        tokens_per_hour, token_per_hour
+    );
+    window_setter!(
+        /// Adds a per-day limit to the current entry (`token_per_day`).
+        tokens_per_day, token_per_day
+    );
+}
+
+/// A token budget over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limit {
+    pub(crate) tokens: u64,
+    pub(crate) window_secs: u64,
+}
+
+/// How a `limit_keys` entry matches a value.
+#[derive(Debug, Clone)]
+pub(crate) enum Matcher {
+    Any,
+    Exact(String),
+    Regex(Regex),
+    Net(IpNet),
+}
+
+impl Matcher {
+    fn matches(&self, value: &KeyValue<'_>) -> bool {
+        match (self, value) {
+            (Matcher::Any, _) => true,
+            (Matcher::Exact(s), KeyValue::Text { text, raw: None }) => s == text,
+            (Matcher::Regex(re), KeyValue::Text { text, .. }) => re.is_match(text),
+            (Matcher::Net(net), KeyValue::Ip(ip)) => net.contains(ip),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) matcher: Matcher,
+    pub(crate) limits: Vec<Limit>,
+}
+
+/// A validated rule item.
+#[derive(Clone)]
+pub(crate) struct Item {
+    /// The Higress limit type (`limit_by_per_header`, ...), part of the counter key.
+    pub(crate) limit_type: &'static str,
+    /// The key-name part of the counter key (header name, `x-mse-consumer`, `from-remote-addr`).
+    pub(crate) key_name: String,
+    pub(crate) source: KeySource,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) secret: bool,
+}
+
+/// Everything needed to map a request to its counters.
+#[derive(Clone)]
+pub(crate) struct Rules {
+    /// `<prefix>:{<rule_name>}`, the start of every counter key.
+    pub(crate) key_base: String,
+    pub(crate) global: Vec<Limit>,
+    pub(crate) items: Vec<Item>,
+    pub(crate) consumer_header: Option<HeaderName>,
+    pub(crate) trusted_proxies: Vec<IpNet>,
+}
+
+/// A counter a request matched, with the rule it came from (for logs).
+#[derive(Debug, Clone)]
+pub(crate) struct Matched {
+    pub(crate) counter: Counter,
+    /// `global_threshold` or `rule_items[i]`.
+    pub(crate) rule: Arc<str>,
+}
+
+impl Rules {
+    /// The counters this request is limited by: the global threshold's, then, for every rule
+    /// item whose source yields a value, those of its first matching entry. Duplicates (the
+    /// same counter key from two items) are kept once, with the smaller limit.
+    pub(crate) fn counters(&self, req: &RequestView<'_>) -> Vec<Matched> {
+        let mut out: Vec<Matched> = Vec::new();
+        for limit in &self.global {
+            let key = format!("{}:global_threshold:{}", self.key_base, limit.window_secs);
+            push(&mut out, key, limit, "global_threshold".into());
+        }
+        if self.items.is_empty() {
+            return out;
+        }
+        let cx = ExtractContext {
+            consumer_header: self.consumer_header.as_ref(),
+            trusted_proxies: &self.trusted_proxies,
+        };
+        for (i, item) in self.items.iter().enumerate() {
+            let Some(value) = item.source.extract(req, &cx) else {
+                continue;
+            };
+            let Some(entry) = item.entries.iter().find(|e| e.matcher.matches(&value)) else {
+                continue;
+            };
+            let stored = stored_value(&value, item.secret);
+            for limit in &entry.limits {
+                let key = format!(
+                    "{}:{}:{}:{}:{}",
+                    self.key_base, item.limit_type, limit.window_secs, item.key_name, stored
+                );
+                push(&mut out, key, limit, format!("rule_items[{i}]").into());
+            }
+        }
+        out
+    }
+}
+
+fn push(out: &mut Vec<Matched>, key: String, limit: &Limit, rule: Arc<str>) {
+    if let Some(existing) = out.iter_mut().find(|m| *m.counter.key == *key) {
+        existing.counter.limit = existing.counter.limit.min(limit.tokens);
+        return;
+    }
+    out.push(Matched {
+        counter: Counter {
+            key: key.into(),
+            limit: limit.tokens,
+            window: Duration::from_secs(limit.window_secs),
+        },
+        rule,
+    });
+}
+
+/// The value part of a counter key: the value itself when it is short and plain, otherwise a
+/// SHA-256 prefix (128 bits). The hashed form contains `:`, which a raw value never does, so a
+/// raw value can never address a hashed counter.
+fn stored_value(value: &KeyValue<'_>, secret: bool) -> String {
+    match value {
+        // A parsed, canonical address: safe as is (IPv6 colons included), as Higress stores it.
+        KeyValue::Ip(ip) => ip.to_string(),
+        KeyValue::Text { raw: Some(raw), .. } => hashed(raw),
+        KeyValue::Text { text, raw: None } => {
+            if secret
+                || text.len() > MAX_RAW_VALUE
+                || text
+                    .chars()
+                    .any(|c| matches!(c, '{' | '}' | ':') || c.is_control())
+            {
+                hashed(text.as_bytes())
+            } else {
+                text.to_string()
+            }
+        }
+    }
+}
+
+fn hashed(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 32);
+    out.push_str("sha256:");
+    for b in &digest[..16] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn text(s: &str) -> KeyValue<'_> {
+        KeyValue::Text {
+            text: Cow::Borrowed(s),
+            raw: None,
+        }
+    }
+
+    #[test]
+    fn stored_values() {
+        assert_eq!(stored_value(&text("alice"), false), "alice");
+        assert!(stored_value(&text("alice"), true).starts_with("sha256:"));
+        assert!(stored_value(&text("a:b"), false).starts_with("sha256:"));
+        assert!(stored_value(&text("{x}"), false).starts_with("sha256:"));
+        assert!(stored_value(&text("a\tb"), false).starts_with("sha256:"));
+        assert!(stored_value(&text(&"x".repeat(129)), false).starts_with("sha256:"));
+        assert_eq!(stored_value(&text(&"x".repeat(128)), false).len(), 128);
+        assert_ne!(
+            stored_value(&text("a:b"), false),
+            stored_value(&text("a:c"), false)
+        );
+        assert_eq!(
+            stored_value(&KeyValue::Ip("2001:db8::1".parse().unwrap()), false),
+            "2001:db8::1"
+        );
+    }
+}

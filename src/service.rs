@@ -1,0 +1,115 @@
+//! The middleware service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::future::{Pending, ResponseFuture};
+use crate::key::RequestView;
+use crate::layer::Shared;
+use crate::store::Counter;
+
+/// Token rate limiting around a service; made by [`TokenRateLimitLayer`](crate::TokenRateLimitLayer).
+///
+/// It never returns an error of its own: a rejection is a response (429 or gRPC
+/// `RESOURCE_EXHAUSTED`), and a store failure applies the failure mode.
+#[derive(Clone)]
+pub struct TokenRateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> TokenRateLimit<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> std::fmt::Debug for TokenRateLimit<S>
+where
+    S: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TokenRateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let matched = self
+            .shared
+            .compiled
+            .rules
+            .counters(&RequestView::new(&request));
+        if matched.is_empty() {
+            return ResponseFuture::unmetered(self.inner.call(request));
+        }
+        let mut rules: Vec<&str> = matched.iter().map(|m| &*m.rule).collect();
+        rules.dedup();
+        let rules: Arc<str> = rules.join(",").into();
+        let counters: Arc<[Counter]> = matched.into_iter().map(|m| m.counter).collect();
+        let check = self.shared.store.check(&counters);
+
+        let headers = request.headers();
+        let grpc = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let request_bytes = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .or_else(|| request.body().size_hint().exact())
+            .unwrap_or_else(|| request.body().size_hint().lower());
+
+        // The ready service goes with the future; this one keeps a clone to drive readiness.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::checking(
+            check,
+            Pending {
+                inner,
+                request,
+                shared: self.shared.clone(),
+                counters,
+                rules,
+                grpc,
+                request_bytes,
+            },
+        )
+    }
+}

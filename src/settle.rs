@@ -1,0 +1,258 @@
+//! Settlement: the meter that decides what a request costs once its response ends, and the
+//! background worker that debits the store.
+//!
+//! Bodies never touch the store: when a body ends (or is dropped) its meter hands a
+//! [`Settlement`] to an unbounded channel, which never blocks and never panics, and a worker task
+//! applies it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use tokio::sync::{Notify, mpsc};
+
+use crate::store::{Counter, Store};
+use crate::usage::{BodyFormat, UsageScanner};
+
+/// Characters per token assumed by the estimate (a usual figure for English text and JSON).
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// Why metering ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The body ended normally.
+    Complete,
+    /// The upstream body failed mid-way.
+    BodyError,
+    /// The body (or the response future) was dropped before its end: the client went away.
+    Dropped,
+    /// The inner service returned an error instead of a response.
+    ServiceError,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::BodyError => "upstream_error",
+            End::Dropped => "client_disconnect",
+            End::ServiceError => "service_error",
+        }
+    }
+}
+
+/// One debit to apply.
+pub(crate) struct Settlement {
+    counters: Arc<[Counter]>,
+    tokens: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    sent: AtomicU64,
+    done: AtomicU64,
+    notify: Notify,
+}
+
+/// The sending side of the settlement worker. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Settler {
+    tx: mpsc::UnboundedSender<Settlement>,
+    stats: Arc<Stats>,
+}
+
+impl Settler {
+    /// Starts a worker on the current tokio runtime, or on a thread of its own when there is
+    /// none. It ends when every `Settler` is dropped.
+    pub(crate) fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let worker = work(store, rx, stats.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(worker);
+            }
+            Err(_) => {
+                let spawned = std::thread::Builder::new()
+                    .name("token-ratelimit-settle".into())
+                    .spawn(move || {
+                        match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => rt.block_on(worker),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot start the settlement runtime")
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the settlement thread");
+                }
+            }
+        }
+        Self { tx, stats }
+    }
+
+    fn send(&self, settlement: Settlement) {
+        self.stats.sent.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = self.tx.send(settlement) {
+            self.mark_done();
+            tracing::error!(
+                tokens = e.0.tokens,
+                "token rate limit settlement worker is gone (its runtime shut down); debit lost"
+            );
+        }
+    }
+
+    fn mark_done(&self) {
+        self.stats.done.fetch_add(1, Ordering::AcqRel);
+        self.stats.notify.notify_waiters();
+    }
+
+    /// Settlements handed over but not yet applied.
+    pub(crate) fn pending(&self) -> u64 {
+        let done = self.stats.done.load(Ordering::Acquire);
+        self.stats.sent.load(Ordering::Acquire).saturating_sub(done)
+    }
+
+    /// Waits until every settlement handed over before this call has been applied.
+    pub(crate) async fn flush(&self) {
+        let target = self.stats.sent.load(Ordering::Acquire);
+        loop {
+            let notified = self.stats.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stats.done.load(Ordering::Acquire) >= target {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn work(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    stats: Arc<Stats>,
+) {
+    while let Some(s) = rx.recv().await {
+        if s.tokens > 0
+            && let Err(e) = store.debit(&s.counters, s.tokens).await
+        {
+            tracing::warn!(error = %e, tokens = s.tokens, "token debit failed");
+        }
+        stats.done.fetch_add(1, Ordering::AcqRel);
+        stats.notify.notify_waiters();
+    }
+}
+
+/// Follows one admitted request to its end and settles it exactly once: with the usage the
+/// response reported, or an estimate when none arrived.
+pub(crate) struct Meter {
+    settler: Settler,
+    counters: Arc<[Counter]>,
+    rules: Arc<str>,
+    /// Estimated prompt tokens, from the request body size.
+    request_tokens: u64,
+    scanner: Option<UsageScanner>,
+    format: Option<BodyFormat>,
+    response_bytes: u64,
+    /// SSE `data:` fields seen: streamed chunks carry about one token each.
+    events: u64,
+    error_status: bool,
+    settled: bool,
+}
+
+impl Meter {
+    pub(crate) fn new(
+        settler: Settler,
+        counters: Arc<[Counter]>,
+        rules: Arc<str>,
+        request_bytes: u64,
+    ) -> Self {
+        Self {
+            settler,
+            counters,
+            rules,
+            request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
+            scanner: None,
+            format: None,
+            response_bytes: 0,
+            events: 0,
+            error_status: false,
+            settled: false,
+        }
+    }
+
+    /// Looks at the response head: what format to scan, and whether it is an error.
+    pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
+        self.error_status = head.status.is_client_error() || head.status.is_server_error();
+        let encoded = head
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        self.format = head
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(BodyFormat::from_content_type);
+        if !encoded {
+            self.scanner = self.format.map(UsageScanner::new);
+        }
+    }
+
+    pub(crate) fn on_data(&mut self, data: &[u8]) {
+        self.response_bytes += data.len() as u64;
+        if self.format == Some(BodyFormat::Sse) {
+            self.events += memchr::memmem::find_iter(data, b"data:").count() as u64;
+        }
+        if let Some(s) = &mut self.scanner {
+            s.feed(data);
+        }
+    }
+
+    fn estimate(&self) -> u64 {
+        let output = match self.format {
+            Some(BodyFormat::Sse) => self.events,
+            _ => self.response_bytes.div_ceil(BYTES_PER_TOKEN),
+        };
+        self.request_tokens.saturating_add(output)
+    }
+
+    /// Settles, once; later calls do nothing.
+    pub(crate) fn settle(&mut self, end: End) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let usage = match (&mut self.scanner, end) {
+            (Some(s), End::Complete) => s.finish(),
+            (Some(s), _) => s.usage(),
+            (None, _) => None,
+        };
+        let (tokens, estimated) = match usage {
+            Some(u) => (u.total(), false),
+            // The provider reported no usage for a request it refused: it bills nothing.
+            None if self.error_status => (0, false),
+            None => (self.estimate(), true),
+        };
+        tracing::debug!(
+            target: "tower_token_ratelimit",
+            rules = &*self.rules,
+            tokens,
+            estimated,
+            end = end.as_str(),
+            "token usage settled"
+        );
+        self.settler.send(Settlement {
+            counters: self.counters.clone(),
+            tokens,
+        });
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.settle(End::Dropped);
+    }
+}

@@ -1,0 +1,73 @@
+//! Where token counters live: the [`Store`] trait and the in-memory [`MemoryStore`].
+//!
+//! A store keeps, per counter key, the tokens used in the current window. Semantics are those of
+//! the Higress `ai-token-ratelimit` plugin (fixed windows): a window starts at the first debit of
+//! a key and lasts the limit's window; the counter value is the tokens used in it; a request is
+//! rejected while `used >= limit`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::error::StoreError;
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// The future a [`Store`] returns. It owns what it needs (`'static`), so the service can hold it
+/// across polls.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// One counter a request is checked against and later debited from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Counter {
+    /// The full store key, in the Higress layout
+    /// (`higress-token-ratelimit:{rule}:limit_by_per_header:60:x-api-key:<value>`).
+    pub key: Arc<str>,
+    /// Tokens allowed per window.
+    pub limit: u64,
+    /// The window length.
+    pub window: Duration,
+}
+
+/// What a store knows about one counter at admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterStatus {
+    /// Tokens used in the current window (0 when the window has not started).
+    pub used: u64,
+    /// Time until the current window ends; the whole window when it has not started.
+    pub reset: Duration,
+}
+
+impl CounterStatus {
+    /// Tokens left under `limit` (never negative).
+    pub fn remaining(&self, limit: u64) -> u64 {
+        limit.saturating_sub(self.used)
+    }
+}
+
+/// A place to keep token counters: the in-memory [`MemoryStore`], Redis, or your own.
+///
+/// Both methods take the counters of one request. Implementations must treat them atomically
+/// where they can (a Redis script does), must not block the calling task, and must return
+/// futures that own their data.
+pub trait Store: Send + Sync + 'static {
+    /// Reads every counter, returning one status per counter, in order.
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>>;
+
+    /// Adds `tokens` to every counter, starting a window (expiry = the counter's window) where
+    /// none is running.
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        (**self).check(counters)
+    }
+
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        (**self).debit(counters, tokens)
+    }
+}

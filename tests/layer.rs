@@ -1,0 +1,846 @@
+//! The layer end to end, on the in-memory store, through a real HTTP server and client.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use common::{mock_chat, send, serve};
+use tower::ServiceExt;
+use tower_token_ratelimit::store::{Counter, CounterStatus, MemoryStore, Store, StoreFuture};
+use tower_token_ratelimit::{Consumer, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
+
+const CHAT: &str = "/v1/chat/completions";
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+
+fn key(kind_window_name_value: &str) -> String {
+    format!("higress-token-ratelimit:{{default}}:{kind_window_name_value}")
+}
+
+/// An app with the mock upstream behind `layer`, served on a real socket.
+async fn app(layer: TokenRateLimitLayer) -> SocketAddr {
+    serve(Router::new().route(CHAT, post(mock_chat)).layer(layer)).await
+}
+
+fn layer(store: &MemoryStore, rules: Vec<Rule>) -> TokenRateLimitLayer {
+    rules
+        .into_iter()
+        .fold(
+            TokenRateLimitLayer::builder().store(store.clone()),
+            |b, r| b.rule(r),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn budget_admits_while_used_below_limit_then_rejects_with_headers() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(250),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let alice = [("x-user", "alice"), ("x-mock-tokens", "100")];
+
+    for remaining in ["250", "150", "50"] {
+        let r = send(addr, CHAT, &alice, STREAM).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("250"));
+        assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some(remaining));
+        assert!(r.header("x-ratelimit-reset-tokens").unwrap().ends_with('s'));
+        limits.flush().await;
+    }
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:alice")), 300);
+
+    let r = send(addr, CHAT, &alice, STREAM).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        r.header("x-tokenratelimit-reset"),
+        Some(retry.to_string().as_str())
+    );
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("250"));
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("0"));
+    assert!(r.header("x-ratelimit-reset-tokens").is_some());
+    let body = r.json();
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    limits.flush().await;
+    assert_eq!(
+        store.used(&key("limit_by_per_header:60:x-user:alice")),
+        300,
+        "a rejected request costs nothing"
+    );
+
+    // Other keys are unaffected.
+    let r = send(addr, CHAT, &[("x-user", "bob")], STREAM).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("250"));
+}
+
+#[tokio::test]
+async fn rejects_when_used_equals_limit() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(200),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "100")];
+    for _ in 0..2 {
+        assert_eq!(send(addr, CHAT, &h, "{}").await.status, StatusCode::OK);
+        limits.flush().await;
+    }
+    // used == limit: Higress lets one more through; we do not.
+    assert_eq!(
+        send(addr, CHAT, &h, "{}").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn window_expiry_restores_the_budget() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![Rule::per_header("x-user").any_value().tokens_per_second(50)],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "60")];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn json_responses_are_metered_too() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "j"), ("x-mock-tokens", "37")],
+        r#"{"model":"m"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["usage"]["total_tokens"], 37, "body passes through");
+    limits.flush().await;
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:j")), 37);
+}
+
+#[tokio::test]
+async fn requests_that_match_nothing_are_not_limited_or_metered() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .matching("team-.*")
+                .tokens_per_minute(1),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    for h in [&[][..], &[("x-user", "outsider")][..]] {
+        for _ in 0..3 {
+            let r = send(addr, CHAT, h, STREAM).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
+        }
+    }
+    limits.flush().await;
+    assert!(store.is_empty());
+}
+
+/// Each source: two requests with the same value share a counter, a third value has its own.
+#[tokio::test]
+async fn every_limit_by_source() {
+    struct Case {
+        name: &'static str,
+        rule: Rule,
+        a: Vec<(&'static str, &'static str)>,
+        path_a: &'static str,
+        other: Vec<(&'static str, &'static str)>,
+        path_other: &'static str,
+        stored: &'static str,
+    }
+    let cases = vec![
+        Case {
+            name: "header",
+            rule: Rule::header("x-tenant")
+                .value("acme")
+                .tokens_per_minute(150),
+            a: vec![("x-tenant", "acme")],
+            path_a: CHAT,
+            other: vec![("x-tenant", "other")],
+            path_other: CHAT,
+            stored: "limit_by_header:60:x-tenant:acme",
+        },
+        Case {
+            name: "per_header",
+            rule: Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150),
+            a: vec![("x-user", "u1")],
+            path_a: CHAT,
+            other: vec![("x-user", "u2")],
+            path_other: CHAT,
+            stored: "limit_by_per_header:60:x-user:u1",
+        },
+        Case {
+            name: "param (URL-decoded)",
+            rule: Rule::param("key").value("a b").tokens_per_minute(150),
+            a: vec![],
+            path_a: "/v1/chat/completions?x=1&key=a%20b",
+            other: vec![],
+            path_other: "/v1/chat/completions?key=ab",
+            stored: "limit_by_param:60:key:a b",
+        },
+        Case {
+            name: "per_param",
+            rule: Rule::per_param("apikey").any_value().tokens_per_minute(150),
+            a: vec![],
+            path_a: "/v1/chat/completions?apikey=k1",
+            other: vec![],
+            path_other: "/v1/chat/completions?apikey=k2",
+            stored: "limit_by_per_param:60:apikey:k1",
+        },
+        Case {
+            name: "cookie",
+            rule: Rule::cookie("plan").value("free").tokens_per_minute(150),
+            a: vec![("cookie", "session=s1; plan=free")],
+            path_a: CHAT,
+            other: vec![("cookie", "plan=pro")],
+            path_other: CHAT,
+            stored: "limit_by_cookie:60:plan:free",
+        },
+        Case {
+            name: "per_cookie",
+            rule: Rule::per_cookie("uid").any_value().tokens_per_minute(150),
+            a: vec![("cookie", "a=1; uid=7")],
+            path_a: CHAT,
+            other: vec![("cookie", "uid=8")],
+            path_other: CHAT,
+            stored: "limit_by_per_cookie:60:uid:7",
+        },
+    ];
+    for case in cases {
+        let store = MemoryStore::new();
+        let limits = layer(&store, vec![case.rule]);
+        let addr = app(limits.clone()).await;
+        let mut a = case.a.clone();
+        a.push(("x-mock-tokens", "100"));
+        for expected in [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+        ] {
+            let r = send(addr, case.path_a, &a, STREAM).await;
+            assert_eq!(r.status, expected, "{}", case.name);
+            limits.flush().await;
+        }
+        assert_eq!(store.used(&key(case.stored)), 200, "{}", case.name);
+        let r = send(addr, case.path_other, &case.other, STREAM).await;
+        assert_eq!(r.status, StatusCode::OK, "{}: other value", case.name);
+    }
+}
+
+/// An auth layer in front of ours that maps a bearer token to a consumer.
+async fn auth(mut req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(user) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer user-"))
+    {
+        let user = user.to_owned();
+        req.extensions_mut().insert(Consumer::new(user));
+    }
+    next.run(req).await
+}
+
+#[tokio::test]
+async fn consumer_from_extension_and_trusted_header() {
+    // From the extension set by an auth layer.
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![Rule::per_consumer().any_value().tokens_per_minute(150)],
+    );
+    let addr = serve(
+        Router::new()
+            .route(CHAT, post(mock_chat))
+            .layer(limits.clone())
+            .layer(axum::middleware::from_fn(auth)),
+    )
+    .await;
+    let alice = [("authorization", "Bearer user-alice")];
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &alice, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    assert_eq!(
+        store.used(&key("limit_by_per_consumer:60:x-mse-consumer:alice")),
+        200
+    );
+    // The consumer header is not trusted unless configured.
+    let forged = [("x-mse-consumer", "alice")];
+    assert_eq!(
+        send(addr, CHAT, &forged, STREAM).await.status,
+        StatusCode::OK
+    );
+
+    // From a configured trusted header, exact consumer names.
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .consumer_header("x-mse-consumer")
+        .rule(Rule::consumer().value("bob").tokens_per_minute(100))
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    let bob = [("x-mse-consumer", "bob")];
+    assert_eq!(send(addr, CHAT, &bob, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(
+        send(addr, CHAT, &bob, STREAM).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let carol = [("x-mse-consumer", "carol")];
+    assert_eq!(
+        send(addr, CHAT, &carol, STREAM).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        store.used(&key("limit_by_consumer:60:x-mse-consumer:bob")),
+        100
+    );
+}
+
+#[tokio::test]
+async fn per_ip_from_remote_addr_over_a_real_socket() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![Rule::per_ip().ip("127.0.0.0/8").tokens_per_minute(100)],
+    );
+    let addr = app(limits.clone()).await;
+    assert_eq!(send(addr, CHAT, &[], STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(
+        store.used(&key("limit_by_per_ip:60:from-remote-addr:127.0.0.1")),
+        100
+    );
+    // A forwarding header does not matter for from-remote-addr.
+    let r = send(addr, CHAT, &[("x-forwarded-for", "9.9.9.9")], STREAM).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// IPv4, IPv6 and IPv4-mapped IPv6 peers, with `MockConnectInfo`.
+#[tokio::test]
+async fn per_ip_v4_v6_and_mapped() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_ip()
+                .ip("2001:db8::/32")
+                .tokens_per_minute(1000)
+                .ip("192.0.2.0/24")
+                .tokens_per_minute(500),
+        ],
+    );
+    let call = |peer: &str| {
+        let peer: SocketAddr = peer.parse().unwrap();
+        let app = Router::new()
+            .route(CHAT, post(mock_chat))
+            .layer(limits.clone())
+            .layer(MockConnectInfo(peer));
+        async move {
+            let req = Request::post(CHAT).body(Body::from(STREAM)).unwrap();
+            let r = app.oneshot(req).await.unwrap();
+            let limit = r
+                .headers()
+                .get("x-ratelimit-limit-tokens")
+                .map(|v| v.to_str().unwrap().to_owned());
+            axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            limit
+        }
+    };
+    assert_eq!(call("[2001:db8::5]:1234").await.as_deref(), Some("1000"));
+    assert_eq!(call("192.0.2.7:1234").await.as_deref(), Some("500"));
+    assert_eq!(
+        call("[::ffff:192.0.2.7]:1234").await.as_deref(),
+        Some("500")
+    );
+    assert_eq!(call("203.0.113.1:1").await, None, "outside every range");
+    limits.flush().await;
+    assert_eq!(
+        store.used(&key("limit_by_per_ip:60:from-remote-addr:192.0.2.7")),
+        200,
+        "mapped = v4"
+    );
+    assert_eq!(
+        store.used(&key("limit_by_per_ip:60:from-remote-addr:2001:db8::5")),
+        100
+    );
+}
+
+#[tokio::test]
+async fn forged_left_most_x_forwarded_for_does_not_change_the_key() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .trusted_proxies(["10.0.0.0/8"])
+        .rule(
+            Rule::per_ip_from_header("x-forwarded-for")
+                .any_value()
+                .tokens_per_minute(200),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    for (i, expected) in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // The client forges a new left-most entry every time; our proxy appended the real one.
+        let forged = format!("6.6.6.{i}, 203.0.113.9, 10.0.0.2");
+        let r = send(addr, CHAT, &[("x-forwarded-for", &forged)], STREAM).await;
+        assert_eq!(r.status, expected, "request {i}");
+        limits.flush().await;
+    }
+    assert_eq!(
+        store.used(&key(
+            "limit_by_per_ip:60:from-header-x-forwarded-for:203.0.113.9"
+        )),
+        200
+    );
+    assert_eq!(store.len(), 1, "no counter for any forged address");
+}
+
+#[tokio::test]
+async fn key_matching_exact_any_regexp_cidr_and_first_match_wins() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .matching("vip-[0-9]+")
+                .tokens_per_minute(1000)
+                .any_value()
+                .tokens_per_minute(100),
+            Rule::header("x-plan")
+                .value("free")
+                .tokens_per_hour(300)
+                .value("pro")
+                .tokens_per_hour(3000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let limit = |r: &common::Reply| r.header("x-ratelimit-limit-tokens").map(str::to_owned);
+    let r = send(addr, CHAT, &[("x-user", "vip-42")], STREAM).await;
+    assert_eq!(
+        limit(&r).as_deref(),
+        Some("1000"),
+        "first matching entry wins"
+    );
+    // Anchored: `vip-[0-9]+` does not match inside a longer value.
+    let r = send(addr, CHAT, &[("x-user", "not-vip-42x")], STREAM).await;
+    assert_eq!(limit(&r).as_deref(), Some("100"));
+    let r = send(addr, CHAT, &[("x-plan", "pro")], STREAM).await;
+    assert_eq!(limit(&r).as_deref(), Some("3000"));
+    let r = send(addr, CHAT, &[("x-plan", "Pro")], STREAM).await;
+    assert_eq!(limit(&r), None, "exact keys are case-sensitive");
+}
+
+#[tokio::test]
+async fn all_matching_items_apply_and_any_can_reject() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::global().tokens_per_minute(10_000),
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+            Rule::per_param("project")
+                .any_value()
+                .tokens_per_minute(250),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let path = "/v1/chat/completions?project=p1";
+    let h = [("x-user", "u"), ("x-mock-tokens", "100")];
+    let r = send(addr, path, &h, STREAM).await;
+    assert_eq!(
+        r.header("x-ratelimit-limit-tokens"),
+        Some("250"),
+        "tightest limit reported"
+    );
+    limits.flush().await;
+    for k in [
+        key("global_threshold:60"),
+        key("limit_by_per_header:60:x-user:u"),
+        key("limit_by_per_param:60:project:p1"),
+    ] {
+        assert_eq!(store.used(&k), 100, "{k}");
+    }
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, path, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    // The per-user counter still has budget, but the project's is spent.
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:u")), 300);
+    // Another project for the same user is fine.
+    let r = send(addr, "/v1/chat/completions?project=p2", &h, STREAM).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn several_windows_in_one_entry_all_apply() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000)
+                .tokens_per_day(150),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u")];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the day limit applies too"
+    );
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("150"));
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:u")), 200);
+    assert_eq!(store.used(&key("limit_by_per_header:86400:x-user:u")), 200);
+}
+
+/// Counts debits, to show settlement happens exactly once.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    debits: Arc<AtomicUsize>,
+}
+
+impl Store for CountingStore {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        self.inner.check(counters)
+    }
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        self.debits.fetch_add(1, Ordering::SeqCst);
+        self.inner.debit(counters, tokens)
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_is_charged_an_estimate_exactly_once() {
+    let store = CountingStore::default();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+
+    // A raw client: send the request, read the first bytes of the stream, hang up.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(
+        r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(400)
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nx-user: quitter\r\nx-mock-hang: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("lo") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    drop(s);
+
+    let k = key("limit_by_per_header:60:x-user:quitter");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.inner.used(&k) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "disconnect was never charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        limits.flush().await;
+    }
+    let charged = store.inner.used(&k);
+    // Request of ~450 bytes (~113 tokens) plus 2 streamed chunks.
+    assert!((100..=130).contains(&charged), "estimate {charged}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    limits.flush().await;
+    assert_eq!(
+        store.debits.load(Ordering::SeqCst),
+        1,
+        "settled exactly once"
+    );
+    assert_eq!(store.inner.used(&k), charged);
+}
+
+#[tokio::test]
+async fn upstream_without_usage_is_charged_an_estimate() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "n"), ("x-mock-no-usage", "1")],
+        STREAM,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    limits.flush().await;
+    // 41-byte request (11 tokens) + 3 data events.
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:n")), 14);
+}
+
+#[tokio::test]
+async fn grpc_requests_are_rejected_with_resource_exhausted() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![Rule::per_header("x-user").any_value().tokens_per_minute(50)],
+    );
+    let addr = app(limits.clone()).await;
+    send(addr, CHAT, &[("x-user", "g")], STREAM).await;
+    limits.flush().await;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "g"), ("content-type", "application/grpc")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("grpc-status"), Some("8"));
+    assert!(
+        r.header("grpc-message")
+            .unwrap()
+            .contains("Token rate limit")
+    );
+}
+
+#[tokio::test]
+async fn secret_header_values_are_hashed_in_keys() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-api-key")
+                .any_value()
+                .tokens_per_minute(500),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    send(addr, CHAT, &[("x-api-key", "sk-secret")], STREAM).await;
+    limits.flush().await;
+    assert_eq!(
+        store.used(&key("limit_by_per_header:60:x-api-key:sk-secret")),
+        0
+    );
+    assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn config_errors_are_all_reported_with_paths() {
+    let yaml = r#"
+rule_name: ""
+rejected_code: 200
+trusted_proxies: ["10.0.0.0/8", "not-an-ip"]
+surprise: 1
+rule_items:
+  - limit_by_header: x-a
+    limit_by_per_param: p
+    limit_keys: [{key: a, token_per_minute: 1}]
+  - limit_by_per_header: x-user
+    limit_keys:
+      - key: alice
+        token_per_minute: 5
+      - key: "regexp:("
+        token_per_hour: 0
+  - limit_by_per_ip: from-somewhere
+    limit_keys: [{key: "*", token_per_day: 1, token_per_week: 2}]
+"#;
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+    let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
+    let text = err.to_string();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "rule_name",
+        "rejected_code",
+        "trusted_proxies[1]",
+        "surprise",
+        "rule_items[0]",
+        "rule_items[1].limit_keys[0].key",
+        "rule_items[1].limit_keys[1].key",
+        "rule_items[1].limit_keys[1].token_per_hour",
+        "rule_items[2].limit_by_per_ip",
+        "rule_items[2].limit_keys[0].token_per_week",
+    ] {
+        assert!(paths.contains(&expected), "missing {expected} in:\n{text}");
+    }
+    assert!(text.contains("split it into separate rule_items"), "{text}");
+    assert!(
+        text.contains("for exact values use limit_by_header"),
+        "{text}"
+    );
+    assert!(text.contains("must be > 0"), "{text}");
+}
+
+#[test]
+fn builder_reports_problems_too() {
+    let err = TokenRateLimitLayer::builder()
+        .rule(Rule::header("x-a").tokens_per_minute(5))
+        .rule(
+            Rule::per_header("bad header")
+                .any_value()
+                .tokens_per_minute(5),
+        )
+        .rule(Rule::per_cookie("c").any_value())
+        .build()
+        .unwrap_err();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "rule_items[0].limit_keys[0].key",
+            "rule_items[1].limit_by_per_header",
+            "rule_items[2].limit_keys[0]"
+        ],
+        "{err}"
+    );
+    assert!(
+        TokenRateLimitLayer::builder().build().is_err(),
+        "nothing to limit"
+    );
+}
+
+#[test]
+fn higress_config_vocabulary_deserialises() {
+    let yaml = r#"
+rule_name: default_rule
+rule_items:
+  - limit_by_header: x-ca-key
+    limit_keys: [{key: 102234, token_per_minute: 10}]
+  - limit_by_param: apikey
+    limit_keys: [{key: 9a342114-ba8a-11ec-b1bf-00163e1250b5, token_per_minute: 10}]
+  - limit_by_per_param: apikey
+    limit_keys:
+      - {key: "regexp:^a.*", token_per_second: 10}
+      - {key: "*", token_per_hour: 10}
+  - limit_by_consumer: ''
+    limit_keys: [{key: consumer1, token_per_second: 10}]
+  - limit_by_per_consumer:
+    limit_keys: [{key: "*", token_per_day: 10}]
+  - limit_by_cookie: key1
+    limit_keys: [{key: value1, token_per_minute: 10}]
+  - limit_by_per_cookie: key1
+    limit_keys: [{key: "*", token_per_minute: 10}]
+  - limit_by_per_header: x-user
+    limit_keys: [{key: "*", token_per_minute: 10}]
+  - limit_by_per_ip: from-header-x-forwarded-for
+    limit_keys: [{key: 1.1.1.1, token_per_day: 10}, {key: 1.1.1.0/24, token_per_day: 100}, {key: 0.0.0.0/0, token_per_day: 1000}]
+rejected_code: 429
+rejected_msg: '{"code":-1,"msg":"Too many requests"}'
+"#;
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+    TokenRateLimitLayer::from_config(cfg).unwrap();
+}
+
+#[tokio::test]
+async fn custom_rejected_msg_and_code() {
+    let cfg: TokenRateLimitConfig = serde_json::from_value(serde_json::json!({
+        "rule_name": "r",
+        "rejected_code": 403,
+        "rejected_msg": "{\"code\":-1,\"msg\":\"Too many requests\"}",
+        "global_threshold": {"token_per_minute": 10}
+    }))
+    .unwrap();
+    let limits = TokenRateLimitLayer::from_config(cfg).unwrap();
+    let addr = app(limits.clone()).await;
+    send(addr, CHAT, &[], STREAM).await;
+    limits.flush().await;
+    let r = send(addr, CHAT, &[], STREAM).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["msg"], "Too many requests");
+    assert!(r.header("retry-after").is_some());
+}
