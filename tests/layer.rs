@@ -844,3 +844,44 @@ async fn custom_rejected_msg_and_code() {
     assert_eq!(r.json()["msg"], "Too many requests");
     assert!(r.header("retry-after").is_some());
 }
+
+/// A `tracing` writer that keeps what was written.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn estimated_charges_are_marked_in_tracing() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let store = MemoryStore::new();
+    let limits = layer(&store, vec![Rule::per_header("x-user").any_value().tokens_per_minute(10_000)]);
+    let addr = app(limits.clone()).await;
+    send(addr, CHAT, &[("x-user", "e"), ("x-mock-no-usage", "1")], STREAM).await;
+    limits.flush().await;
+    send(addr, CHAT, &[("x-user", "e"), ("x-mock-tokens", "77")], STREAM).await;
+    limits.flush().await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let settled: Vec<&str> = text.lines().filter(|l| l.contains("token usage settled")).collect();
+    assert_eq!(settled.len(), 2, "{text}");
+    assert!(settled[0].contains("estimated=true") && settled[0].contains("tokens=14"), "{}", settled[0]);
+    assert!(settled[1].contains("estimated=false") && settled[1].contains("tokens=77"), "{}", settled[1]);
+    assert!(!text.contains("\"e\""), "no key value in logs");
+}
