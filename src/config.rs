@@ -84,6 +84,13 @@ pub struct TokenRateLimitConfig {
     /// Which rate limit headers go on admitted responses.
     #[serde(default)]
     pub response_headers: Option<ResponseHeadersConfig>,
+    /// Where counters live: absent → the in-memory store; present → Redis (standalone or
+    /// Cluster).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// What to do when the store cannot answer (default `open`).
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -184,6 +191,82 @@ impl LimitKeyConfig {
     }
 }
 
+/// What the layer does when its store cannot answer (Redis down, timed out, breaker open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Admit the request (Higress's behaviour). Its debit is kept and written when the store is
+    /// back.
+    #[default]
+    Open,
+    /// Reject with 503 and a JSON body saying the limiter's store is unavailable (gRPC:
+    /// `UNAVAILABLE`).
+    Closed,
+    /// Decide with an in-memory store in this process, which every settlement also feeds, so
+    /// limits still hold per replica.
+    Local,
+}
+
+/// The `redis:` block: Higress's fields, or `url`, or `cluster_nodes` (exactly one of
+/// `service_name`, `url`, `cluster_nodes`).
+#[derive(Clone, Default, Deserialize)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// Host name of the Redis service.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Port (default 6379).
+    #[serde(default)]
+    pub service_port: Option<u16>,
+    /// ACL user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Per-call timeout in milliseconds (default 50).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Database number (default 0; standalone only).
+    #[serde(default)]
+    pub database: Option<i64>,
+    /// `redis://[user[:password]@]host[:port][/db]`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Redis Cluster nodes, `host:port` each.
+    #[serde(default)]
+    pub cluster_nodes: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_json::Value>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("service_name", &self.service_name)
+            .field("service_port", &self.service_port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("database", &self.database)
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("cluster_nodes", &self.cluster_nodes)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn check_unknown(&self, p: &mut Problems) {
+        unknown_fields(
+            p,
+            "redis",
+            &self.unknown,
+            "service_name, service_port, username, password, timeout, database, url, cluster_nodes",
+        );
+    }
+}
+
 /// `response_headers`: which rate limit headers admitted responses carry.
 #[derive(Debug, Clone, Deserialize)]
 #[non_exhaustive]
@@ -228,6 +311,7 @@ pub(crate) struct Compiled {
     pub(crate) rejected_code: StatusCode,
     pub(crate) rejected_msg: Option<Arc<str>>,
     pub(crate) openai_headers: bool,
+    pub(crate) failure_mode: FailureMode,
 }
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
@@ -575,7 +659,7 @@ impl TokenRateLimitConfig {
             "",
             &self.unknown,
             "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
-             consumer_header, trusted_proxies, key_prefix, response_headers",
+             consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode",
         );
 
         let name = self.rule_name.trim();
@@ -685,6 +769,7 @@ impl TokenRateLimitConfig {
             rejected_code,
             rejected_msg: self.rejected_msg.as_deref().map(Arc::from),
             openai_headers: headers.openai,
+            failure_mode: self.failure_mode.unwrap_or_default(),
         })
     }
 }

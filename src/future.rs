@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::config::FailureMode;
 use crate::layer::Shared;
 use crate::response;
 use crate::settle::{End, Meter};
@@ -129,11 +130,25 @@ where
                             None
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, rules = &*p.rules, "store unavailable; admitting (failure mode open)");
+                            tracing::warn!(error = %e, rules = &*p.rules, "token rate limit store unavailable");
                             None
                         }
                     };
                     let settings = &p.shared.compiled;
+                    let statuses = match (statuses, settings.failure_mode, &p.shared.fallback) {
+                        (Some(s), _, _) => Some(s),
+                        (None, FailureMode::Local, Some(local)) => {
+                            Some(local.check_now(&p.counters))
+                        }
+                        (None, FailureMode::Closed, _) => {
+                            let response = response::store_unavailable(p.grpc);
+                            this.state.set(State::Rejected {
+                                response: Some(response),
+                            });
+                            continue;
+                        }
+                        (None, _, _) => None,
+                    };
                     if let Some(statuses) = &statuses
                         && statuses
                             .iter()

@@ -4,8 +4,8 @@ use std::sync::{Arc, OnceLock};
 
 use tower_layer::Layer;
 
-use crate::config::{Compiled, CustomSource, TokenRateLimitConfig};
-use crate::error::ConfigError;
+use crate::config::{Compiled, CustomSource, FailureMode, TokenRateLimitConfig};
+use crate::error::{ConfigError, Problem};
 use crate::rule::{Rule, RuleKind};
 use crate::service::TokenRateLimit;
 use crate::settle::Settler;
@@ -15,6 +15,8 @@ use crate::store::{MemoryStore, Store};
 pub(crate) struct Shared {
     pub(crate) compiled: Compiled,
     pub(crate) store: Arc<dyn Store>,
+    /// The in-memory store decisions fall back to in `local` failure mode.
+    pub(crate) fallback: Option<MemoryStore>,
     settler: OnceLock<Settler>,
 }
 
@@ -22,7 +24,7 @@ impl Shared {
     /// The settlement worker, started on first use (inside the runtime serving requests).
     pub(crate) fn settler(&self) -> &Settler {
         self.settler
-            .get_or_init(|| Settler::start(self.store.clone()))
+            .get_or_init(|| Settler::start(self.store.clone(), self.fallback.clone()))
     }
 }
 
@@ -66,7 +68,8 @@ impl TokenRateLimitLayer {
         TokenRateLimitLayerBuilder::default()
     }
 
-    /// Builds a layer from a Higress-vocabulary configuration, on the in-memory store.
+    /// Builds a layer from a Higress-vocabulary configuration: on Redis when it has a `redis:`
+    /// block, otherwise on the in-memory store. Nothing connects here.
     pub fn from_config(config: TokenRateLimitConfig) -> Result<Self, ConfigError> {
         Self::builder().config(config).build()
     }
@@ -186,6 +189,20 @@ impl TokenRateLimitLayerBuilder {
         self
     }
 
+    /// Keeps counters in Redis: a [`RedisStore`](crate::store::RedisStore), or a
+    /// `deadpool_redis::Pool` / `deadpool_redis::cluster::Pool` the application already has.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis(self, store: impl Into<crate::store::RedisStore>) -> Self {
+        self.store(store.into())
+    }
+
+    /// What to do when the store cannot answer (default [`FailureMode::Open`]).
+    pub fn failure_mode(mut self, mode: FailureMode) -> Self {
+        self.config.failure_mode = Some(mode);
+        self
+    }
+
     /// Keeps counters in this store (e.g. a shared [`MemoryStore`], or your own [`Store`]).
     pub fn store(mut self, store: impl Store) -> Self {
         self.store = Some(Arc::new(store));
@@ -240,30 +257,51 @@ impl TokenRateLimitLayerBuilder {
     /// Validates everything and builds the layer; every problem is reported at once.
     /// Nothing is connected here.
     pub fn build(self) -> Result<TokenRateLimitLayer, ConfigError> {
-        let compiled = self.config.compile(&self.customs);
-        let compiled = match (compiled, self.globals > 1) {
-            (Ok(c), false) => c,
-            (result, several_globals) => {
-                let mut problems = result
-                    .err()
-                    .map(|e| e.problems().to_vec())
-                    .unwrap_or_default();
-                if several_globals {
-                    problems.push(crate::error::Problem {
-                        path: "global_threshold".into(),
-                        message: "set once; put every window in one Rule::global()".into(),
-                    });
-                }
-                return Err(ConfigError::new(problems));
-            }
+        let mut problems = Vec::new();
+        let compiled = self
+            .config
+            .compile(&self.customs)
+            .map_err(|e| problems.extend_from_slice(e.problems()))
+            .ok();
+        if self.globals > 1 {
+            problems.push(Problem {
+                path: "global_threshold".into(),
+                message: "set once; put every window in one Rule::global()".into(),
+            });
+        }
+        let store = match (self.store, &self.config.redis) {
+            (Some(store), _) => Some(store),
+            (None, None) => Some(Arc::new(MemoryStore::new()) as Arc<dyn Store>),
+            (None, Some(redis)) => redis_store(redis)
+                .map_err(|e| problems.extend_from_slice(e.problems()))
+                .ok(),
         };
-        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let (Some(compiled), Some(store), true) = (compiled, store, problems.is_empty()) else {
+            return Err(ConfigError::new(problems));
+        };
+        let fallback = (compiled.failure_mode == FailureMode::Local).then(MemoryStore::new);
         Ok(TokenRateLimitLayer {
             shared: Arc::new(Shared {
                 compiled,
                 store,
+                fallback,
                 settler: OnceLock::new(),
             }),
         })
     }
+}
+
+#[cfg(feature = "redis")]
+fn redis_store(config: &crate::config::RedisConfig) -> Result<Arc<dyn Store>, ConfigError> {
+    Ok(Arc::new(crate::store::RedisStore::from_config(config)?))
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_store(_: &crate::config::RedisConfig) -> Result<Arc<dyn Store>, ConfigError> {
+    Err(ConfigError::new(vec![Problem {
+        path: "redis".into(),
+        message: "this build has no Redis store; enable the `redis` feature of \
+                  tower-token-ratelimit"
+            .into(),
+    }]))
 }

@@ -67,8 +67,8 @@ pub mod usage;
 
 pub use body::ResponseBody;
 pub use config::{
-    DEFAULT_KEY_PREFIX, LimitKeyConfig, ResponseHeadersConfig, RuleItemConfig, ThresholdConfig,
-    TokenRateLimitConfig,
+    DEFAULT_KEY_PREFIX, FailureMode, LimitKeyConfig, RedisConfig, ResponseHeadersConfig,
+    RuleItemConfig, ThresholdConfig, TokenRateLimitConfig,
 };
 pub use error::{ConfigError, Problem, StoreError};
 pub use future::ResponseFuture;

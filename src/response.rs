@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
 
 use crate::config::Compiled;
 use crate::store::{Counter, CounterStatus};
@@ -25,6 +25,8 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// `RESOURCE_EXHAUSTED`.
 const GRPC_RESOURCE_EXHAUSTED: HeaderValue = HeaderValue::from_static("8");
+/// `UNAVAILABLE`.
+const GRPC_UNAVAILABLE: HeaderValue = HeaderValue::from_static("14");
 
 /// Whole seconds, rounded up, at least 1: a client retrying after this is past the reset.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
@@ -104,14 +106,7 @@ pub(crate) fn rejection(
     );
 
     let mut response = if grpc {
-        let mut r = Response::new(Bytes::new());
-        let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert(GRPC_STATUS, GRPC_RESOURCE_EXHAUSTED);
-        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(&message)) {
-            h.insert(GRPC_MESSAGE, v);
-        }
-        r
+        grpc_status(GRPC_RESOURCE_EXHAUSTED, &message)
     } else {
         let (body, content_type) = match &settings.rejected_msg {
             Some(msg) => {
@@ -145,6 +140,37 @@ pub(crate) fn rejection(
     h.insert(X_TOKENRATELIMIT_RESET, HeaderValue::from(retry));
     insert_token_headers(h, counter, status);
     response
+}
+
+/// The response when the store cannot answer and the failure mode is `closed`.
+pub(crate) fn store_unavailable(grpc: bool) -> Response<Bytes> {
+    let message = "Token rate limit store unavailable; request not admitted. Retry shortly.";
+    if grpc {
+        return grpc_status(GRPC_UNAVAILABLE, message);
+    }
+    let body = serde_json::json!({"error": {
+        "message": message,
+        "type": "rate_limit_store_unavailable",
+        "code": "rate_limit_store_unavailable",
+    }});
+    let mut r = Response::new(Bytes::from(body.to_string()));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(RETRY_AFTER, HeaderValue::from(1));
+    r
+}
+
+/// A trailers-only gRPC answer: HTTP 200 with the status in the headers.
+fn grpc_status(code: HeaderValue, message: &str) -> Response<Bytes> {
+    let mut r = Response::new(Bytes::new());
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(GRPC_STATUS, code);
+    if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(message)) {
+        h.insert(GRPC_MESSAGE, v);
+    }
+    r
 }
 
 /// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
 
-use crate::store::{Counter, Store};
+use crate::store::{Counter, MemoryStore, Store};
 use crate::usage::{BodyFormat, UsageScanner};
 
 /// Characters per token assumed by the estimate (a usual figure for English text and JSON).
@@ -64,10 +64,11 @@ pub(crate) struct Settler {
 impl Settler {
     /// Starts a worker on the current tokio runtime, or on a thread of its own when there is
     /// none. It ends when every `Settler` is dropped.
-    pub(crate) fn start(store: Arc<dyn Store>) -> Self {
+    /// Every debit also goes to `fallback` when there is one (failure mode `local`).
+    pub(crate) fn start(store: Arc<dyn Store>, fallback: Option<MemoryStore>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        let worker = work(store, rx, stats.clone());
+        let worker = work(store, fallback, rx, stats.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(worker);
@@ -133,10 +134,14 @@ impl Settler {
 
 async fn work(
     store: Arc<dyn Store>,
+    fallback: Option<MemoryStore>,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     stats: Arc<Stats>,
 ) {
     while let Some(s) = rx.recv().await {
+        if let Some(local) = &fallback {
+            local.debit_now(&s.counters, s.tokens);
+        }
         if s.tokens > 0
             && let Err(e) = store.debit(&s.counters, s.tokens).await
         {

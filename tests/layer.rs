@@ -871,17 +871,47 @@ async fn estimated_charges_are_marked_in_tracing() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let store = MemoryStore::new();
-    let limits = layer(&store, vec![Rule::per_header("x-user").any_value().tokens_per_minute(10_000)]);
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        ],
+    );
     let addr = app(limits.clone()).await;
-    send(addr, CHAT, &[("x-user", "e"), ("x-mock-no-usage", "1")], STREAM).await;
+    send(
+        addr,
+        CHAT,
+        &[("x-user", "e"), ("x-mock-no-usage", "1")],
+        STREAM,
+    )
+    .await;
     limits.flush().await;
-    send(addr, CHAT, &[("x-user", "e"), ("x-mock-tokens", "77")], STREAM).await;
+    send(
+        addr,
+        CHAT,
+        &[("x-user", "e"), ("x-mock-tokens", "77")],
+        STREAM,
+    )
+    .await;
     limits.flush().await;
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let settled: Vec<&str> = text.lines().filter(|l| l.contains("token usage settled")).collect();
+    let settled: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("token usage settled"))
+        .collect();
     assert_eq!(settled.len(), 2, "{text}");
-    assert!(settled[0].contains("estimated=true") && settled[0].contains("tokens=14"), "{}", settled[0]);
-    assert!(settled[1].contains("estimated=false") && settled[1].contains("tokens=77"), "{}", settled[1]);
+    assert!(
+        settled[0].contains("estimated=true") && settled[0].contains("tokens=14"),
+        "{}",
+        settled[0]
+    );
+    assert!(
+        settled[1].contains("estimated=false") && settled[1].contains("tokens=77"),
+        "{}",
+        settled[1]
+    );
     assert!(!text.contains("\"e\""), "no key value in logs");
 }

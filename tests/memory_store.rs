@@ -20,7 +20,11 @@ async fn a_million_expired_keys_are_reclaimed() {
     // The sweeper runs every second; give it the window plus a margin.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !store.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "{} counters left", store.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} counters left",
+            store.len()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Live counters are kept.

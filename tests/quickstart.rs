@@ -9,7 +9,11 @@ fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let path = dir.join("examples").join(name);
-    assert!(path.is_file(), "example binary not built: {}", path.display());
+    assert!(
+        path.is_file(),
+        "example binary not built: {}",
+        path.display()
+    );
     path
 }
 

@@ -205,15 +205,24 @@ impl Inner {
     }
 }
 
+impl MemoryStore {
+    pub(crate) fn check_now(&self, counters: &[Counter]) -> Vec<CounterStatus> {
+        self.inner.check(counters, Instant::now())
+    }
+
+    pub(crate) fn debit_now(&self, counters: &[Counter], tokens: u64) {
+        self.ensure_sweeper();
+        self.inner.debit(counters, tokens, Instant::now());
+    }
+}
+
 impl Store for MemoryStore {
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
-        let result = self.inner.check(counters, Instant::now());
-        Box::pin(std::future::ready(Ok(result)))
+        Box::pin(std::future::ready(Ok(self.check_now(counters))))
     }
 
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
-        self.ensure_sweeper();
-        self.inner.debit(counters, tokens, Instant::now());
+        self.debit_now(counters, tokens);
         Box::pin(std::future::ready(Ok(())))
     }
 }

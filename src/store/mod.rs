@@ -1,4 +1,5 @@
-//! Where token counters live: the [`Store`] trait and the in-memory [`MemoryStore`].
+//! Where token counters live: the [`Store`] trait, the in-memory [`MemoryStore`] and (feature
+//! `redis`) the Redis store.
 //!
 //! A store keeps, per counter key, the tokens used in the current window. Semantics are those of
 //! the Higress `ai-token-ratelimit` plugin (fixed windows): a window starts at the first debit of
@@ -13,8 +14,13 @@ use std::time::Duration;
 pub use crate::error::StoreError;
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
 
 /// The future a [`Store`] returns. It owns what it needs (`'static`), so the service can hold it
 /// across polls.

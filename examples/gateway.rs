@@ -1,0 +1,299 @@
+//! A reverse proxy for OpenAI-compatible LLM APIs, with token rate limits.
+//!
+//! ```text
+//! cargo run --release --example gateway -- \
+//!     --listen 127.0.0.1:8080 --upstream http://127.0.0.1:11434 --config examples/limits.yaml
+//! ```
+//!
+//! Every request (any method, path and query) is forwarded to the upstream; request and
+//! response bodies stream through unbuffered, so SSE tokens reach the client as they are made.
+//! The limits come from a Higress `ai-token-ratelimit` YAML file (see `examples/limits.yaml`)
+//! and are kept in memory. Requests over a limit get a 429 without reaching the upstream; the
+//! usage the upstream reports is debited when each response ends.
+//!
+//! The upstream is plain `http://` (add a TLS connector to the client for `https://`). Logs go
+//! to stderr (`RUST_LOG`, default `info`); stdout gets one line, `listening on ADDR`. On ctrl-c
+//! or SIGTERM the gateway stops accepting, lets requests in flight finish, writes their debits
+//! and exits 0. Bad arguments exit 2, a bad config file exits 1 with every problem listed.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
+use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+usage: gateway --listen ADDR --upstream URL --config FILE
+
+  --listen ADDR    address to serve on, e.g. 127.0.0.1:8080 (port 0: any free port)
+  --upstream URL   the OpenAI-compatible API to forward to: http://HOST:PORT[/BASE-PATH]
+  --config FILE    token limits in the Higress ai-token-ratelimit YAML (examples/limits.yaml)
+  --help           print this help
+
+RUST_LOG sets the log level (default info).";
+
+/// Headers that describe one connection, not the message: never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+struct Args {
+    listen: SocketAddr,
+    upstream: Upstream,
+    config: String,
+}
+
+/// `Ok(None)` for `--help`.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let (mut listen, mut upstream, mut config) = (None, None, None);
+    while let Some(flag) = args.next() {
+        let slot = match flag.as_str() {
+            "--listen" => &mut listen,
+            "--upstream" => &mut upstream,
+            "--config" => &mut config,
+            "--help" | "-h" => return Ok(None),
+            _ => return Err(format!("unknown argument `{flag}`")),
+        };
+        *slot = Some(args.next().ok_or(format!("{flag} needs a value"))?);
+    }
+    let (Some(listen), Some(upstream), Some(config)) = (listen, upstream, config) else {
+        return Err("--listen, --upstream and --config are required".into());
+    };
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("--listen `{listen}`: {e} (expected e.g. 127.0.0.1:8080)"))?;
+    let upstream = Upstream::new(&upstream).ok_or(format!(
+        "--upstream `{upstream}`: expected http://HOST:PORT[/PATH]"
+    ))?;
+    Ok(Some(Args {
+        listen,
+        upstream,
+        config,
+    }))
+}
+
+fn load_limits(path: &Path) -> Result<TokenRateLimitLayer, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let config: TokenRateLimitConfig = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    TokenRateLimitLayer::from_config(config).map_err(|e| e.to_string())
+}
+
+/// Where requests go, and one pooled HTTP/1.1 client to send them.
+#[derive(Clone)]
+struct Upstream {
+    client: Client<HttpConnector, Body>,
+    /// `http://host:port` plus the base path, without a trailing `/`.
+    base: Arc<str>,
+    host: HeaderValue,
+}
+
+impl Upstream {
+    /// `None` unless `url` is `http://HOST[:PORT][/PATH]` (this example has no TLS).
+    fn new(url: &str) -> Option<Self> {
+        let uri: Uri = url.parse().ok()?;
+        let (Some("http"), Some(authority), None) =
+            (uri.scheme_str(), uri.authority(), uri.query())
+        else {
+            return None;
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true); // small SSE chunks must not wait for Nagle
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        Some(Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .build(connector),
+            base: format!("http://{authority}{}", uri.path().trim_end_matches('/')).into(),
+            host: HeaderValue::from_str(authority.as_str()).ok()?,
+        })
+    }
+}
+
+/// Forwards any request to the upstream and streams the answer back.
+async fn forward(
+    State(upstream): State<Upstream>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let Ok(uri) = format!("{}{path}", upstream.base).parse::<Uri>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid request path",
+            "invalid_request_error",
+        );
+    };
+    tracing::debug!(method = %req.method(), %uri, %peer, "forwarding");
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11; // whatever the client spoke, the upstream gets HTTP/1.1
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    headers.insert(header::HOST, upstream.host.clone());
+    append_forwarded_for(headers, peer.ip());
+
+    match upstream.client.request(req).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map_or(String::new(), |s| s.to_string());
+            tracing::warn!(error = %e, %cause, "upstream request failed");
+            let message = if e.is_connect() {
+                "could not connect to the upstream"
+            } else {
+                "the upstream failed before sending a response"
+            };
+            error(StatusCode::BAD_GATEWAY, message, "upstream_error")
+        }
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Adds the peer to `X-Forwarded-For`, as one comma-separated value.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let mut value = Vec::new();
+    for prior in headers.get_all(&X_FORWARDED_FOR) {
+        value.extend_from_slice(prior.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(peer.to_canonical().to_string().as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// An error in the OpenAI shape, so clients show it like any other API error.
+fn error(status: StatusCode, message: &str, kind: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": kind}});
+    (status, Json(body)).into_response()
+}
+
+/// Resolves on ctrl-c or SIGTERM. The handlers are installed before the address is announced,
+/// so a signal sent right after cannot kill the process before debits are flushed.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term) = (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        );
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
+}
+
+async fn serve(args: Args, limits: TokenRateLimitLayer) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal()?;
+    tracing::info!(%addr, upstream = %args.upstream.base, "gateway started");
+    let app = Router::new()
+        .fallback(forward)
+        .with_state(args.upstream)
+        .layer(limits.clone());
+
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "listening on {addr}")?;
+    stdout.flush()?;
+
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests in flight");
+    })
+    .await?;
+    limits.flush().await;
+    tracing::info!("debits written; bye");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("gateway: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let limits = match load_limits(Path::new(&args.config)) {
+        Ok(limits) => limits,
+        Err(e) => {
+            eprintln!("gateway: {}: {e}", args.config);
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = args.listen;
+    match serve(args, limits).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: serving on {listen}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! The Redis store: counters shared by every replica, in standalone Redis or Redis Cluster.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, FromRedisValue, Script, Value};
+use deadpool_redis::{
+    ConnectionAddr, ConnectionInfo, ProtocolVersion, RedisConnectionInfo, Runtime,
+};
+
+use super::{Counter, CounterStatus, Store, StoreFuture};
+use crate::config::RedisConfig;
+use crate::error::{ConfigError, Problems, StoreError};
+
+static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/check.lua")));
+static DEBIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/debit.lua")));
+
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+const DEFAULT_BREAKER_FAILURES: u32 = 3;
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+const DEFAULT_MAX_PENDING: usize = 100_000;
+
+/// Counters in Redis (standalone or Cluster), shared by every replica of a service.
+///
+/// Each admission is one `EVALSHA` of a script that reads every counter of the request, and each
+/// settlement one `EVALSHA` that adds the tokens to all of them (scripts reloaded on
+/// `NOSCRIPT`); windows are Redis TTLs, so no clock but Redis's matters. Keys follow the Higress
+/// layout and share the `{rule_name}` hash tag, so one request's keys live in one Cluster slot.
+///
+/// The store connects lazily: building it needs no Redis. It keeps one multiplexed connection
+/// (no `PING` per request) and replaces it when it breaks. Every call is bounded by a timeout
+/// (default 50 ms); after repeated failures a circuit breaker answers at once without waiting on
+/// Redis and probes in the background until Redis is back. Debits that cannot be written are
+/// kept (bounded; counted and logged past the bound) and written when Redis answers again.
+///
+/// ```
+/// use tower_token_ratelimit::store::RedisStore;
+/// use std::time::Duration;
+///
+/// let store = RedisStore::builder()
+///     .url("redis://127.0.0.1:6379/0")
+///     .timeout(Duration::from_millis(50))
+///     .build()?;
+/// # Ok::<_, tower_token_ratelimit::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &matches!(self.inner.target, Target::Cluster(_)))
+            .field("timeout", &self.inner.timeout)
+            .field("breaker_open", &self.breaker_open())
+            .field("pending_debits", &self.pending_debits())
+            .finish()
+    }
+}
+
+enum Target {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// A debit waiting for Redis: the tokens to add to one set of counters.
+struct PendingDebit {
+    windows: Vec<u64>,
+    tokens: u64,
+}
+
+struct Inner {
+    target: Target,
+    conn: Mutex<Option<Conn>>,
+    timeout: Duration,
+    breaker_failures: u32,
+    probe_interval: Duration,
+    failures: AtomicU32,
+    open: AtomicBool,
+    flushing: AtomicBool,
+    /// Failed debits by key set, merged so a long outage costs one entry per key set.
+    pending: Mutex<HashMap<Vec<Arc<str>>, PendingDebit>>,
+    max_pending: usize,
+    dropped: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a [`RedisStore`] connects, and how it behaves when Redis fails.
+#[must_use]
+#[derive(Default)]
+pub struct RedisStoreBuilder {
+    url: Option<String>,
+    cluster_nodes: Option<Vec<String>>,
+    connection: Option<ConnectionInfo>,
+    pool: Option<Target>,
+    timeout: Option<Duration>,
+    breaker_failures: Option<u32>,
+    probe_interval: Option<Duration>,
+    max_pending: Option<usize>,
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs may hold passwords: not printed.
+        f.debug_struct("RedisStoreBuilder")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStoreBuilder {
+    /// A standalone Redis: `redis://[user[:password]@]host[:port][/db]`.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// A Redis Cluster, from some of its nodes (`host:port` or `redis://host:port`).
+    pub fn cluster_nodes<I>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.cluster_nodes = Some(nodes.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// A standalone Redis pool the application already has.
+    pub fn pool(mut self, pool: deadpool_redis::Pool) -> Self {
+        self.pool = Some(Target::Single(pool));
+        self
+    }
+
+    /// A Redis Cluster pool the application already has.
+    pub fn cluster_pool(mut self, pool: deadpool_redis::cluster::Pool) -> Self {
+        self.pool = Some(Target::Cluster(pool));
+        self
+    }
+
+    /// Longest wait for one Redis call, connecting included (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Consecutive failures that open the circuit breaker (default 3), and how often an open
+    /// breaker probes Redis (default 250 ms).
+    pub fn breaker(mut self, failures: u32, probe_interval: Duration) -> Self {
+        self.breaker_failures = Some(failures);
+        self.probe_interval = Some(probe_interval);
+        self
+    }
+
+    /// Most failed debits kept for when Redis is back (default 100,000 distinct counter sets;
+    /// debits to the same counters are merged). Past it, debits are dropped, counted and logged.
+    pub fn max_pending_debits(mut self, n: usize) -> Self {
+        self.max_pending = Some(n);
+        self
+    }
+
+    /// Validates the settings and makes the store. Nothing connects until the first request.
+    pub fn build(self) -> Result<RedisStore, ConfigError> {
+        let mut p = Problems::default();
+        let sources = usize::from(self.url.is_some())
+            + usize::from(self.cluster_nodes.is_some())
+            + usize::from(self.connection.is_some())
+            + usize::from(self.pool.is_some());
+        if sources != 1 {
+            p.push(
+                "redis",
+                "give exactly one of a URL, cluster nodes, or a pool",
+            );
+            return Err(p.into_result(()).unwrap_err());
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            p.push("redis.timeout", "must be > 0");
+        }
+        if self.breaker_failures == Some(0) {
+            p.push("redis.breaker", "failures must be > 0");
+        }
+        let target = if let Some(t) = self.pool {
+            Some(t)
+        } else if let Some(url) = self.url {
+            check_url(&mut p, "redis.url", &url);
+            single(&mut p, deadpool_redis::Config::from_url(url))
+        } else if let Some(info) = self.connection {
+            single(&mut p, deadpool_redis::Config::from_connection_info(info))
+        } else {
+            let nodes = self.cluster_nodes.unwrap_or_default();
+            if nodes.is_empty() {
+                p.push(
+                    "redis.cluster_nodes",
+                    "empty; list at least one node as host:port",
+                );
+            }
+            let urls: Vec<String> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let url = if n.contains("://") {
+                        n.clone()
+                    } else {
+                        format!("redis://{n}")
+                    };
+                    check_url(&mut p, &format!("redis.cluster_nodes[{i}]"), &url);
+                    url
+                })
+                .collect();
+            match deadpool_redis::cluster::Config::from_urls(urls)
+                .create_pool(Some(Runtime::Tokio1))
+            {
+                Ok(pool) => Some(Target::Cluster(pool)),
+                Err(e) => {
+                    p.push(
+                        "redis.cluster_nodes",
+                        format!("cannot make a cluster pool: {e}"),
+                    );
+                    None
+                }
+            }
+        };
+        let target = p.into_result(target)?.expect("no problem means a target");
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                target,
+                conn: Mutex::new(None),
+                timeout: self.timeout.unwrap_or(DEFAULT_TIMEOUT),
+                breaker_failures: self.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES),
+                probe_interval: self.probe_interval.unwrap_or(DEFAULT_PROBE_INTERVAL),
+                failures: AtomicU32::new(0),
+                open: AtomicBool::new(false),
+                flushing: AtomicBool::new(false),
+                pending: Mutex::new(HashMap::new()),
+                max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
+                dropped: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+fn check_url(p: &mut Problems, path: &str, url: &str) {
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+        // The message never repeats the URL, which may hold a password.
+        p.push(path, format!("not a usable Redis URL ({:?}): expected redis://[user[:password]@]host[:port][/db]", e.kind()));
+    }
+}
+
+fn single(p: &mut Problems, config: deadpool_redis::Config) -> Option<Target> {
+    match config.create_pool(Some(Runtime::Tokio1)) {
+        Ok(pool) => Some(Target::Single(pool)),
+        Err(e) => {
+            p.push("redis", format!("cannot make a Redis pool: {e}"));
+            None
+        }
+    }
+}
+
+impl From<deadpool_redis::Pool> for RedisStore {
+    fn from(pool: deadpool_redis::Pool) -> Self {
+        RedisStore::builder()
+            .pool(pool)
+            .build()
+            .expect("a pool is a valid target")
+    }
+}
+
+impl From<deadpool_redis::cluster::Pool> for RedisStore {
+    fn from(pool: deadpool_redis::cluster::Pool) -> Self {
+        RedisStore::builder()
+            .cluster_pool(pool)
+            .build()
+            .expect("a pool is a valid target")
+    }
+}
+
+impl RedisStore {
+    /// Starts a builder.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// A standalone Redis at this URL, with default settings.
+    pub fn from_url(url: impl Into<String>) -> Result<Self, ConfigError> {
+        Self::builder().url(url).build()
+    }
+
+    /// The store a configuration's `redis:` block describes: the Higress fields
+    /// (`service_name`, `service_port`, `username`, `password`, `timeout` in ms, `database`), or
+    /// `url`, or `cluster_nodes`.
+    pub fn from_config(config: &RedisConfig) -> Result<Self, ConfigError> {
+        let mut p = Problems::default();
+        config.check_unknown(&mut p);
+        let mut b = Self::builder();
+        if let Some(ms) = config.timeout {
+            b = b.timeout(Duration::from_millis(ms));
+        }
+        let given = [
+            config.service_name.is_some(),
+            config.url.is_some(),
+            config.cluster_nodes.is_some(),
+        ];
+        match given {
+            [true, false, false] => {
+                let host = config.service_name.clone().unwrap_or_default();
+                if host.is_empty() {
+                    p.push("redis.service_name", "must not be empty");
+                }
+                b.connection = Some(ConnectionInfo {
+                    addr: ConnectionAddr::Tcp(host, config.service_port.unwrap_or(6379)),
+                    redis: RedisConnectionInfo {
+                        db: config.database.unwrap_or(0),
+                        username: config.username.clone(),
+                        password: config.password.clone(),
+                        protocol: ProtocolVersion::RESP2,
+                    },
+                });
+            }
+            [false, true, false] => b = b.url(config.url.clone().unwrap_or_default()),
+            [false, false, true] => {
+                let nodes = config.cluster_nodes.clone().unwrap_or_default();
+                let auth = match (&config.username, &config.password) {
+                    (Some(u), Some(pw)) => format!("{}:{}@", enc(u), enc(pw)),
+                    (None, Some(pw)) => format!(":{}@", enc(pw)),
+                    (Some(u), None) => format!("{}@", enc(u)),
+                    (None, None) => String::new(),
+                };
+                b = b.cluster_nodes(nodes.into_iter().map(|n| {
+                    if n.contains("://") {
+                        n
+                    } else {
+                        format!("redis://{auth}{n}")
+                    }
+                }));
+            }
+            _ => {
+                p.push(
+                    "redis",
+                    "set exactly one of service_name (with service_port), url, or cluster_nodes",
+                );
+            }
+        }
+        p.into_result(())?;
+        b.build()
+    }
+
+    /// Whether the circuit breaker is open (Redis considered down).
+    pub fn breaker_open(&self) -> bool {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Counter sets with debits waiting for Redis.
+    pub fn pending_debits(&self) -> usize {
+        lock(&self.inner.pending).len()
+    }
+
+    /// Debits dropped because the pending buffer was full.
+    pub fn dropped_debits(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Percent-encodes URL userinfo.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl Conn {
+    async fn invoke<T: FromRedisValue>(
+        &mut self,
+        script: &Script,
+        keys: &[Arc<str>],
+        args: &[u64],
+    ) -> redis::RedisResult<T> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(&**k);
+        }
+        for a in args {
+            inv.arg(*a);
+        }
+        match self {
+            Conn::Single(c) => inv.invoke_async(c).await,
+            Conn::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        let cmd = redis::cmd("PING");
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+impl Inner {
+    async fn connection(&self) -> Result<Conn, String> {
+        if let Some(c) = lock(&self.conn).clone() {
+            return Ok(c);
+        }
+        // The pool's recycle PINGs; we take the connection out once and keep it.
+        let c = match &self.target {
+            Target::Single(pool) => Conn::Single(deadpool_redis::Connection::take(
+                pool.get().await.map_err(|e| e.to_string())?,
+            )),
+            Target::Cluster(pool) => Conn::Cluster(deadpool_redis::cluster::Connection::take(
+                pool.get().await.map_err(|e| e.to_string())?,
+            )),
+        };
+        *lock(&self.conn) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs a script within the timeout, feeding the breaker.
+    async fn invoke<T: FromRedisValue>(
+        self: &Arc<Self>,
+        script: &Script,
+        keys: &[Arc<str>],
+        args: &[u64],
+    ) -> Result<T, StoreError> {
+        if self.open.load(Ordering::Acquire) {
+            return Err(StoreError::new("redis unavailable (circuit breaker open)"));
+        }
+        let call = async {
+            let mut conn = self.connection().await?;
+            conn.invoke::<T>(script, keys, args)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let error = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => {
+                self.failures.store(0, Ordering::Release);
+                if !lock(&self.pending).is_empty() {
+                    self.spawn_flush();
+                }
+                return Ok(v);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        // Start over with a fresh connection next time.
+        lock(&self.conn).take();
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures >= self.breaker_failures && !self.open.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %error, failures, "redis failing: circuit breaker open, probing for its return");
+            tokio::spawn(probe(Arc::downgrade(self)));
+        }
+        Err(StoreError::new(error))
+    }
+
+    fn buffer(&self, keys: Vec<Arc<str>>, windows: Vec<u64>, tokens: u64) {
+        let mut pending = lock(&self.pending);
+        let full = pending.len() >= self.max_pending;
+        match pending.get_mut(&keys) {
+            Some(d) => d.tokens = d.tokens.saturating_add(tokens),
+            None if full => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped == 1 || dropped.is_multiple_of(1000) {
+                    tracing::error!(
+                        dropped,
+                        max = self.max_pending,
+                        "redis debit buffer full: debits dropped"
+                    );
+                }
+            }
+            None => {
+                pending.insert(keys, PendingDebit { windows, tokens });
+            }
+        }
+    }
+
+    fn spawn_flush(self: &Arc<Self>) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            inner.flush_pending().await;
+            inner.flushing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Writes the buffered debits; what fails goes back into the buffer.
+    async fn flush_pending(self: &Arc<Self>) {
+        let batch: Vec<(Vec<Arc<str>>, PendingDebit)> = lock(&self.pending).drain().collect();
+        if batch.is_empty() {
+            return;
+        }
+        let total = batch.len();
+        let mut written = 0;
+        let mut rest = batch.into_iter();
+        for (keys, d) in rest.by_ref() {
+            let args: Vec<u64> = std::iter::once(d.tokens)
+                .chain(d.windows.iter().copied())
+                .collect();
+            if self.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
+                self.buffer(keys, d.windows, d.tokens);
+                break;
+            }
+            written += 1;
+        }
+        for (keys, d) in rest {
+            self.buffer(keys, d.windows, d.tokens);
+        }
+        tracing::info!(written, total, "buffered debits written to redis");
+    }
+}
+
+/// While the breaker is open: PING on a fresh connection every probe interval; on an answer,
+/// close the breaker and write what was buffered.
+async fn probe(inner: Weak<Inner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.probe_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = inner.upgrade() else { return };
+        lock(&inner.conn).take();
+        let ping = async {
+            let mut c = inner.connection().await?;
+            c.ping().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(inner.timeout, ping).await {
+            Ok(Ok(())) => {
+                inner.failures.store(0, Ordering::Release);
+                inner.open.store(false, Ordering::Release);
+                tracing::info!("redis is back: circuit breaker closed");
+                inner.spawn_flush();
+                return;
+            }
+            _ => {
+                lock(&inner.conn).take();
+            }
+        }
+    }
+}
+
+fn parse_check(values: Vec<Value>, counters: &[Counter]) -> Result<Vec<CounterStatus>, StoreError> {
+    if values.len() != counters.len() * 2 {
+        return Err(StoreError::new(format!(
+            "check script answered {} values for {} counters",
+            values.len(),
+            counters.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(counters.len());
+    for (pair, c) in values.chunks_exact(2).zip(counters) {
+        let used: i64 =
+            i64::from_redis_value_ref(&pair[0]).map_err(|e| StoreError::new(e.to_string()))?;
+        let pttl: i64 =
+            i64::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::new(e.to_string()))?;
+        out.push(CounterStatus {
+            used: u64::try_from(used).unwrap_or(0),
+            reset: u64::try_from(pttl).map_or(c.window, Duration::from_millis),
+        });
+    }
+    Ok(out)
+}
+
+fn keys_and_windows(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
+    counters
+        .iter()
+        .map(|c| (c.key.clone(), c.window.as_secs().max(1)))
+        .unzip()
+}
+
+impl Store for RedisStore {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        let inner = self.inner.clone();
+        let counters = counters.to_vec();
+        Box::pin(async move {
+            let (keys, _) = keys_and_windows(&counters);
+            let values: Vec<Value> = inner.invoke(&CHECK, &keys, &[]).await?;
+            parse_check(values, &counters)
+        })
+    }
+
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        let (keys, windows) = keys_and_windows(counters);
+        Box::pin(async move {
+            let tokens = tokens.min(i64::MAX as u64);
+            let args: Vec<u64> = std::iter::once(tokens)
+                .chain(windows.iter().copied())
+                .collect();
+            if inner.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
+                // Kept for when Redis is back; the breaker logs the outage once.
+                inner.buffer(keys, windows, tokens);
+            }
+            Ok(())
+        })
+    }
+}

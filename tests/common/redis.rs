@@ -1,0 +1,263 @@
+//! Real `redis-server` processes on free loopback ports, stopped when dropped.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port that is free now (and, for cluster nodes, whose bus port +10000 is free too).
+fn free_port(with_bus: bool) -> u16 {
+    for _ in 0..200 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !with_bus {
+            return port;
+        }
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+fn scratch_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ttr-redis-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Sends one inline command and returns the first reply line.
+fn command(port: u16, password: Option<&str>, cmd: &str) -> Option<String> {
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    let mut out = String::new();
+    if let Some(pw) = password {
+        out.push_str(&format!("AUTH {pw}\r\n"));
+    }
+    out.push_str(cmd);
+    out.push_str("\r\n");
+    s.write_all(out.as_bytes()).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut got = String::new();
+    let want = if password.is_some() { 2 } else { 1 };
+    while got.matches("\r\n").count() < want {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    got.lines().nth(want - 1).map(str::to_owned)
+}
+
+/// One `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    args: Vec<String>,
+    password: Option<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A standalone server.
+    pub fn start() -> Self {
+        Self::start_with(&[], None)
+    }
+
+    /// A standalone server that requires this password.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_with(&["--requirepass", password], Some(password))
+    }
+
+    fn start_with(extra: &[&str], password: Option<&str>) -> Self {
+        let port = free_port(false);
+        let dir = scratch_dir();
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = RedisServer {
+            port,
+            args,
+            password: password.map(str::to_owned),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn cluster_node(dir: &std::path::Path) -> Self {
+        let port = free_port(true);
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let args = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            conf.to_str().unwrap(),
+            "--cluster-node-timeout",
+            "2000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut server = RedisServer {
+            port,
+            args,
+            password: None,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while command(self.port, self.password.as_deref(), "PING").as_deref() != Some("+PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to go.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A synchronous client connection for assertions.
+    pub fn client(&self) -> deadpool_redis::redis::Connection {
+        let url = match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        };
+        deadpool_redis::redis::Client::open(url)
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 3-master Redis Cluster.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let dir = scratch_dir();
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::cluster_node(&dir)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH (.ci/run installs it)");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes, dir }
+    }
+
+    pub fn node_addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// A synchronous cluster client connection for assertions.
+    pub fn client(&self) -> deadpool_redis::redis::cluster::ClusterConnection {
+        let urls: Vec<String> = self.nodes.iter().map(|n| n.url()).collect();
+        deadpool_redis::redis::cluster::ClusterClient::new(urls)
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,570 @@
+//! The `gateway` example as a real process, between a real HTTP client and a real upstream on
+//! 127.0.0.1: streams pass through byte for byte and unbuffered, budgets reject, bad configs
+//! and arguments stop it, a dead upstream is a 502, SIGTERM lets streams finish.
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, Response, StatusCode};
+use axum::routing::post;
+use bytes::Bytes;
+use common::{Reply, client, fixtures, send, serve};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::timeout;
+use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+
+const CHAT: &str = "/v1/chat/completions";
+const REQUEST: &str = r#"{"model":"gpt-4.1-nano","stream":true,"messages":[{"role":"user","content":"Tell me a story"}]}"#;
+/// Usage reported by the fixture: 16 prompt + 300 completion.
+const FIXTURE_TOKENS: u64 = 316;
+/// Bytes the upstream sends before it waits (when asked to hold).
+const FIRST_CHUNK: usize = 1000;
+
+fn fixture() -> Bytes {
+    let path = fixtures().join("openai-chat/openai-text.sse");
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("fixture {} unreadable: {e}", path.display()));
+    Bytes::from(bytes)
+}
+
+/// The example binary, `target/<profile>/examples/gateway`. `cargo test` builds examples but
+/// `cargo test --test gateway` does not, so build it here (a no-op when it is up to date).
+fn gateway_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("path of the test executable");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test runs from target/<profile>/deps");
+        let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "gateway",
+                "--manifest-path",
+            ])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(profile_dir.parent().unwrap());
+        match profile {
+            "debug" => {}
+            "release" => {
+                cargo.arg("--release");
+            }
+            other => {
+                cargo.args(["--profile", other]);
+            }
+        }
+        let status = cargo
+            .status()
+            .expect("run cargo to build the gateway example");
+        assert!(status.success(), "`cargo build --example gateway` failed");
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            bin.is_file(),
+            "gateway example binary missing at {} (build it with `cargo build --example gateway`)",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// A gateway process; killed when dropped. Its stderr is collected for failure messages.
+struct Gateway {
+    child: Child,
+    listening: Option<oneshot::Receiver<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    fn spawn<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut child = Command::new(gateway_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the gateway");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, listening) = oneshot::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child,
+            listening: Some(listening),
+            stderr,
+        }
+    }
+
+    /// Starts a gateway on 127.0.0.1:0 and waits until it is listening.
+    async fn start(upstream: &str, config: &Path) -> (Self, SocketAddr) {
+        let mut gw = Self::spawn([
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--upstream".as_ref(),
+            upstream.as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ]);
+        let rx = gw.listening.take().unwrap();
+        let addr = match timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(addr)) => addr.parse().expect("a socket address"),
+            _ => panic!(
+                "the gateway did not print `listening on` within 10 s; stderr:\n{}",
+                gw.stderr()
+            ),
+        };
+        (gw, addr)
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit on its own.
+    async fn exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the rest of stderr.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit within {within:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config file in the test scratch directory.
+fn config_file(name: &str, yaml: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gateway-{name}-{}.yaml", std::process::id()));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn per_user_config(tokens_per_minute: u64) -> String {
+    format!(
+        "rule_name: gateway-test\n\
+         rule_items:\n\
+         - limit_by_per_header: x-user\n  \
+           limit_keys:\n  \
+           - key: \"*\"\n    \
+             token_per_minute: {tokens_per_minute}\n"
+    )
+}
+
+/// What the upstream saw of one request.
+#[derive(Debug)]
+struct Seen {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// An OpenAI-compatible upstream streaming the fixture in several chunks. With `hold`, it
+/// sends the first `FIRST_CHUNK` bytes, then waits (at most 10 s) for `hold` before the rest.
+#[derive(Clone)]
+struct Llm {
+    sse: Bytes,
+    hold: Option<Arc<Notify>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Llm {
+    async fn start(hold: Option<Arc<Notify>>) -> (Self, SocketAddr) {
+        let llm = Self {
+            sse: fixture(),
+            hold,
+            seen: Arc::default(),
+        };
+        let app = Router::new()
+            .route(CHAT, post(chat))
+            .with_state(llm.clone());
+        (llm, serve(app).await)
+    }
+
+    fn requests(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+async fn chat(State(llm): State<Llm>, headers: HeaderMap, body: Bytes) -> Response<Body> {
+    llm.seen.lock().unwrap().push(Seen { headers, body });
+    let sse = llm.sse;
+    let step = (sse.len() - FIRST_CHUNK).div_ceil(7);
+    let mut chunks = vec![sse.slice(..FIRST_CHUNK)];
+    chunks.extend(
+        (FIRST_CHUNK..sse.len())
+            .step_by(step)
+            .map(|at| sse.slice(at..(at + step).min(sse.len()))),
+    );
+    let hold = llm.hold;
+    let stream = futures_util::stream::unfold(0, move |i| {
+        let (chunk, hold) = (chunks.get(i).cloned(), hold.clone());
+        async move {
+            if i == 1
+                && let Some(hold) = hold
+            {
+                let _ = timeout(Duration::from_secs(10), hold.notified()).await;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Some((Ok::<_, Infallible>(chunk?), i + 1))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+fn chat_request(gateway: SocketAddr, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut req =
+        Request::post(format!("http://{gateway}{CHAT}")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Full::new(Bytes::from_static(REQUEST.as_bytes())))
+        .unwrap()
+}
+
+/// Reads body frames until `n` bytes have come (or the body ends).
+async fn read_at_least(body: &mut hyper::body::Incoming, n: usize, into: &mut Vec<u8>) {
+    while into.len() < n {
+        match body.frame().await {
+            Some(frame) => {
+                if let Ok(data) = frame.expect("response body error").into_data() {
+                    into.extend_from_slice(&data);
+                }
+            }
+            None => break,
+        }
+    }
+}
+
+#[test]
+fn example_limits_yaml_is_a_valid_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/limits.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let config: TokenRateLimitConfig = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(config.rule_name, "llm-gateway");
+    assert_eq!(config.rule_items.len(), 2);
+    assert_eq!(
+        config.rule_items[0].limit_keys[0].token_per_day,
+        Some(2_000_000)
+    );
+    if let Err(e) = TokenRateLimitLayer::from_config(config) {
+        panic!("examples/limits.yaml does not validate:\n{e}");
+    }
+}
+
+#[tokio::test]
+async fn streams_pass_through_byte_identical_and_unbuffered() {
+    let release = Arc::new(Notify::new());
+    let (llm, upstream) = Llm::start(Some(release.clone())).await;
+    let config = config_file("stream", &per_user_config(1_000_000));
+    let (_gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+
+    let req = chat_request(
+        addr,
+        &[
+            ("x-user", "alice"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "dropped"),
+        ],
+    );
+    let mut received = Vec::new();
+    let (head, mut body) = timeout(Duration::from_secs(5), async {
+        let response = client()
+            .request(req)
+            .await
+            .expect("request through the gateway");
+        let (head, mut body) = response.into_parts();
+        read_at_least(&mut body, FIRST_CHUNK, &mut received).await;
+        (head, body)
+    })
+    .await
+    .expect("the first chunk did not come through while the upstream held the rest: buffered");
+    let sse = fixture();
+    assert_eq!(received, sse[..FIRST_CHUNK], "the first chunk, as sent");
+
+    release.notify_one();
+    timeout(
+        Duration::from_secs(10),
+        read_at_least(&mut body, usize::MAX, &mut received),
+    )
+    .await
+    .expect("the rest of the stream within 10 s");
+
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.headers["content-type"], "text/event-stream");
+    assert_eq!(head.headers["cache-control"], "no-cache");
+    assert_eq!(
+        head.headers["x-ratelimit-limit-tokens"], "1000000",
+        "the layer is on"
+    );
+    assert_eq!(received.len(), sse.len());
+    assert!(received == sse, "the body is the fixture, byte for byte");
+
+    let seen = llm.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, REQUEST.as_bytes(), "request body unchanged");
+    let header = |name| seen[0].headers.get(name).map(|v| v.to_str().unwrap());
+    assert_eq!(header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(header("host"), Some(upstream.to_string().as_str()));
+    assert_eq!(header("x-user"), Some("alice"));
+    assert!(
+        !seen[0].headers.contains_key("x-hop"),
+        "headers named in Connection are hop-by-hop"
+    );
+}
+
+#[tokio::test]
+async fn spent_budget_is_rejected_with_429_and_other_keys_pass() {
+    let (llm, upstream) = Llm::start(None).await;
+    // The fixture costs 316 tokens: one request fits in 400, the second finds 316 used...
+    // once the first has been debited, which happens in the background after its body ends.
+    let config = config_file("reject", &per_user_config(400));
+    let (_gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+    let bob = [("x-user", "bob")];
+
+    let first = send(addr, CHAT, &bob, REQUEST).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body, fixture());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let rejected: Reply = loop {
+        let r = send(addr, CHAT, &bob, REQUEST).await;
+        match r.status {
+            StatusCode::TOO_MANY_REQUESTS => break r,
+            StatusCode::OK if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            status => panic!("expected 429 after {FIXTURE_TOKENS} of 400 tokens, got {status}"),
+        }
+    };
+    assert_eq!(rejected.header("content-type"), Some("application/json"));
+    assert_eq!(rejected.json()["error"]["type"], "rate_limit_exceeded");
+    let retry: u64 = rejected.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    let admitted = llm.requests();
+
+    let carol = send(addr, CHAT, &[("x-user", "carol")], REQUEST).await;
+    assert_eq!(carol.status, StatusCode::OK);
+    assert_eq!(carol.body, fixture());
+    assert_eq!(
+        llm.requests(),
+        admitted + 1,
+        "a rejected request never reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn invalid_configs_exit_1_naming_every_problem() {
+    let bad = config_file(
+        "invalid",
+        "rule_name: bad\n\
+         rule_items:\n\
+         - limit_by_per_header: x-user\n  \
+           colour: blue\n  \
+           limit_keys:\n  \
+           - key: \"*\"\n    \
+             token_per_minute: 0\n",
+    );
+    let syntax = config_file(
+        "syntax",
+        "rule_name: bad\nrule_items: [ {limit_by_per_header: \n",
+    );
+    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-no-such-file.yaml");
+
+    for (config, expected) in [
+        (
+            &bad,
+            &[
+                "rule_items[0].limit_keys[0].token_per_minute",
+                "rule_items[0].colour",
+            ][..],
+        ),
+        (&syntax, &["line 3"][..]),
+        (&missing, &["cannot read"][..]),
+    ] {
+        let mut gw = Gateway::spawn(
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:9",
+                "--config",
+            ]
+            .map(std::ffi::OsStr::new)
+            .into_iter()
+            .chain([config.as_os_str()]),
+        );
+        let status = gw.exit(Duration::from_secs(5)).await;
+        let stderr = gw.stderr();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{}: stderr:\n{stderr}",
+            config.display()
+        );
+        for text in expected {
+            assert!(stderr.contains(text), "stderr lacks `{text}`:\n{stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn bad_arguments_exit_2_with_usage() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/limits.yaml");
+    for args in [
+        &[][..],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ][..],
+        &[
+            "--listen",
+            "nowhere",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--config",
+            config,
+        ][..],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "ftp://x",
+            "--config",
+            config,
+        ][..],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--config",
+        ][..],
+        &["--verbose"][..],
+    ] {
+        let mut gw = Gateway::spawn(args);
+        let status = gw.exit(Duration::from_secs(5)).await;
+        let stderr = gw.stderr();
+        assert_eq!(status.code(), Some(2), "{args:?}: stderr:\n{stderr}");
+        assert!(stderr.contains("usage: gateway"), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502_json_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = closed.local_addr().unwrap();
+    drop(closed);
+    let config = config_file("down", &per_user_config(1_000_000));
+    let (_gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+
+    let r = send(addr, CHAT, &[("x-user", "dave")], REQUEST).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let error = &r.json()["error"];
+    assert_eq!(error["type"], "upstream_error");
+    assert!(error["message"].is_string());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_lets_streams_finish_then_exits_0() {
+    let release = Arc::new(Notify::new());
+    let (_llm, upstream) = Llm::start(Some(release.clone())).await;
+    let config = config_file("sigterm", &per_user_config(1_000_000));
+    let (mut gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+
+    let req = chat_request(addr, &[("x-user", "erin")]);
+    let mut received = Vec::new();
+    let mut body = timeout(Duration::from_secs(5), async {
+        let mut body = client().request(req).await.unwrap().into_body();
+        read_at_least(&mut body, FIRST_CHUNK, &mut received).await;
+        body
+    })
+    .await
+    .expect("the first chunk within 5 s");
+
+    let pid = gw.child.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        gw.child.try_wait().unwrap().is_none(),
+        "the gateway exited with a stream in flight"
+    );
+
+    release.notify_one();
+    timeout(
+        Duration::from_secs(10),
+        read_at_least(&mut body, usize::MAX, &mut received),
+    )
+    .await
+    .expect("the rest of the stream within 10 s");
+    assert!(received == fixture(), "the stream in flight completes");
+    let status = gw.exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status}; stderr:\n{}", gw.stderr());
+    assert!(gw.stderr().contains("debits written"), "{}", gw.stderr());
+}

@@ -1,0 +1,557 @@
+//! The Redis store against real `redis-server` processes: Higress key layout, shared budgets
+//! across replicas, Redis Cluster, failure modes, recovery, and commands per request.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use common::redis::{RedisCluster, RedisServer};
+use common::{mock_chat, send, serve};
+use deadpool_redis::redis::{self, Commands};
+use tower_token_ratelimit::store::RedisStore;
+use tower_token_ratelimit::{FailureMode, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
+
+const CHAT: &str = "/v1/chat/completions";
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+
+async fn app(layer: TokenRateLimitLayer) -> SocketAddr {
+    serve(Router::new().route(CHAT, post(mock_chat)).layer(layer)).await
+}
+
+fn layer(store: RedisStore, rule_name: &str, rules: Vec<Rule>) -> TokenRateLimitLayer {
+    rules
+        .into_iter()
+        .fold(
+            TokenRateLimitLayer::builder()
+                .rule_name(rule_name)
+                .redis(store),
+            |b, r| b.rule(r),
+        )
+        .build()
+        .unwrap()
+}
+
+fn all_keys(con: &mut redis::Connection) -> Vec<String> {
+    let mut keys: Vec<String> = con.scan::<String>().unwrap().map(Result::unwrap).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn counters_use_the_higress_key_layout() {
+    let server = RedisServer::start();
+    let store = RedisStore::from_url(server.url()).unwrap();
+    let limits = layer(
+        store,
+        "llm",
+        vec![
+            Rule::global().tokens_per_hour(1_000_000),
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+            Rule::per_header("authorization")
+                .any_value()
+                .tokens_per_day(10_000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [
+        ("x-user", "alice"),
+        ("authorization", "Bearer sk-live-SECRET"),
+        ("x-mock-tokens", "42"),
+    ];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+
+    let mut con = server.client();
+    let user_key = "higress-token-ratelimit:{llm}:limit_by_per_header:60:x-user:alice";
+    assert_eq!(con.get::<_, u64>(user_key).unwrap(), 42);
+    let ttl: i64 = con.ttl(user_key).unwrap();
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
+    let global = "higress-token-ratelimit:{llm}:global_threshold:3600";
+    assert_eq!(con.get::<_, u64>(global).unwrap(), 42);
+    let ttl: i64 = con.ttl(global).unwrap();
+    assert!((3500..=3600).contains(&ttl), "ttl {ttl}");
+
+    let keys = all_keys(&mut con);
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| !k.contains("SECRET") && !k.contains("sk-live")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.starts_with(
+            "higress-token-ratelimit:{llm}:limit_by_per_header:86400:authorization:sha256:"
+        )),
+        "{keys:?}"
+    );
+
+    // The header the next admitted response carries reflects Redis.
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("958"));
+}
+
+#[tokio::test]
+async fn two_replicas_sharing_redis_enforce_one_budget() {
+    let server = RedisServer::start();
+    let replica = || {
+        layer(
+            RedisStore::from_url(server.url()).unwrap(),
+            "shared",
+            vec![
+                Rule::per_header("x-user")
+                    .any_value()
+                    .tokens_per_minute(500),
+            ],
+        )
+    };
+    let (l1, l2) = (replica(), replica());
+    let (a1, a2) = (app(l1.clone()).await, app(l2.clone()).await);
+    let h = [("x-user", "u"), ("x-mock-tokens", "100")];
+    // 5 × 100 tokens across both replicas spend the budget.
+    for i in 0..5 {
+        let (addr, l) = if i % 2 == 0 { (a1, &l1) } else { (a2, &l2) };
+        assert_eq!(
+            send(addr, CHAT, &h, STREAM).await.status,
+            StatusCode::OK,
+            "request {i}"
+        );
+        l.flush().await;
+    }
+    assert_eq!(
+        send(a1, CHAT, &h, STREAM).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(a2, CHAT, &h, STREAM).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let mut con = server.client();
+    assert_eq!(
+        con.get::<_, u64>("higress-token-ratelimit:{shared}:limit_by_per_header:60:x-user:u")
+            .unwrap(),
+        500
+    );
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_script_flush() {
+    let server = RedisServer::start();
+    let limits = layer(
+        RedisStore::from_url(server.url()).unwrap(),
+        "r",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "10")];
+    send(addr, CHAT, &h, STREAM).await;
+    limits.flush().await;
+    let mut con = server.client();
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query::<()>(&mut con)
+        .unwrap();
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("990"));
+    limits.flush().await;
+    assert_eq!(
+        con.get::<_, u64>("higress-token-ratelimit:{r}:limit_by_per_header:60:x-user:u")
+            .unwrap(),
+        20
+    );
+}
+
+#[tokio::test]
+async fn a_key_without_ttl_is_repaired() {
+    let server = RedisServer::start();
+    let mut con = server.client();
+    let k = "higress-token-ratelimit:{r}:limit_by_per_header:60:x-user:stuck";
+    con.set::<_, _, ()>(k, 5).unwrap();
+    let limits = layer(
+        RedisStore::from_url(server.url()).unwrap(),
+        "r",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    send(
+        addr,
+        CHAT,
+        &[("x-user", "stuck"), ("x-mock-tokens", "10")],
+        STREAM,
+    )
+    .await;
+    limits.flush().await;
+    assert_eq!(con.get::<_, u64>(k).unwrap(), 15);
+    let ttl: i64 = con.ttl(k).unwrap();
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
+}
+
+/// Commands sent by clients since the last reset: `(evalsha, all)`. Redis also counts the
+/// commands scripts run inside (GET, PTTL, INCRBY, TTL, EXPIRE); those are not round trips and
+/// are left out, as are this connection's own INFO calls.
+fn commandstats(con: &mut redis::Connection) -> (u64, u64) {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    let mut evalsha = 0;
+    let mut total = 0;
+    let in_scripts = ["get", "pttl", "incrby", "ttl", "expire", "info"];
+    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+        let name = line["cmdstat_".len()..].split(':').next().unwrap_or("");
+        if in_scripts.contains(&name) {
+            continue;
+        }
+        let calls: u64 = line
+            .split("calls=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        total += calls;
+        if line.starts_with("cmdstat_evalsha:") {
+            evalsha += calls;
+        }
+    }
+    (evalsha, total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_script_calls_per_request_and_no_ping() {
+    let server = RedisServer::start();
+    let limits = layer(
+        RedisStore::from_url(server.url()).unwrap(),
+        "r",
+        vec![
+            Rule::global().tokens_per_minute(u64::MAX / 2),
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(u64::MAX / 2),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    // Warm up (script load, connection), then count.
+    send(addr, CHAT, &[("x-user", "w")], STREAM).await;
+    limits.flush().await;
+    let mut con = server.client();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut con)
+        .unwrap();
+    let n = 200u64;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let user = format!("u{}", i % 10);
+            send(addr, CHAT, &[("x-user", &user)], STREAM).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    limits.flush().await;
+    let (evalsha, total) = commandstats(&mut con);
+    assert_eq!(evalsha, 2 * n, "one check and one debit per request");
+    assert!(total <= 2 * n + 5, "{total} commands for {n} requests");
+    println!("redis commands per request: {:.3}", total as f64 / n as f64);
+}
+
+#[tokio::test]
+async fn the_same_on_a_three_master_cluster() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let setup = started.elapsed();
+    let replica = || {
+        layer(
+            RedisStore::builder()
+                .cluster_nodes(cluster.node_addrs())
+                .timeout(Duration::from_millis(500))
+                .build()
+                .unwrap(),
+            "cl",
+            vec![
+                Rule::global().tokens_per_minute(100_000),
+                Rule::per_header("x-user")
+                    .any_value()
+                    .tokens_per_minute(300),
+            ],
+        )
+    };
+    let (l1, l2) = (replica(), replica());
+    let (a1, a2) = (app(l1.clone()).await, app(l2.clone()).await);
+    // Many users: their keys land in one slot per rule name (the {cl} hash tag).
+    for user in ["a", "b", "c", "d"] {
+        let h = [("x-user", user), ("x-mock-tokens", "100")];
+        for (i, expected) in [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (addr, l) = if i % 2 == 0 { (a1, &l1) } else { (a2, &l2) };
+            assert_eq!(
+                send(addr, CHAT, &h, STREAM).await.status,
+                expected,
+                "{user} #{i}"
+            );
+            l.flush().await;
+        }
+    }
+    let mut con = cluster.client();
+    assert_eq!(
+        con.get::<_, u64>("higress-token-ratelimit:{cl}:global_threshold:60")
+            .unwrap(),
+        1200
+    );
+    assert_eq!(
+        con.get::<_, u64>("higress-token-ratelimit:{cl}:limit_by_per_header:60:x-user:c")
+            .unwrap(),
+        300
+    );
+    println!(
+        "cluster setup {setup:?}, whole test {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(50))
+        .breaker(3, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let limits = layer(
+        store.clone(),
+        "f",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "7")];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+
+    server.kill();
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let t = Instant::now();
+        let r = send(addr, CHAT, &h, STREAM).await;
+        let took = t.elapsed();
+        assert_eq!(r.status, StatusCode::OK, "fail open, request {i}");
+        assert_eq!(
+            r.header("x-ratelimit-limit-tokens"),
+            None,
+            "no budget known"
+        );
+        slowest = slowest.max(took);
+        limits.flush().await;
+    }
+    assert!(store.breaker_open(), "breaker opened");
+    assert!(
+        slowest < Duration::from_millis(600),
+        "slowest request {slowest:?}"
+    );
+    // Once open, requests do not wait on Redis at all.
+    let t = Instant::now();
+    for _ in 0..20 {
+        send(addr, CHAT, &h, STREAM).await;
+    }
+    let open_avg = t.elapsed() / 20;
+    assert!(
+        open_avg < Duration::from_millis(40),
+        "average with breaker open {open_avg:?}"
+    );
+    limits.flush().await;
+    assert!(store.pending_debits() >= 1);
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.breaker_open() || store.pending_debits() > 0 {
+        assert!(Instant::now() < deadline, "breaker never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Redis restarted empty: it now holds exactly the 40 debits made during the outage.
+    let mut con = server.client();
+    let k = "higress-token-ratelimit:{f}:limit_by_per_header:60:x-user:u";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while con.get::<_, Option<u64>>(k).unwrap() != Some(40 * 7) {
+        assert!(
+            Instant::now() < deadline,
+            "buffered debits: {:?}",
+            con.get::<_, Option<u64>>(k)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.dropped_debits(), 0);
+    // And checks go to Redis again.
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("9720"));
+}
+
+#[tokio::test]
+async fn redis_down_fail_closed_answers_503() {
+    let mut server = RedisServer::start();
+    let limits = TokenRateLimitLayer::builder()
+        .redis(RedisStore::from_url(server.url()).unwrap())
+        .failure_mode(FailureMode::Closed)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    assert_eq!(
+        send(addr, CHAT, &[("x-user", "u")], STREAM).await.status,
+        StatusCode::OK
+    );
+    server.kill();
+    let r = send(addr, CHAT, &[("x-user", "u")], STREAM).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_store_unavailable");
+    // Requests no limit applies to are not affected.
+    assert_eq!(send(addr, CHAT, &[], STREAM).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn redis_down_fail_local_keeps_limits_per_process() {
+    let mut server = RedisServer::start();
+    let limits = TokenRateLimitLayer::builder()
+        .redis(RedisStore::from_url(server.url()).unwrap())
+        .failure_mode(FailureMode::Local)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(250),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "100")];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    server.kill();
+    // The local store saw the first debit too: 100 + 100 + 100 ≥ 250.
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    assert_eq!(
+        send(addr, CHAT, &[("x-user", "other")], STREAM)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
+    let server = RedisServer::start_with_password("right");
+    let store = RedisStore::from_url(format!("redis://:wrong@127.0.0.1:{}", server.port)).unwrap();
+    let limits = layer(
+        store,
+        "p",
+        vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
+    );
+    let addr = app(limits.clone()).await;
+    let t = Instant::now();
+    assert_eq!(
+        send(addr, CHAT, &[("x-user", "u")], STREAM).await.status,
+        StatusCode::OK
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    // A "Redis" that accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let store = RedisStore::from_url(format!("redis://127.0.0.1:{hung_port}")).unwrap();
+    let limits = layer(
+        store.clone(),
+        "h",
+        vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
+    );
+    let addr = app(limits.clone()).await;
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(
+            send(addr, CHAT, &[("x-user", "u")], STREAM).await.status,
+            StatusCode::OK
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "waited {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(store.breaker_open());
+}
+
+#[test]
+fn higress_redis_block_and_bad_urls() {
+    let yaml = r#"
+rule_name: r
+redis:
+  service_name: redis.example.internal
+  service_port: 6380
+  username: default
+  password: "p@ss:word"
+  timeout: 100
+  database: 2
+global_threshold: {token_per_minute: 10}
+"#;
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+    assert!(
+        !format!("{cfg:?}").contains("p@ss"),
+        "password redacted in Debug"
+    );
+    TokenRateLimitLayer::from_config(cfg).expect("builds without Redis reachable");
+
+    let yaml = r#"
+rule_name: r
+redis: {url: "redis://127.0.0.1:6379/0", cluster_nodes: ["127.0.0.1:7000"], colour: blue}
+global_threshold: {token_per_minute: 0}
+"#;
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+    let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    for p in ["global_threshold.token_per_minute", "redis.colour", "redis"] {
+        assert!(paths.contains(&p), "{p} missing: {err}");
+    }
+    let err = RedisStore::from_url("http://secret@host").unwrap_err();
+    assert!(
+        err.to_string().contains("redis.url") && !err.to_string().contains("secret"),
+        "{err}"
+    );
+}
