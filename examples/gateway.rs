@@ -7,9 +7,10 @@
 //!
 //! Every request (any method, path and query) is forwarded to the upstream; request and
 //! response bodies stream through unbuffered, so SSE tokens reach the client as they are made.
-//! The limits come from a Higress `ai-token-ratelimit` YAML file (see `examples/limits.yaml`)
-//! and are kept in memory. Requests over a limit get a 429 without reaching the upstream; the
-//! usage the upstream reports is debited when each response ends.
+//! The limits come from a Higress `ai-token-ratelimit` YAML file (see `examples/limits.yaml`);
+//! counters are kept in memory, or in Redis when the file has a `redis:` block. Requests over
+//! a limit get a 429 without reaching the upstream; the usage the upstream reports is debited
+//! when each response ends.
 //!
 //! The upstream is plain `http://` (add a TLS connector to the client for `https://`). Logs go
 //! to stderr (`RUST_LOG`, default `info`); stdout gets one line, `listening on ADDR`. On ctrl-c

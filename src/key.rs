@@ -213,12 +213,23 @@ pub(crate) fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
 }
 
 fn client_ip(req: &RequestView<'_>, source: &IpSource, trusted: &[IpNet]) -> Option<IpAddr> {
+    let peer = peer_ip(req.extensions);
     match source {
-        IpSource::RemoteAddr => peer_ip(req.extensions),
-        IpSource::Header(name) => {
-            forwarded_ip(req.headers, name, trusted).or_else(|| peer_ip(req.extensions))
+        IpSource::RemoteAddr => peer,
+        // With trusted proxies configured, the peer is the right-most hop: a client that
+        // connects directly (not through a trusted proxy) is keyed by its own address, whatever
+        // header it sends.
+        IpSource::Header(_)
+            if !trusted.is_empty() && peer.is_some_and(|p| !is_trusted(p, trusted)) =>
+        {
+            peer
         }
+        IpSource::Header(name) => forwarded_ip(req.headers, name, trusted).or(peer),
     }
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// The right-most address of a forwarding list that is not a trusted proxy. Entries are read
@@ -226,13 +237,9 @@ fn client_ip(req: &RequestView<'_>, source: &IpSource, trusted: &[IpNet]) -> Opt
 /// key by prepending entries, and a huge header costs no more than its trusted suffix.
 fn forwarded_ip(headers: &HeaderMap, name: &HeaderName, trusted: &[IpNet]) -> Option<IpAddr> {
     let is_forwarded = name == http::header::FORWARDED;
-    let values: Vec<&str> = headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().unwrap_or(""))
-        .collect();
     let mut last_trusted = None;
-    for value in values.iter().rev() {
+    for value in headers.get_all(name).iter().rev() {
+        let value = value.to_str().unwrap_or("");
         for entry in value.rsplit(',') {
             let entry = if is_forwarded {
                 forwarded_for(entry)
@@ -243,7 +250,7 @@ fn forwarded_ip(headers: &HeaderMap, name: &HeaderName, trusted: &[IpNet]) -> Op
                 // An unparsable entry where the client address should be: nothing usable.
                 return last_trusted;
             };
-            if trusted.iter().any(|net| net.contains(&ip)) {
+            if is_trusted(ip, trusted) {
                 last_trusted = Some(ip);
                 continue;
             }

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -38,52 +38,8 @@ fn fixture() -> Bytes {
     Bytes::from(bytes)
 }
 
-/// The example binary, `target/<profile>/examples/gateway`. `cargo test` builds examples but
-/// `cargo test --test gateway` does not, so build it here (a no-op when it is up to date).
-fn gateway_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("path of the test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test runs from target/<profile>/deps");
-        let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "gateway",
-                "--manifest-path",
-            ])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(profile_dir.parent().unwrap());
-        match profile {
-            "debug" => {}
-            "release" => {
-                cargo.arg("--release");
-            }
-            other => {
-                cargo.args(["--profile", other]);
-            }
-        }
-        let status = cargo
-            .status()
-            .expect("run cargo to build the gateway example");
-        assert!(status.success(), "`cargo build --example gateway` failed");
-        let bin = profile_dir
-            .join("examples")
-            .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-        assert!(
-            bin.is_file(),
-            "gateway example binary missing at {} (build it with `cargo build --example gateway`)",
-            bin.display()
-        );
-        bin
-    })
+fn gateway_bin() -> PathBuf {
+    common::example_bin("gateway")
 }
 
 /// A gateway process; killed when dropped. Its stderr is collected for failure messages.

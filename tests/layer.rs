@@ -426,7 +426,8 @@ async fn forged_left_most_x_forwarded_for_does_not_change_the_key() {
     let store = MemoryStore::new();
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
-        .trusted_proxies(["10.0.0.0/8"])
+        // The test client connects from 127.0.0.1, playing the trusted load balancer.
+        .trusted_proxies(["10.0.0.0/8", "127.0.0.1"])
         .rule(
             Rule::per_ip_from_header("x-forwarded-for")
                 .any_value()
@@ -456,6 +457,36 @@ async fn forged_left_most_x_forwarded_for_does_not_change_the_key() {
         200
     );
     assert_eq!(store.len(), 1, "no counter for any forged address");
+
+    // A client that reaches the service directly, not through a trusted proxy, is keyed by its
+    // own address whatever it writes in the header.
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .trusted_proxies(["10.0.0.0/8"])
+        .rule(
+            Rule::per_ip_from_header("x-forwarded-for")
+                .any_value()
+                .tokens_per_minute(200),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    send(
+        addr,
+        CHAT,
+        &[("x-forwarded-for", "203.0.113.9, 10.0.0.2")],
+        STREAM,
+    )
+    .await;
+    limits.flush().await;
+    assert_eq!(
+        store.used(&key(
+            "limit_by_per_ip:60:from-header-x-forwarded-for:127.0.0.1"
+        )),
+        100
+    );
+    assert_eq!(store.len(), 1);
 }
 
 #[tokio::test]

@@ -1,26 +1,14 @@
 //! `cargo run --example quickstart` works with nothing installed and exits 0.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// An example binary built by `cargo test` next to this test's own binary.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "example binary not built: {}",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn quickstart_runs_to_a_429_and_exits_zero() {
     let start = Instant::now();
-    let mut child = Command::new(example("quickstart"))
+    let mut child = Command::new(common::example_bin("quickstart"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -31,6 +31,25 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// An example binary. `cargo test` builds the examples next to the test binaries
+/// (`target/<profile>/examples/`); a test that needs one fails, never skips, when it is missing.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "example binary missing at {}: run the tests with `cargo test`, which builds the examples",
+        bin.display()
+    );
+    bin
+}
+
 /// A mock chat-completions handler. The cost of a response is `x-mock-tokens` (default 100):
 /// prompt 10 + completion (tokens - 10). `"stream": true` in the request body gives SSE with
 /// the usage in a final chunk; `x-mock-hang: 1` streams two chunks and then never ends;

@@ -1,0 +1,266 @@
+//! Closed-loop load on loopback: the same streaming LLM-like handler served bare and behind the
+//! layer (in-memory store, Redis store), driven alternately so machine drift hits all alike.
+//!
+//! ```sh
+//! cargo bench --bench load            # 3 rounds × 3 s per variant
+//! cargo bench --bench load -- --quick # 2 rounds × 1 s
+//! ```
+//!
+//! Prints a table (req/s, p50, p99, ratio to bare, Redis commands per request) and, last, one
+//! JSON line with the same figures.
+
+#[path = "../tests/common/redis.rs"]
+#[allow(dead_code)]
+mod redis_support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use redis_support::RedisServer;
+use tower_token_ratelimit::store::RedisStore;
+use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+
+const CONCURRENCY: usize = 32;
+
+/// A recorded OpenAI stream with usage, sent in ~16 frames.
+fn fixture() -> Arc<Vec<Bytes>> {
+    let dir = std::env::var("TTR_FIXTURES")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures").into());
+    let bytes = std::fs::read(format!("{dir}/mistral/mistral-text.sse")).expect("fixtures");
+    let step = bytes.len().div_ceil(16);
+    Arc::new(bytes.chunks(step).map(Bytes::copy_from_slice).collect())
+}
+
+fn app(frames: Arc<Vec<Bytes>>) -> Router {
+    Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let frames = frames.clone();
+            async move {
+                let s = futures_util::stream::iter(
+                    (0..frames.len()).map(move |i| Ok::<_, Infallible>(frames[i].clone())),
+                );
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(s))
+                    .unwrap()
+            }
+        }),
+    )
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .tcp_nodelay(true)
+        .await
+        .unwrap()
+    });
+    addr
+}
+
+fn limits(store: Option<RedisStore>) -> TokenRateLimitLayer {
+    let b = TokenRateLimitLayer::builder().rule(
+        Rule::per_header("x-api-key")
+            .any_value()
+            .tokens_per_minute(u64::MAX / 4),
+    );
+    match store {
+        Some(s) => b.redis(s),
+        None => b.memory(),
+    }
+    .build()
+    .unwrap()
+}
+
+#[derive(Default)]
+struct Sample {
+    requests: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// `CONCURRENCY` clients, each sending requests back to back for `duration`.
+async fn drive(addr: SocketAddr, duration: Duration) -> Sample {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for c in 0..CONCURRENCY {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let key = format!("sk-{}", c % 8);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+                    .header("x-api-key", &key)
+                    .body(Full::new(Bytes::from_static(
+                        b"{\"model\":\"m\",\"stream\":true}",
+                    )))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                assert!(resp.status().is_success());
+                resp.into_body().collect().await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut sample = Sample::default();
+    for t in tasks {
+        sample.latencies.extend(t.await.unwrap());
+    }
+    sample.elapsed = start.elapsed();
+    sample.requests = sample.latencies.len() as u64;
+    sample
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn redis_commands(server: &RedisServer) -> u64 {
+    use deadpool_redis::redis;
+    let mut con = server.client();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
+    // Commands clients sent: scripts' inner commands and INFO itself left out.
+    let inner = ["get", "pttl", "incrby", "ttl", "expire", "info", "config"];
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|l| !inner.contains(&l.split(':').next().unwrap_or("")))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, duration) = if quick {
+        (2, Duration::from_secs(1))
+    } else {
+        (3, Duration::from_secs(3))
+    };
+    let frames = fixture();
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+
+    let memory = limits(None);
+    let redis_layer = limits(Some(
+        RedisStore::builder()
+            .url(redis.url())
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    ));
+    let variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>)> = vec![
+        ("bare", serve(app(frames.clone())).await, None),
+        (
+            "memory",
+            serve(app(frames.clone()).layer(memory.clone())).await,
+            Some(memory),
+        ),
+        (
+            "redis",
+            serve(app(frames.clone()).layer(redis_layer.clone())).await,
+            Some(redis_layer),
+        ),
+    ];
+
+    // Warm-up.
+    for (_, addr, _) in &variants {
+        drive(*addr, Duration::from_millis(300)).await;
+    }
+    let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
+    let mut redis_cmds = 0;
+    let mut redis_reqs = 0;
+    for _ in 0..rounds {
+        for (i, (name, addr, layer)) in variants.iter().enumerate() {
+            let before = (*name == "redis").then(|| redis_commands(&redis));
+            let s = drive(*addr, duration).await;
+            if let Some(l) = layer {
+                l.flush().await;
+            }
+            if let Some(b) = before {
+                redis_cmds += redis_commands(&redis) - b - 1;
+                redis_reqs += s.requests;
+            }
+            let acc = &mut samples[i];
+            acc.requests += s.requests;
+            acc.elapsed += s.elapsed;
+            acc.latencies.extend(s.latencies);
+        }
+    }
+
+    println!(
+        "\n{:<8} {:>9} {:>9} {:>9} {:>8}",
+        "variant", "req/s", "p50", "p99", "ratio"
+    );
+    let bare_rps = samples[0].requests as f64 / samples[0].elapsed.as_secs_f64();
+    let mut json = serde_json::Map::new();
+    for ((name, _, _), s) in variants.iter().zip(samples.iter_mut()) {
+        s.latencies.sort();
+        let rps = s.requests as f64 / s.elapsed.as_secs_f64();
+        let (p50, p99) = (
+            percentile(&s.latencies, 0.5),
+            percentile(&s.latencies, 0.99),
+        );
+        println!(
+            "{name:<8} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>8.3}",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            rps / bare_rps
+        );
+        json.insert(format!("{name}_rps"), rps.round().into());
+        json.insert(
+            format!("{name}_p50_ms"),
+            ((p50.as_secs_f64() * 1e5).round() / 100.0).into(),
+        );
+        json.insert(
+            format!("{name}_p99_ms"),
+            ((p99.as_secs_f64() * 1e5).round() / 100.0).into(),
+        );
+        if *name != "bare" {
+            json.insert(
+                format!("{name}_ratio"),
+                ((rps / bare_rps * 1000.0).round() / 1000.0).into(),
+            );
+        }
+    }
+    let per_req = redis_cmds as f64 / redis_reqs.max(1) as f64;
+    println!("redis commands per request: {per_req:.3}");
+    json.insert(
+        "redis_cmds_per_req".into(),
+        ((per_req * 1000.0).round() / 1000.0).into(),
+    );
+    json.insert("concurrency".into(), CONCURRENCY.into());
+    println!("{}", serde_json::Value::Object(json));
+}
