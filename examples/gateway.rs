@@ -33,15 +33,17 @@ use axum::{Json, Router};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+use tower_token_ratelimit::{RedisConfig, TokenRateLimitConfig, TokenRateLimitLayer};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
-usage: gateway --listen ADDR --upstream URL --config FILE
+usage: gateway --listen ADDR --upstream URL --config FILE [--redis URL]
 
   --listen ADDR    address to serve on, e.g. 127.0.0.1:8080 (port 0: any free port)
   --upstream URL   the OpenAI-compatible API to forward to: http://HOST:PORT[/BASE-PATH]
   --config FILE    token limits in the Higress ai-token-ratelimit YAML (examples/limits.yaml)
+  --redis URL      keep counters in this Redis (redis://[user[:password]@]host[:port][/db]),
+                   instead of the config's redis: block or memory
   --help           print this help
 
 RUST_LOG sets the log level (default info).";
@@ -64,16 +66,18 @@ struct Args {
     listen: SocketAddr,
     upstream: Upstream,
     config: String,
+    redis: Option<String>,
 }
 
 /// `Ok(None)` for `--help`.
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
-    let (mut listen, mut upstream, mut config) = (None, None, None);
+    let (mut listen, mut upstream, mut config, mut redis) = (None, None, None, None);
     while let Some(flag) = args.next() {
         let slot = match flag.as_str() {
             "--listen" => &mut listen,
             "--upstream" => &mut upstream,
             "--config" => &mut config,
+            "--redis" => &mut redis,
             "--help" | "-h" => return Ok(None),
             _ => return Err(format!("unknown argument `{flag}`")),
         };
@@ -92,12 +96,19 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         listen,
         upstream,
         config,
+        redis,
     }))
 }
 
-fn load_limits(path: &Path) -> Result<TokenRateLimitLayer, String> {
+fn load_limits(path: &Path, redis: Option<&str>) -> Result<TokenRateLimitLayer, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let config: TokenRateLimitConfig = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    let mut config: TokenRateLimitConfig =
+        serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    if let Some(url) = redis {
+        let mut block = RedisConfig::default();
+        block.url = Some(url.to_owned());
+        config.redis = Some(block);
+    }
     TokenRateLimitLayer::from_config(config).map_err(|e| e.to_string())
 }
 
@@ -282,7 +293,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let limits = match load_limits(Path::new(&args.config)) {
+    let limits = match load_limits(Path::new(&args.config), args.redis.as_deref()) {
         Ok(limits) => limits,
         Err(e) => {
             eprintln!("gateway: {}: {e}", args.config);

@@ -95,14 +95,21 @@ impl Gateway {
 
     /// Starts a gateway on 127.0.0.1:0 and waits until it is listening.
     async fn start(upstream: &str, config: &Path) -> (Self, SocketAddr) {
-        let mut gw = Self::spawn([
+        Self::start_with(upstream, config, &[]).await
+    }
+
+    /// Like `start`, with more arguments.
+    async fn start_with(upstream: &str, config: &Path, extra: &[&str]) -> (Self, SocketAddr) {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--listen".as_ref(),
             "127.0.0.1:0".as_ref(),
             "--upstream".as_ref(),
             upstream.as_ref(),
             "--config".as_ref(),
             config.as_os_str(),
-        ]);
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let mut gw = Self::spawn(args);
         let rx = gw.listening.take().unwrap();
         let addr = match timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(addr)) => addr.parse().expect("a socket address"),
@@ -523,4 +530,48 @@ async fn sigterm_lets_streams_finish_then_exits_0() {
     let status = gw.exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{status}; stderr:\n{}", gw.stderr());
     assert!(gw.stderr().contains("debits written"), "{}", gw.stderr());
+}
+
+#[tokio::test]
+async fn two_gateways_with_redis_share_one_budget() {
+    let redis = common::redis::RedisServer::start();
+    let (_llm, upstream) = Llm::start(None).await;
+    let config = config_file("redis", &per_user_config(700));
+    let upstream = format!("http://{upstream}");
+    let url = redis.url();
+    let (_g1, a1) = Gateway::start_with(&upstream, &config, &["--redis", &url]).await;
+    let (_g2, a2) = Gateway::start_with(&upstream, &config, &["--redis", &url]).await;
+    let dave = [("x-user", "dave")];
+    let mut con = redis.client();
+    let key = "higress-token-ratelimit:{gateway-test}:limit_by_per_header:60:x-user:dave";
+    // 316 tokens a request against 700, alternating gateways: 0, 316 and 632 used are below the
+    // budget, 948 is not. Debits are written when each stream ends: wait for each in Redis.
+    for (n, addr) in [a1, a2, a1].into_iter().enumerate() {
+        assert_eq!(
+            send(addr, CHAT, &dave, REQUEST).await.status,
+            StatusCode::OK,
+            "#{n}"
+        );
+        let want = (n as u64 + 1) * FIXTURE_TOKENS;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let used: Option<u64> = deadpool_redis::redis::Commands::get(&mut con, key).unwrap();
+            if used == Some(want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Redis holds {used:?}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        send(a2, CHAT, &dave, REQUEST).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(a1, CHAT, &dave, REQUEST).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
