@@ -54,6 +54,7 @@
 
 mod body;
 mod config;
+mod decode;
 mod error;
 mod future;
 mod key;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
 
+use crate::decode::{Decoder, Encoding};
 use crate::store::{Counter, MemoryStore, Store};
 use crate::usage::{BodyFormat, UsageScanner};
 
@@ -161,6 +162,8 @@ pub(crate) struct Meter {
     /// Estimated prompt tokens, from the request body size.
     request_tokens: u64,
     scanner: Option<UsageScanner>,
+    /// Decodes a compressed body's side copy for the scanner.
+    decoder: Option<Box<Decoder>>,
     format: Option<BodyFormat>,
     response_bytes: u64,
     /// SSE `data:` fields seen: streamed chunks carry about one token each.
@@ -182,6 +185,7 @@ impl Meter {
             rules,
             request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
             scanner: None,
+            decoder: None,
             format: None,
             response_bytes: 0,
             events: 0,
@@ -193,27 +197,41 @@ impl Meter {
     /// Looks at the response head: what format to scan, and whether it is an error.
     pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
         self.error_status = head.status.is_client_error() || head.status.is_server_error();
-        let encoded = head
-            .headers
-            .get(CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
         self.format = head
             .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(BodyFormat::from_content_type);
-        if !encoded {
-            self.scanner = self.format.map(UsageScanner::new);
+        let Some(format) = self.format else { return };
+        match Encoding::from_header(head.headers.get(CONTENT_ENCODING).map(|v| v.as_bytes())) {
+            Encoding::Identity => {}
+            Encoding::Decode(d) => self.decoder = Some(d),
+            Encoding::Unsupported => return,
         }
+        self.scanner = Some(UsageScanner::new(format));
     }
 
     pub(crate) fn on_data(&mut self, data: &[u8]) {
-        self.response_bytes += data.len() as u64;
-        if self.format == Some(BodyFormat::Sse) {
-            self.events += memchr::memmem::find_iter(data, b"data:").count() as u64;
-        }
-        if let Some(s) = &mut self.scanner {
-            s.feed(data);
+        let Self {
+            scanner,
+            decoder,
+            format,
+            response_bytes,
+            events,
+            ..
+        } = self;
+        let mut scan = |plain: &[u8]| {
+            *response_bytes += plain.len() as u64;
+            if *format == Some(BodyFormat::Sse) {
+                *events += memchr::memmem::find_iter(plain, b"data:").count() as u64;
+            }
+            if let Some(s) = scanner.as_mut() {
+                s.feed(plain);
+            }
+        };
+        match decoder {
+            Some(d) => d.feed(data, &mut scan),
+            None => scan(data),
         }
     }
 

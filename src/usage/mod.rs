@@ -1,68 +1,721 @@
-//! TEMPORARY stub until the scanner lands (overwritten).
-#![allow(missing_docs, dead_code)]
+//! Token usage as LLM providers report it, read from response bodies as they pass.
+//!
+//! A [`UsageScanner`] is fed every frame of a response body, SSE stream or plain JSON, and
+//! reports the [`Usage`] in it. The provider is recognised from the payload, with no
+//! configuration:
+//!
+//! | provider / API | where the usage is |
+//! |---|---|
+//! | OpenAI Chat Completions, Completions, Embeddings, and the APIs that copy them (Azure, DeepSeek, Mistral, Groq, xAI) | `usage`; the last non-null one wins |
+//! | OpenAI Responses API (also xAI's) | `response.usage` of `response.completed` / `.incomplete` / `.failed`; top-level `usage` in a body |
+//! | Anthropic Messages | `message_start.message.usage`, then each `message_delta.usage`: every field's latest value wins; `usage.iterations[]` is summed |
+//! | Google Gemini | `usageMetadata`; the last one wins |
+//!
+//! The scan never changes or holds on to the bytes: events are split with a memchr-class pass
+//! and only those that carry a non-null usage are parsed. Memory is bounded: an SSE event
+//! larger than the cap (1 MiB by default) is skipped, and of a JSON body larger than the cap
+//! only a 64 KiB tail is kept. Malformed input never panics; it reports no usage.
+//!
+//! ```
+//! use tower_token_ratelimit::usage::{BodyFormat, UsageScanner};
+//!
+//! let format = BodyFormat::from_content_type("text/event-stream; charset=utf-8").unwrap();
+//! let mut scanner = UsageScanner::new(format);
+//! // Frames may split events anywhere.
+//! scanner.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,");
+//! scanner.feed(b"\"completion_tokens\":5,\"total_tokens\":8}}\n\ndata: [DONE]\n\n");
+//! let usage = scanner.finish().expect("the stream reported its usage");
+//! assert_eq!(usage.input_tokens, Some(3));
+//! assert_eq!(usage.output_tokens, Some(5));
+//! assert_eq!(usage.total(), 8);
+//! ```
+
+use std::fmt;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+mod anthropic;
+mod gemini;
+mod json;
+mod openai;
+mod sse;
+mod wire;
+
+use wire::{Kind, Obj, WireUsage};
+
+/// Default cap on an SSE event and on a buffered JSON body.
+const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Start of every key that carries usage: `"usage"` and `"usageMetadata"`.
+const USAGE_NEEDLE: &[u8] = b"\"usage";
+
+static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_NEEDLE));
+
+/// Token counts as a provider reported them (`None` = not reported).
+///
+/// Each field holds the provider's own figure, never recomputed: whether cached or reasoning
+/// tokens are part of the input or output counts depends on the provider (see the fields).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Input tokens: `prompt_tokens` (OpenAI chat), `input_tokens` (OpenAI Responses,
+    /// Anthropic), `promptTokenCount` (Gemini). Anthropic's excludes cache reads and writes;
+    /// the others include cached tokens.
     pub input_tokens: Option<u64>,
+    /// Output tokens: `completion_tokens`, `output_tokens`, `candidatesTokenCount`. Includes
+    /// reasoning tokens for OpenAI and Anthropic; excludes them for Gemini and xAI chat.
     pub output_tokens: Option<u64>,
+    /// The total as reported (`total_tokens`, `totalTokenCount`); Anthropic reports none.
     pub total_tokens: Option<u64>,
+    /// Input tokens read from a cache: `cached_tokens` of the input details (OpenAI, part of
+    /// the input), `cache_read_input_tokens` (Anthropic, not part of the input),
+    /// `cachedContentTokenCount` (Gemini, part of the input).
     pub cached_input_tokens: Option<u64>,
+    /// Input tokens written to a cache: `cache_creation_input_tokens` (Anthropic only, not part
+    /// of the input).
     pub cache_creation_input_tokens: Option<u64>,
+    /// Reasoning tokens: `reasoning_tokens` of the output details (OpenAI),
+    /// `thoughtsTokenCount` (Gemini), `output_tokens_details.thinking_tokens` (Anthropic,
+    /// when reported).
     pub reasoning_tokens: Option<u64>,
 }
+
 impl Usage {
+    /// Every token the provider reports processing: the default cost (SPEC 3.3).
+    ///
+    /// This is `total_tokens` when reported: some OpenAI-compatible providers count reasoning
+    /// tokens only there. Without a total, it is the sum of the categories,
+    /// `input + output + cache_creation + cached_input`, where the cached input is added only
+    /// when a cache-creation count is reported too: that is Anthropic's usage (the only one
+    /// without a total), whose `input_tokens` leaves out cache reads and writes, whereas
+    /// elsewhere cached tokens are a part of the input. Missing fields count as 0; the sum
+    /// saturates.
     pub fn total(&self) -> u64 {
-        self.total_tokens.unwrap_or(0)
-    }
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFormat {
-    Sse,
-    Json,
-}
-impl BodyFormat {
-    pub fn from_content_type(ct: &str) -> Option<Self> {
-        if ct.starts_with("text/event-stream") {
-            Some(Self::Sse)
-        } else if ct.contains("json") {
-            Some(Self::Json)
-        } else {
-            None
+        if let Some(total) = self.total_tokens {
+            return total;
         }
-    }
-}
-#[derive(Debug)]
-pub struct UsageScanner {
-    buf: Vec<u8>,
-    format: BodyFormat,
-    usage: Option<Usage>,
-}
-impl UsageScanner {
-    pub fn new(format: BodyFormat) -> Self {
-        Self {
-            buf: Vec::new(),
-            format,
-            usage: None,
+        let mut sum = count(self.input_tokens).saturating_add(count(self.output_tokens));
+        if let Some(created) = self.cache_creation_input_tokens {
+            sum = sum
+                .saturating_add(created)
+                .saturating_add(count(self.cached_input_tokens));
         }
+        sum
     }
-    pub fn feed(&mut self, c: &[u8]) {
-        self.buf.extend_from_slice(c)
+
+    /// The Higress `input_output` preset: the provider's input field plus its output field
+    /// (`prompt_tokens + completion_tokens`, `input_tokens + output_tokens`,
+    /// `promptTokenCount + candidatesTokenCount`). Missing fields count as 0; saturating.
+    pub fn input_output(&self) -> u64 {
+        count(self.input_tokens).saturating_add(count(self.output_tokens))
     }
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
     }
-    pub fn finish(&mut self) -> Option<Usage> {
-        let s = String::from_utf8_lossy(&self.buf);
-        for part in s.split("\n\n") {
-            let j = part.trim_start_matches("data: ");
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(j) {
-                if let Some(t) = v["usage"]["total_tokens"].as_u64() {
-                    self.usage = Some(Usage {
-                        total_tokens: Some(t),
-                        ..Default::default()
-                    })
-                }
+
+    /// Takes every field `newer` reports.
+    fn overlay(&mut self, newer: &Self) {
+        let fields = [
+            (&mut self.input_tokens, newer.input_tokens),
+            (&mut self.output_tokens, newer.output_tokens),
+            (&mut self.total_tokens, newer.total_tokens),
+            (&mut self.cached_input_tokens, newer.cached_input_tokens),
+            (
+                &mut self.cache_creation_input_tokens,
+                newer.cache_creation_input_tokens,
+            ),
+            (&mut self.reasoning_tokens, newer.reasoning_tokens),
+        ];
+        for (field, newer) in fields {
+            if newer.is_some() {
+                *field = newer;
             }
         }
-        self.usage
+    }
+}
+
+fn count(field: Option<u64>) -> u64 {
+    field.unwrap_or(0)
+}
+
+/// How a response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Server-sent events (`text/event-stream`): the usage is in the events' data.
+    Sse,
+    /// One JSON document (`application/json`): the usage is read at the end of the body.
+    Json,
+}
+
+impl BodyFormat {
+    /// The format of a body with this `Content-Type` value: `text/event-stream` is
+    /// [`Sse`](Self::Sse); `application/json` and any `application/*+json` are
+    /// [`Json`](Self::Json); anything else is `None` (not metered by parsing). Parameters
+    /// (`; charset=utf-8`) and letter case are ignored.
+    pub fn from_content_type(content_type: &str) -> Option<Self> {
+        let media_type = content_type.split(';').next().unwrap_or_default().trim();
+        let (kind, subtype) = media_type.split_once('/')?;
+        let subtype_is = |s: &str| subtype.eq_ignore_ascii_case(s);
+        if kind.eq_ignore_ascii_case("text") && subtype_is("event-stream") {
+            return Some(Self::Sse);
+        }
+        let json_suffix = subtype.len() > 5
+            && subtype.is_char_boundary(subtype.len() - 5)
+            && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json");
+        (kind.eq_ignore_ascii_case("application") && (subtype_is("json") || json_suffix))
+            .then_some(Self::Json)
+    }
+}
+
+/// Incremental usage scanner over a response body.
+///
+/// Feed it every frame as it passes, then call [`finish`](Self::finish) at the end of the
+/// body. It never modifies the bytes and keeps none of them beyond bounded buffers: the part
+/// of an SSE event that spans frames (up to the cap), or a JSON body (up to the cap, then a
+/// 64 KiB tail). The result does not depend on how the body was split into frames.
+#[derive(Debug)]
+pub struct UsageScanner {
+    body: Body,
+    seen: Accumulator,
+    finished: bool,
+}
+
+#[derive(Debug)]
+enum Body {
+    Sse(sse::EventSplitter),
+    Json(json::JsonBody),
+}
+
+impl UsageScanner {
+    /// A scanner for a body in `format`, with the default cap of 1 MiB.
+    pub fn new(format: BodyFormat) -> Self {
+        let body = match format {
+            BodyFormat::Sse => Body::Sse(sse::EventSplitter::new(
+                carries_usage,
+                DEFAULT_MAX_EVENT_BYTES,
+            )),
+            BodyFormat::Json => Body::Json(json::JsonBody::new(DEFAULT_MAX_EVENT_BYTES)),
+        };
+        Self {
+            body,
+            seen: Accumulator::default(),
+            finished: false,
+        }
+    }
+
+    /// Sets the cap (default 1 MiB): for SSE, the largest event data read (its `data:` lines
+    /// joined), a larger event being skipped whole; for JSON, the largest body parsed whole, a
+    /// larger one being read from its last 64 KiB. Set it before feeding.
+    pub fn with_max_event_bytes(mut self, max: usize) -> Self {
+        match &mut self.body {
+            Body::Sse(splitter) => splitter.set_max_event(max),
+            Body::Json(body) => body.set_max(max),
+        }
+        self
+    }
+
+    /// Reads the next frame of the body. Ignored after [`finish`](Self::finish).
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.finished {
+            return;
+        }
+        match &mut self.body {
+            Body::Sse(splitter) => {
+                let seen = &mut self.seen;
+                splitter.feed(chunk, |data| parse_json(data, seen));
+            }
+            Body::Json(body) => body.feed(chunk),
+        }
+    }
+
+    /// Ends the body: reads an SSE event left without its blank line, or parses the JSON body.
+    /// Returns the usage if any was reported. Calling it again returns the same.
+    pub fn finish(&mut self) -> Option<Usage> {
+        if !self.finished {
+            self.finished = true;
+            match &mut self.body {
+                Body::Sse(splitter) => {
+                    let seen = &mut self.seen;
+                    splitter.finish(|data| parse_json(data, seen));
+                }
+                Body::Json(body) => body.finish(&mut self.seen),
+            }
+        }
+        self.seen.usage
+    }
+
+    /// The usage reported so far: for a stream, from the events read up to now; for a JSON
+    /// body, `None` until [`finish`](Self::finish).
+    pub fn usage(&self) -> Option<Usage> {
+        self.seen.usage
+    }
+}
+
+/// Usage found in one event or body, and how it combines with what came before.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) usage: Usage,
+    pub(crate) merge: Merge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Merge {
+    /// The new usage replaces the old (OpenAI, Gemini: the last report wins).
+    Replace,
+    /// Each field reported replaces the old one (Anthropic: cumulative per field).
+    Fieldwise,
+}
+
+/// The usage seen so far in a body.
+#[derive(Debug, Default)]
+pub(crate) struct Accumulator {
+    usage: Option<Usage>,
+}
+
+impl Accumulator {
+    /// A report without any count (`{}`, `{"trafficType": …}`) is no report.
+    pub(crate) fn apply(&mut self, report: Report) {
+        if report.usage.is_empty() {
+            return;
+        }
+        match report.merge {
+            Merge::Replace => self.usage = Some(report.usage),
+            Merge::Fieldwise => self.usage.get_or_insert_default().overlay(&report.usage),
+        }
+    }
+}
+
+/// The top level of an event's data or of a body: every place the providers put usage.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: Kind,
+    /// OpenAI (all APIs' bodies, chat streams), Anthropic `message_delta` and bodies.
+    usage: Obj<WireUsage>,
+    /// Anthropic `message_start`.
+    message: Obj<HasUsage>,
+    /// OpenAI Responses stream events.
+    response: Obj<HasUsage>,
+    /// Gemini.
+    #[serde(rename = "usageMetadata")]
+    usage_metadata: Obj<gemini::UsageMetadata>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct HasUsage {
+    usage: Obj<WireUsage>,
+}
+
+impl Envelope {
+    fn report(self) -> Option<Report> {
+        if let Some(meta) = self.usage_metadata.0 {
+            return Some(gemini::report(&meta));
+        }
+        let usage = match self.kind {
+            Kind::MessageStart => self.message.0.and_then(|m| m.usage.0),
+            _ => self
+                .usage
+                .0
+                .or_else(|| self.response.0.and_then(|r| r.usage.0)),
+        };
+        usage.map(|usage| usage_report(self.kind, &usage))
+    }
+}
+
+/// A `usage` object read by the vocabulary it is in.
+fn usage_report(kind: Kind, usage: &WireUsage) -> Report {
+    if kind != Kind::Other || anthropic::looks_like(usage) {
+        anthropic::report(usage)
+    } else {
+        openai::report(usage)
+    }
+}
+
+/// Applies the usage in a JSON body, parsing it only if it [`carries_usage`].
+fn scan_json(document: &[u8], seen: &mut Accumulator) {
+    if carries_usage(document) {
+        parse_json(document, seen);
+    }
+}
+
+/// Applies the usage in a JSON document: an SSE event's data or a whole body. An object is one
+/// report; an array (Gemini's stream without `alt=sse`) one per element, in order.
+/// Malformed documents report nothing.
+fn parse_json(document: &[u8], seen: &mut Accumulator) {
+    let mut deserializer = serde_json::Deserializer::from_slice(document);
+    // A document that turns out malformed reports what was complete before the error
+    // (elements of an array), nothing else.
+    let _ = Apply(seen).deserialize(&mut deserializer);
+}
+
+struct Apply<'a>(&'a mut Accumulator);
+
+impl<'de> DeserializeSeed<'de> for Apply<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Apply<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object or array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let envelope = Envelope::deserialize(MapAccessDeserializer::new(map))?;
+        if let Some(report) = envelope.report() {
+            self.0.apply(report);
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Apply(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+/// Which usage key starts at a match of [`USAGE_NEEDLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsageKey {
+    /// `"usage"`.
+    Usage,
+    /// `"usageMetadata"`.
+    Metadata,
+}
+
+/// If `document[at..]` is a `"usage"` or `"usageMetadata"` key (not inside a string, as far as
+/// one byte before it tells) with a value other than `null`: the key and where its value
+/// starts. A key at the very end, its value not seen, counts: an SSE data line may end there
+/// and the value follow on the next line.
+fn usage_value_at(document: &[u8], at: usize) -> Option<(UsageKey, usize)> {
+    if at > 0 && document[at - 1] == b'\\' {
+        return None;
+    }
+    let rest = &document[at + USAGE_NEEDLE.len()..];
+    let (key, rest) = if let Some(rest) = rest.strip_prefix(b"\"") {
+        (UsageKey::Usage, rest)
+    } else {
+        (UsageKey::Metadata, rest.strip_prefix(b"Metadata\"")?)
+    };
+    let rest = skip_whitespace(rest);
+    if rest.is_empty() {
+        return Some((key, document.len()));
+    }
+    let rest = skip_whitespace(rest.strip_prefix(b":")?);
+    if rest.starts_with(b"null") {
+        return None;
+    }
+    Some((key, document.len() - rest.len()))
+}
+
+fn skip_whitespace(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// Whether `document` (a body, or one SSE data line) has a usage key whose value is not
+/// `null`: only those are parsed.
+fn carries_usage(document: &[u8]) -> bool {
+    USAGE_FINDER
+        .find_iter(document)
+        .any(|at| usage_value_at(document, at).is_some())
+}
+
+/// `extend_from_slice`, growing the capacity no further than `max` (callers never add past
+/// it), so that a buffer filled in pieces up to the cap stays within the cap.
+fn extend_bounded(buf: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    let needed = buf.len() + bytes.len();
+    if needed > buf.capacity() {
+        let target = (buf.capacity() * 2).max(needed).min(max.max(needed));
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(bytes);
+}
+
+// A scanner moves into the response body, which may cross threads.
+const _: fn() = || {
+    fn is_send_sync<T: Send + Sync + 'static>() {}
+    is_send_sync::<UsageScanner>();
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse(body: &[u8]) -> Option<Usage> {
+        let mut scanner = UsageScanner::new(BodyFormat::Sse);
+        scanner.feed(body);
+        scanner.finish()
+    }
+
+    fn json(body: &[u8]) -> Option<Usage> {
+        let mut scanner = UsageScanner::new(BodyFormat::Json);
+        scanner.feed(body);
+        scanner.finish()
+    }
+
+    #[test]
+    fn content_types() {
+        use BodyFormat::{Json, Sse};
+        for (content_type, format) in [
+            ("text/event-stream", Some(Sse)),
+            ("text/event-stream; charset=utf-8", Some(Sse)),
+            ("Text/Event-Stream", Some(Sse)),
+            (" text/event-stream ;charset=utf-8", Some(Sse)),
+            ("application/json", Some(Json)),
+            ("application/json; charset=utf-8", Some(Json)),
+            ("APPLICATION/JSON", Some(Json)),
+            ("application/problem+json", Some(Json)),
+            ("application/vnd.api+JSON", Some(Json)),
+            ("application/+json", None),
+            ("application/x-ndjson", None),
+            ("application/jsonl", None),
+            ("text/json", None),
+            ("text/plain", None),
+            ("application/grpc", None),
+            ("application/octet-stream", None),
+            ("event-stream", None),
+            ("", None),
+            ("application/é+json", Some(Json)),
+            ("application/éjson", None),
+        ] {
+            assert_eq!(
+                BodyFormat::from_content_type(content_type),
+                format,
+                "{content_type:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn total_uses_the_reported_total() {
+        let usage = Usage {
+            input_tokens: Some(291),
+            output_tokens: Some(26),
+            total_tokens: Some(513),
+            cached_input_tokens: Some(290),
+            cache_creation_input_tokens: None,
+            reasoning_tokens: Some(196),
+        };
+        assert_eq!(usage.total(), 513);
+        assert_eq!(usage.input_output(), 317);
+    }
+
+    #[test]
+    fn total_without_a_reported_total() {
+        let anthropic = Usage {
+            input_tokens: Some(10),
+            output_tokens: Some(20),
+            cached_input_tokens: Some(300),
+            cache_creation_input_tokens: Some(4000),
+            ..Usage::default()
+        };
+        assert_eq!(anthropic.total(), 4330);
+        assert_eq!(anthropic.input_output(), 30);
+        // Without a cache-creation count, cached input is taken as part of the input.
+        let subset = Usage {
+            input_tokens: Some(10),
+            output_tokens: Some(20),
+            cached_input_tokens: Some(8),
+            ..Usage::default()
+        };
+        assert_eq!(subset.total(), 30);
+        assert_eq!(Usage::default().total(), 0);
+        let huge = Usage {
+            input_tokens: Some(u64::MAX),
+            output_tokens: Some(1),
+            cache_creation_input_tokens: Some(u64::MAX),
+            ..Usage::default()
+        };
+        assert_eq!(huge.total(), u64::MAX);
+        assert_eq!(huge.input_output(), u64::MAX);
+    }
+
+    #[test]
+    fn usage_keys_with_null_values_are_not_parsed() {
+        assert!(!carries_usage(b"{\"usage\":null}"));
+        assert!(!carries_usage(
+            b"{\"usage\" :\n null, \"usageMetadata\": null}"
+        ));
+        assert!(!carries_usage(b"{\"usage_breakdown\":{\"a\":1}}"));
+        assert!(!carries_usage(b"{\"text\":\"\\\"usage\\\": {}\"}"));
+        assert!(!carries_usage(b"{\"usage\" 1"));
+        // The value may be on the next line of a multi-line SSE event.
+        assert!(carries_usage(b"{\"usage\""));
+        assert!(carries_usage(b"{\"usage\" :"));
+        assert!(carries_usage(b"{\"usage\": {}}"));
+        assert!(carries_usage(b"{\"usage\":null,\"x\":{\"usage\":{}}}"));
+        assert!(carries_usage(b"{\"usageMetadata\" : {\"a\": 1}}"));
+    }
+
+    #[test]
+    fn usage_split_over_data_lines() {
+        let body = b"data: {\"usage\"\ndata: :\ndata: {\"prompt_tokens\":1}}\n\n";
+        for i in 0..=body.len() {
+            let mut scanner = UsageScanner::new(BodyFormat::Sse);
+            scanner.feed(&body[..i]);
+            scanner.feed(&body[i..]);
+            assert_eq!(
+                scanner.finish().unwrap().input_tokens,
+                Some(1),
+                "cut at {i}"
+            );
+        }
+        assert_eq!(sse(b"data: {\"usage\":\ndata: null}\n\n"), None);
+    }
+
+    #[test]
+    fn garbage_and_odd_values_report_nothing() {
+        for data in [
+            &b"data: not json\n\n"[..],
+            b"data: {\"usage\":\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":12\n\n",
+            b"data: {\"usage\":null}\n\n",
+            b"data: {\"usage\":{}}\n\n",
+            b"data: {\"usage\":\"12\"}\n\n",
+            b"data: {\"usage\":[{\"prompt_tokens\":1}]}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":-1,\"completion_tokens\":-2,\"total_tokens\":-3}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":1.5,\"total_tokens\":\"3\"}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":1e400}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":18446744073709551616}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":9007199254740993}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":1},\"usage\":{\"prompt_tokens\":2}}\n\n",
+            b"data: {\"usageMetadata\":{\"promptTokenCount\":true}}\n\n",
+            b"data: {\"type\":\"message_start\",\"message\":\"usage\",\"usage\":1}\n\n",
+            b"\xff\xfe\x00data: {\"usage\":{\"prompt_tokens\":1}}\n\n",
+            b"data: {\"usage\":{\"prompt_tokens\":\"\xff\"}}\n\n",
+        ] {
+            let text = String::from_utf8_lossy(data);
+            assert_eq!(sse(data), None, "{text}");
+            let body = data
+                .strip_prefix(b"data: ")
+                .map_or(data, |b| b.strip_suffix(b"\n\n").unwrap_or(b));
+            assert_eq!(json(body), None, "body {text}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_recursed() {
+        let mut body = "[".repeat(100_000);
+        body.push_str("{\"usage\":{\"prompt_tokens\":1}}");
+        assert_eq!(json(body.as_bytes()), None);
+        assert_eq!(sse(format!("data: {body}\n\n").as_bytes()), None);
+        // Within serde_json's depth limit, arrays are read element by element.
+        let shallow = format!(
+            "{}{{\"usage\":{{\"prompt_tokens\":1}}}}{}",
+            "[".repeat(10),
+            "]".repeat(10)
+        );
+        assert_eq!(json(shallow.as_bytes()).unwrap().input_tokens, Some(1));
+    }
+
+    #[test]
+    fn absurd_counts_are_dropped_field_by_field() {
+        let usage = sse(b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":99999999999999999999,\"total_tokens\":-1}}\n\n").unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                input_tokens: Some(5),
+                ..Usage::default()
+            }
+        );
+        let usage = sse(b"data: {\"usage\":{\"prompt_tokens\":9007199254740992}}\n\n").unwrap();
+        assert_eq!(usage.input_tokens, Some(1 << 53));
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_body_are_ignored() {
+        // Already-parsed usage is not taken back by garbage after the document.
+        assert_eq!(
+            json(b"{\"usage\":{\"prompt_tokens\":1}} trailing")
+                .unwrap()
+                .input_tokens,
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn feed_after_finish_is_ignored() {
+        let mut scanner = UsageScanner::new(BodyFormat::Sse);
+        scanner.feed(b"data: {\"usage\":{\"prompt_tokens\":1}}");
+        assert_eq!(scanner.usage(), None);
+        assert_eq!(scanner.finish().unwrap().input_tokens, Some(1));
+        scanner.feed(b"\n\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
+        assert_eq!(scanner.finish().unwrap().input_tokens, Some(1));
+        assert_eq!(scanner.usage().unwrap().input_tokens, Some(1));
+    }
+
+    #[test]
+    fn json_usage_is_none_until_finish() {
+        let mut scanner = UsageScanner::new(BodyFormat::Json);
+        scanner.feed(b"{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":1}}");
+        assert_eq!(scanner.usage(), None);
+        assert_eq!(scanner.finish().unwrap().total_tokens, Some(1));
+        assert_eq!(scanner.usage().unwrap().total_tokens, Some(1));
+    }
+
+    #[test]
+    fn cap_applies_to_sse_events() {
+        let event = b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n";
+        let mut scanner = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(10);
+        scanner.feed(event);
+        assert_eq!(scanner.finish(), None);
+        let mut scanner = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(30);
+        scanner.feed(event);
+        assert_eq!(scanner.finish().unwrap().input_tokens, Some(1));
+    }
+
+    #[test]
+    fn merge_rules() {
+        let mut seen = Accumulator::default();
+        let first = Usage {
+            input_tokens: Some(1),
+            output_tokens: Some(2),
+            ..Usage::default()
+        };
+        let second = Usage {
+            output_tokens: Some(3),
+            ..Usage::default()
+        };
+        seen.apply(Report {
+            usage: first,
+            merge: Merge::Fieldwise,
+        });
+        seen.apply(Report {
+            usage: second,
+            merge: Merge::Fieldwise,
+        });
+        assert_eq!(
+            seen.usage,
+            Some(Usage {
+                input_tokens: Some(1),
+                output_tokens: Some(3),
+                ..Usage::default()
+            })
+        );
+        seen.apply(Report {
+            usage: second,
+            merge: Merge::Replace,
+        });
+        assert_eq!(seen.usage, Some(second));
+        seen.apply(Report {
+            usage: Usage::default(),
+            merge: Merge::Replace,
+        });
+        assert_eq!(seen.usage, Some(second));
     }
 }

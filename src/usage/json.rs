@@ -1,0 +1,228 @@
+//! Plain JSON bodies.
+//!
+//! A body is buffered up to the cap and parsed whole at its end. Past the cap (an embeddings
+//! response with many vectors, say) only a bounded tail is kept, and the usage is read from
+//! the last `"usage"` / `"usageMetadata"` key in it: every provider puts it at or near the end.
+
+use std::mem;
+
+use memchr::memmem;
+use serde::Deserialize;
+
+use super::wire::{Kind, Obj, WireUsage};
+use super::{
+    Accumulator, USAGE_NEEDLE, UsageKey, extend_bounded, gemini, scan_json, usage_report,
+    usage_value_at,
+};
+
+/// Bytes of the body kept past the cap.
+const TAIL: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct JsonBody {
+    max: usize,
+    buf: Vec<u8>,
+    /// The body outgrew `max`: `buf` holds its last `TAIL` to `2 * TAIL` bytes.
+    overflowed: bool,
+}
+
+impl JsonBody {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            buf: Vec::new(),
+            overflowed: false,
+        }
+    }
+
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+        if !self.overflowed {
+            if self.buf.len() + chunk.len() <= self.max {
+                extend_bounded(&mut self.buf, chunk, self.max);
+                return;
+            }
+            self.overflowed = true;
+            let keep = TAIL.saturating_sub(chunk.len()).min(self.buf.len());
+            let mut tail = Vec::with_capacity(2 * TAIL);
+            tail.extend_from_slice(&self.buf[self.buf.len() - keep..]);
+            self.buf = tail;
+        }
+        if chunk.len() >= TAIL {
+            self.buf.clear();
+            self.buf.extend_from_slice(&chunk[chunk.len() - TAIL..]);
+            return;
+        }
+        if self.buf.len() + chunk.len() > 2 * TAIL {
+            // Drop the front down to `TAIL` bytes; at most once per `TAIL` bytes fed.
+            let drop = (self.buf.len() + chunk.len() - TAIL).min(self.buf.len());
+            self.buf.drain(..drop);
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Reads the usage of the whole body into `seen`, and frees the buffer.
+    pub(crate) fn finish(&mut self, seen: &mut Accumulator) {
+        let buf = mem::take(&mut self.buf);
+        if self.overflowed {
+            scan_tail(&buf, seen);
+        } else {
+            scan_json(&buf, seen);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+/// The last usage key in `tail` whose value reads as a usage with some count.
+fn scan_tail(tail: &[u8], seen: &mut Accumulator) {
+    for at in memmem::rfind_iter(tail, USAGE_NEEDLE) {
+        let Some((key, start)) = usage_value_at(tail, at) else {
+            continue;
+        };
+        let value = &tail[start..];
+        let report = match key {
+            UsageKey::Usage => {
+                first_object::<WireUsage>(value).map(|u| usage_report(Kind::Other, &u))
+            }
+            UsageKey::Metadata => {
+                first_object::<gemini::UsageMetadata>(value).map(|m| gemini::report(&m))
+            }
+        };
+        if let Some(report) = report.filter(|r| !r.usage.is_empty()) {
+            seen.apply(report);
+            return;
+        }
+    }
+}
+
+/// The object at the start of `bytes`, ignoring what follows it.
+fn first_object<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Option<T> {
+    serde_json::Deserializer::from_slice(bytes)
+        .into_iter::<Obj<T>>()
+        .next()?
+        .ok()?
+        .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::Usage;
+
+    fn read(body: &JsonBody) -> Option<Usage> {
+        let mut body = JsonBody {
+            max: body.max,
+            buf: body.buf.clone(),
+            overflowed: body.overflowed,
+        };
+        let mut seen = Accumulator::default();
+        body.finish(&mut seen);
+        seen.usage
+    }
+
+    fn padded_body(pad: usize, tail: &str) -> Vec<u8> {
+        let mut body = br#"{"object":"list","data":[{"embedding":["#.to_vec();
+        while body.len() < pad {
+            body.extend_from_slice(b"0.0123456789,");
+        }
+        body.extend_from_slice(b"0.1]}],");
+        body.extend_from_slice(tail.as_bytes());
+        body
+    }
+
+    #[test]
+    fn large_body_keeps_a_bounded_tail_and_finds_the_usage() {
+        let body = padded_body(
+            5 << 20,
+            r#""model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+        );
+        let mut json = JsonBody::new(1 << 20);
+        for chunk in body.chunks(16 * 1024) {
+            json.feed(chunk);
+            assert!(json.buffered_capacity() <= (1 << 20) + 16 * 1024);
+        }
+        assert!(json.overflowed);
+        assert!(json.buffered_capacity() <= 2 * TAIL);
+        let usage = read(&json).unwrap();
+        assert_eq!((usage.input_tokens, usage.total_tokens), (Some(8), Some(8)));
+        // The same body under the cap is parsed whole, with the same result.
+        let mut whole = JsonBody::new(16 << 20);
+        whole.feed(&body);
+        assert!(!whole.overflowed);
+        assert_eq!(read(&whole), Some(usage));
+    }
+
+    #[test]
+    fn tail_search_takes_the_last_usable_key() {
+        let tail = r#""usage": {"prompt_tokens": 1, "total_tokens": 1}, "text": "say \"usage\": {\"prompt_tokens\": 666}", "usage_breakdown": null, "x": {"usage": null}}"#;
+        let body = padded_body(300, tail);
+        let mut json = JsonBody::new(100);
+        json.feed(&body);
+        assert!(json.overflowed);
+        assert_eq!(read(&json).unwrap().input_tokens, Some(1));
+    }
+
+    #[test]
+    fn tail_search_reads_gemini_and_anthropic() {
+        let gemini = padded_body(
+            300,
+            r#""usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 3, "totalTokenCount": 5}}"#,
+        );
+        let mut json = JsonBody::new(100);
+        json.feed(&gemini);
+        assert_eq!(read(&json).unwrap().total_tokens, Some(5));
+
+        let anthropic = padded_body(
+            300,
+            r#""usage": {"input_tokens": 2, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 8, "output_tokens": 3}}"#,
+        );
+        let mut json = JsonBody::new(100);
+        json.feed(&anthropic);
+        let usage = read(&json).unwrap();
+        assert_eq!(usage.cached_input_tokens, Some(8));
+        assert_eq!(usage.total(), 17);
+    }
+
+    #[test]
+    fn tail_is_the_last_bytes_whatever_the_chunking() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for chunk_len in [1, 1000, 65_535, 65_536, 65_537, 200_000] {
+            let mut json = JsonBody::new(100_000);
+            for chunk in body.chunks(chunk_len) {
+                json.feed(chunk);
+            }
+            assert!(json.buf.len() >= TAIL, "chunks of {chunk_len}");
+            assert!(body.ends_with(&json.buf), "chunks of {chunk_len}");
+            assert!(json.buffered_capacity() <= 2 * TAIL);
+        }
+    }
+
+    #[test]
+    fn broken_bodies_report_nothing() {
+        for body in [
+            "",
+            "garbage",
+            "{\"usage\":",
+            "{\"usage\":{\"prompt_tokens\":5,",
+            "{\"usage\":{\"prompt_tokens\":5}",
+            "{\"usage\":null}",
+            "{\"usage\":[1,2]}",
+            "{\"usage\":{\"prompt_tokens\":-5,\"completion_tokens\":1.5,\"total_tokens\":1e300}}",
+            "{\"usage\":{\"prompt_tokens\":\"5\"}}",
+            "{\"usage\":{}}",
+            "[1, 2, {\"usage\": 3}]",
+            "{\"error\":{\"message\":\"usage limit\",\"type\":\"invalid_request_error\"}}",
+        ] {
+            let mut json = JsonBody::new(1 << 20);
+            json.feed(body.as_bytes());
+            assert_eq!(read(&json), None, "{body}");
+        }
+    }
+}

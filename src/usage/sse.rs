@@ -1,0 +1,513 @@
+//! Server-sent events split incrementally, at any chunking.
+//!
+//! Lines end in CRLF, LF or CR (a CR ending one chunk and a LF starting the next are one line
+//! end); a blank line ends an event; its `data:` lines are joined with `\n`; comments and the
+//! other fields (`event:`, `id:`, `retry:`) are ignored. The event stream is split the same
+//! way whatever the chunk boundaries.
+//!
+//! The splitter only hands over events with a data line its predicate wants (one with a
+//! non-null usage key), so most events are dropped after a memchr-class pass over their
+//! bytes. An event that lies inside one chunk is read in place; only the part of an event that
+//! spans a chunk boundary is copied, and at most `max_event` bytes of it: a larger event is
+//! dropped up to its blank line.
+
+use std::mem;
+use std::ops::Range;
+
+use memchr::memchr2;
+
+use super::extend_bounded;
+
+/// Data lines of one event kept as ranges of the current chunk before they are copied; past
+/// this many, they are copied so that the list stays small (an event of many empty lines).
+const MAX_RANGES: usize = 64;
+
+/// Capacity kept for the event buffer between events; a larger one (after a large event) is
+/// given back.
+const KEEP_CAPACITY: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct EventSplitter {
+    /// Whether a data line makes its event worth handing over.
+    wanted: fn(&[u8]) -> bool,
+    max_event: usize,
+    /// Data of the current event copied from earlier chunks (its data lines joined with `\n`),
+    /// possibly ending in the incomplete line described by `carry`.
+    data: Vec<u8>,
+    /// Data lines of the current event inside the chunk being read, not copied.
+    ranges: Vec<Range<usize>>,
+    /// Data lines in the current event (in `data` and in `ranges`).
+    lines: usize,
+    /// Length of the current event's data so far, lines joined with `\n`.
+    len: usize,
+    /// A data line of the current event is wanted.
+    hit: bool,
+    /// The current event outgrew `max_event`: drop it up to its blank line.
+    skipping: bool,
+    /// The line left incomplete at the end of the previous chunk.
+    carry: Carry,
+    /// The previous chunk ended in CR: a LF starting the next one ends no further line.
+    after_cr: bool,
+}
+
+/// What is known about the line left incomplete at the end of the previous chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// No incomplete line: the next byte starts a line.
+    LineStart,
+    /// A line that is not a data line (or part of a dropped event), not kept.
+    Ignored,
+    /// Up to 4 bytes, all a prefix of `data`: the field is not known yet.
+    Head { bytes: [u8; 4], len: u8 },
+    /// A data line, whose value so far is `data[start..]`; `value_start` while a leading space
+    /// would still be dropped.
+    Data { start: usize, value_start: bool },
+}
+
+impl EventSplitter {
+    pub(crate) fn new(wanted: fn(&[u8]) -> bool, max_event: usize) -> Self {
+        Self {
+            wanted,
+            max_event,
+            data: Vec::new(),
+            ranges: Vec::new(),
+            lines: 0,
+            len: 0,
+            hit: false,
+            skipping: false,
+            carry: Carry::LineStart,
+            after_cr: false,
+        }
+    }
+
+    pub(crate) fn set_max_event(&mut self, max_event: usize) {
+        self.max_event = max_event;
+    }
+
+    /// Reads `chunk`, calling `on_event` with the data of every event it completes that has a
+    /// wanted data line.
+    pub(crate) fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) {
+        let mut pos = 0;
+        if self.after_cr && !chunk.is_empty() {
+            self.after_cr = false;
+            if chunk[0] == b'\n' {
+                pos = 1;
+            }
+        }
+        if self.carry != Carry::LineStart {
+            let Some(end) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
+                self.extend_carry(&chunk[pos..]);
+                return;
+            };
+            self.extend_carry(&chunk[pos..pos + end]);
+            self.end_carry();
+            pos = self.after_line_end(chunk, pos + end);
+        }
+        while let Some(end) = memchr2(b'\n', b'\r', &chunk[pos..]) {
+            let end = pos + end;
+            self.line(chunk, pos..end, &mut on_event);
+            pos = self.after_line_end(chunk, end);
+        }
+        self.spill(chunk);
+        self.extend_carry(&chunk[pos..]);
+    }
+
+    /// Ends the stream: an event cut off without its blank line still counts.
+    pub(crate) fn finish(&mut self, on_event: impl FnMut(&[u8])) {
+        if self.carry != Carry::LineStart {
+            self.end_carry();
+        }
+        self.after_cr = false;
+        self.dispatch(&[], on_event);
+    }
+
+    /// Capacity held for the parts of events spanning chunks.
+    #[cfg(test)]
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    /// Where the next line starts after the line end at `at`.
+    fn after_line_end(&mut self, chunk: &[u8], at: usize) -> usize {
+        if chunk[at] == b'\r' {
+            match chunk.get(at + 1) {
+                Some(b'\n') => return at + 2,
+                None => self.after_cr = true,
+                Some(_) => {}
+            }
+        }
+        at + 1
+    }
+
+    /// A line wholly inside `chunk`.
+    fn line(&mut self, chunk: &[u8], line: Range<usize>, on_event: impl FnMut(&[u8])) {
+        if line.is_empty() {
+            self.dispatch(chunk, on_event);
+            return;
+        }
+        if self.skipping {
+            return;
+        }
+        let Some(offset) = data_value_offset(&chunk[line.clone()]) else {
+            return;
+        };
+        let value = line.start + offset..line.end;
+        if !self.begin_data_line(value.len()) {
+            return;
+        }
+        if !self.hit && (self.wanted)(&chunk[value.clone()]) {
+            self.hit = true;
+        }
+        self.ranges.push(value);
+        if self.ranges.len() >= MAX_RANGES {
+            self.spill(chunk);
+        }
+    }
+
+    /// Counts a data line of `value_len` bytes into the event; false if that made it too large.
+    fn begin_data_line(&mut self, value_len: usize) -> bool {
+        let separator = usize::from(self.lines > 0);
+        self.lines += 1;
+        self.len = self.len.saturating_add(value_len + separator);
+        if self.len > self.max_event {
+            self.skip();
+            return false;
+        }
+        true
+    }
+
+    /// Blank line: the event is complete.
+    fn dispatch(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) {
+        if self.hit && !self.skipping {
+            if self.lines == 1 && self.ranges.len() == 1 {
+                on_event(&chunk[self.ranges[0].clone()]);
+            } else {
+                self.spill(chunk);
+                on_event(&self.data);
+            }
+        }
+        self.skipping = false;
+        self.reset_event();
+    }
+
+    fn reset_event(&mut self) {
+        self.data.clear();
+        if self.data.capacity() > KEEP_CAPACITY {
+            self.data.shrink_to(KEEP_CAPACITY);
+        }
+        self.ranges.clear();
+        self.lines = 0;
+        self.len = 0;
+        self.hit = false;
+    }
+
+    /// Drops the current event (too large) up to its blank line.
+    fn skip(&mut self) {
+        self.reset_event();
+        self.skipping = true;
+        if self.carry != Carry::LineStart {
+            self.carry = Carry::Ignored;
+        }
+    }
+
+    /// Copies the in-chunk data lines of the current event into `data`.
+    fn spill(&mut self, chunk: &[u8]) {
+        // Lines are joined with `\n`: one goes before every line but the event's first.
+        let mut separate = self.lines > self.ranges.len();
+        for range in self.ranges.drain(..) {
+            if separate {
+                extend_bounded(&mut self.data, b"\n", self.max_event);
+            }
+            extend_bounded(&mut self.data, &chunk[range], self.max_event);
+            separate = true;
+        }
+    }
+
+    /// More bytes (no line end among them) of the incomplete line.
+    fn extend_carry(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.carry {
+            Carry::Ignored => {}
+            Carry::LineStart if self.skipping => self.carry = Carry::Ignored,
+            Carry::LineStart => self.classify(&[], bytes),
+            Carry::Head { bytes: head, len } => self.classify(&head[..usize::from(len)], bytes),
+            Carry::Data { .. } => self.append_data(bytes),
+        }
+    }
+
+    /// Starts reading a line from its first bytes, `head` (carried) then `bytes`.
+    fn classify(&mut self, head: &[u8], bytes: &[u8]) {
+        const FIELD: &[u8] = b"data:";
+        let seen = head.len() + bytes.len();
+        if seen < FIELD.len() {
+            let mut prefix = [0; 4];
+            prefix[..head.len()].copy_from_slice(head);
+            prefix[head.len()..seen].copy_from_slice(bytes);
+            self.carry = if FIELD.starts_with(&prefix[..seen]) {
+                Carry::Head {
+                    bytes: prefix,
+                    len: seen as u8,
+                }
+            } else {
+                Carry::Ignored
+            };
+            return;
+        }
+        // `head` is a prefix of `data` (or empty): `bytes` must complete the field name.
+        let rest = FIELD.len() - head.len();
+        if bytes[..rest] != FIELD[head.len()..] {
+            self.carry = Carry::Ignored;
+            return;
+        }
+        self.begin_carried_data_line();
+        self.append_data(&bytes[rest..]);
+    }
+
+    /// A data line that continues past the chunk: its value goes straight into `data`.
+    fn begin_carried_data_line(&mut self) {
+        let separator = self.lines > 0;
+        if !self.begin_data_line(0) {
+            self.carry = Carry::Ignored;
+            return;
+        }
+        if separator {
+            extend_bounded(&mut self.data, b"\n", self.max_event);
+        }
+        self.carry = Carry::Data {
+            start: self.data.len(),
+            value_start: true,
+        };
+    }
+
+    fn append_data(&mut self, mut bytes: &[u8]) {
+        let Carry::Data { start, value_start } = self.carry else {
+            return;
+        };
+        if bytes.is_empty() {
+            return;
+        }
+        if value_start {
+            bytes = bytes.strip_prefix(b" ").unwrap_or(bytes);
+            self.carry = Carry::Data {
+                start,
+                value_start: false,
+            };
+        }
+        self.len = self.len.saturating_add(bytes.len());
+        if self.len > self.max_event {
+            self.skip();
+            return;
+        }
+        extend_bounded(&mut self.data, bytes, self.max_event);
+    }
+
+    /// The incomplete line has ended.
+    fn end_carry(&mut self) {
+        if let Carry::Head { bytes, len } = self.carry
+            && bytes[..usize::from(len)] == *b"data"
+        {
+            // `data` alone: an empty data line.
+            self.begin_carried_data_line();
+        }
+        if let Carry::Data { start, .. } = mem::replace(&mut self.carry, Carry::LineStart)
+            && !self.hit
+            && (self.wanted)(&self.data[start..])
+        {
+            self.hit = true;
+        }
+    }
+}
+
+/// Where the value of a data line starts, or `None` for any other line.
+fn data_value_offset(line: &[u8]) -> Option<usize> {
+    match line.strip_prefix(b"data")? {
+        [] => Some(4),
+        [b':', b' ', ..] => Some(6),
+        [b':', ..] => Some(5),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+
+    fn any(_: &[u8]) -> bool {
+        true
+    }
+
+    fn usage(line: &[u8]) -> bool {
+        memchr::memmem::find(line, b"\"usage").is_some()
+    }
+
+    fn split_with(wanted: fn(&[u8]) -> bool, max: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut splitter = EventSplitter::new(wanted, max);
+        let mut events = Vec::new();
+        for chunk in chunks {
+            splitter.feed(chunk, |data| {
+                events.push(String::from_utf8(data.to_vec()).unwrap())
+            });
+        }
+        splitter.finish(|data| events.push(String::from_utf8(data.to_vec()).unwrap()));
+        events
+    }
+
+    fn split(chunks: &[&[u8]]) -> Vec<String> {
+        split_with(any, 1 << 20, chunks)
+    }
+
+    /// Every way of cutting `input` in up to three chunks gives `expected`.
+    fn assert_any_chunking(input: &[u8], expected: &[&str]) {
+        assert_eq!(split(&[input]), expected, "whole input");
+        for i in 0..=input.len() {
+            for j in i..=input.len() {
+                let got = split(&[&input[..i], &input[i..j], &input[j..]]);
+                assert_eq!(got, expected, "chunks cut at {i} and {j}");
+            }
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(split(&bytes), expected, "1-byte chunks");
+    }
+
+    #[test]
+    fn line_ends_lf_crlf_cr() {
+        let expected = ["a", "b", "c"];
+        assert_any_chunking(b"data: a\n\ndata: b\n\ndata: c\n\n", &expected);
+        assert_any_chunking(b"data: a\r\n\r\ndata: b\r\n\r\ndata: c\r\n\r\n", &expected);
+        assert_any_chunking(b"data: a\r\rdata: b\r\rdata: c\r\r", &expected);
+        assert_any_chunking(b"data: a\r\n\ndata: b\n\r\ndata: c\r\r\n", &expected);
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_line_end() {
+        // Were the LF a second line end, "a" and "b" would be two events.
+        assert_eq!(
+            split(&[b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"]),
+            ["a\nb"]
+        );
+        assert_eq!(split(&[b"data: a\r", b"\n", b"\r\n"]), ["a"]);
+        // A CR alone at a chunk end, then another line.
+        assert_eq!(split(&[b"data: a\r", b"data: b\r\r"]), ["a\nb"]);
+        // An empty chunk in between keeps the pending CR.
+        assert_eq!(split(&[b"data: a\r", b"", b"\ndata: b\n\n"]), ["a\nb"]);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_with_lf() {
+        assert_any_chunking(
+            b"data: {\"a\":\ndata:  1,\ndata\ndata:\"b\":2}\n\n",
+            &["{\"a\":\n 1,\n\n\"b\":2}"],
+        );
+    }
+
+    #[test]
+    fn comments_and_other_fields_are_ignored() {
+        assert_any_chunking(
+            b": keep-alive\n\nevent: message_start\nid: 7\nretry: 1000\ndata: x\n: note\ndatum: y\ndata : z\nDATA: w\n\n:\n\n",
+            &["x"],
+        );
+    }
+
+    #[test]
+    fn events_without_data_are_not_dispatched() {
+        assert_any_chunking(b"event: ping\n\n\n\n\nid: 1\n\ndata: x\n\n", &["x"]);
+    }
+
+    #[test]
+    fn trailing_event_without_blank_line_is_flushed() {
+        assert_any_chunking(b"data: a\n\ndata: b", &["a", "b"]);
+        assert_any_chunking(b"data: a\n\ndata: b\ndata: c\r", &["a", "b\nc"]);
+        assert_eq!(split(&[b"data"]), [""]);
+        assert_eq!(split(&[b"dat"]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn only_wanted_events_are_dispatched() {
+        let input = b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: {\"x\":1,\ndata: \"usage\":{}}\n\n";
+        let expected = ["{\"usage\":null}", "{\"x\":1,\n\"usage\":{}}"];
+        assert_eq!(split_with(usage, 1 << 20, &[input]), expected);
+        for i in 0..=input.len() {
+            assert_eq!(
+                split_with(usage, 1 << 20, &[&input[..i], &input[i..]]),
+                expected,
+                "cut at {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_event_is_skipped_then_next_event_parsed() {
+        let big = format!("data: {}\n\n", "x".repeat(100));
+        let input = format!("data: small\n\n{big}data: after\n\n");
+        let input = input.as_bytes();
+        for i in 0..=input.len() {
+            let got = split_with(any, 50, &[&input[..i], &input[i..]]);
+            assert_eq!(got, ["small", "after"], "cut at {i}");
+        }
+        // Many lines, each small, adding up past the cap.
+        let lines = "data: 0123456789\n".repeat(10);
+        let input = format!("{lines}\ndata: after\n\n");
+        assert_eq!(split_with(any, 50, &[input.as_bytes()]), ["after"]);
+        // Exactly at the cap is kept: 4 lines of 10, one of 7 and 4 separators make 51 bytes.
+        let input = b"data: 0123456789\ndata: 0123456789\ndata: 0123456789\ndata: 0123456789\ndata: 1234567\n\n";
+        let kept = split_with(any, 51, &[input]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].len(), 51);
+        assert!(split_with(any, 50, &[input]).is_empty());
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(split_with(any, 51, &bytes), kept);
+        assert!(split_with(any, 50, &bytes).is_empty());
+    }
+
+    #[test]
+    fn oversize_event_inside_one_chunk_is_not_copied() {
+        let input = format!("data: {}\n\ndata: ok\n\n", "y".repeat(10_000));
+        let mut splitter = EventSplitter::new(any, 100);
+        let mut events = Vec::new();
+        splitter.feed(input.as_bytes(), |d| events.push(d.to_vec()));
+        assert_eq!(events, [b"ok".to_vec()]);
+        assert_eq!(splitter.buffered_capacity(), 0);
+        assert!(splitter.ranges.capacity() <= MAX_RANGES);
+    }
+
+    #[test]
+    fn fifty_megabyte_event_keeps_memory_bounded() {
+        const CAP: usize = 1 << 20;
+        const CHUNK: usize = 64 * 1024;
+        let mut splitter = EventSplitter::new(usage, CAP);
+        let mut events = Vec::new();
+        let line = {
+            let mut line = b"data: {\"usage\":{\"prompt_tokens\":1},\"pad\":\"".to_vec();
+            line.resize(50 << 20, b'z');
+            line.extend_from_slice(b"\"}\n\n");
+            line
+        };
+        let mut max_capacity = 0;
+        for chunk in line.chunks(CHUNK) {
+            splitter.feed(chunk, |d| events.push(d.len()));
+            max_capacity = max_capacity.max(splitter.buffered_capacity());
+            assert!(
+                splitter.buffered_capacity() <= CAP + CHUNK,
+                "buffer grew to {}",
+                splitter.buffered_capacity()
+            );
+        }
+        assert!(max_capacity > 0, "the event was never buffered");
+        splitter.feed(b"data: {\"usage\":{}}\n\n", |d| events.push(d.len()));
+        assert_eq!(events, [12], "the oversize event was dispatched");
+        assert!(splitter.buffered_capacity() <= KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn many_empty_data_lines_keep_ranges_small() {
+        let input = format!("{}\n", "data\n".repeat(10_000));
+        let mut splitter = EventSplitter::new(any, 1 << 20);
+        let mut events = Vec::new();
+        splitter.feed(input.as_bytes(), |d| events.push(d.len()));
+        assert_eq!(events, [9_999]);
+        assert!(splitter.ranges.capacity() <= MAX_RANGES * 2);
+    }
+}
