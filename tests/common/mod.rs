@@ -2,6 +2,7 @@
 //! real HTTP client.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod redis;
 
 use std::convert::Infallible;

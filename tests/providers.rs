@@ -1,0 +1,171 @@
+//! Every recorded provider response, served through the layer by a real HTTP server, plain and
+//! compressed: the store is charged what the provider reported, and the client receives the
+//! upstream's bytes unchanged.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use common::fixtures::{Fixture, load_fixtures};
+use common::{send, serve};
+use tower_token_ratelimit::store::MemoryStore;
+use tower_token_ratelimit::usage::BodyFormat;
+use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+
+fn encode(encoding: &str, body: &[u8]) -> Vec<u8> {
+    match encoding {
+        "identity" => body.to_vec(),
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(body).unwrap();
+            e.finish().unwrap()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(body).unwrap();
+            e.finish().unwrap()
+        }
+        "br" => {
+            let mut out = Vec::new();
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 4,
+                ..Default::default()
+            };
+            brotli::BrotliCompress(&mut &body[..], &mut out, &params).unwrap();
+            out
+        }
+        "zstd" => zstd::stream::encode_all(body, 3).unwrap(),
+        other => panic!("{other}"),
+    }
+}
+
+/// What the default cost should be, computed by hand from the expected usage: the reported
+/// total, else the sum of the categories (Anthropic's input excludes cache reads and writes).
+fn expected_cost(f: &Fixture) -> u64 {
+    let Some(u) = f.expected else { return 0 };
+    if let Some(total) = u.total_tokens {
+        return total;
+    }
+    let mut cost = u.input_tokens.unwrap_or(0) + u.output_tokens.unwrap_or(0);
+    if f.provider == "anthropic" {
+        cost += u.cache_creation_input_tokens.unwrap_or(0) + u.cached_input_tokens.unwrap_or(0);
+    }
+    cost
+}
+
+/// Serves the fixture named in `x-fixture`, encoded as `x-encoding` says, in 7 frames.
+async fn upstream(
+    fixtures: Arc<HashMap<String, (Fixture, Vec<(String, Bytes)>)>>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    let name = headers["x-fixture"].to_str().unwrap();
+    let encoding = headers["x-encoding"].to_str().unwrap();
+    let (f, encoded) = &fixtures[name];
+    let body = encoded
+        .iter()
+        .find(|(e, _)| e == encoding)
+        .unwrap()
+        .1
+        .clone();
+    let step = body.len().div_ceil(7).max(1);
+    let frames: Vec<Result<Bytes, Infallible>> = (0..body.len())
+        .step_by(step)
+        .map(|i| Ok(body.slice(i..(i + step).min(body.len()))))
+        .collect();
+    let mut r = Response::builder();
+    r = r.header(
+        "content-type",
+        if f.format == BodyFormat::Sse {
+            "text/event-stream"
+        } else {
+            "application/json"
+        },
+    );
+    if encoding != "identity" {
+        r = r.header("content-encoding", encoding);
+    }
+    // A body without usage is a provider's error answer.
+    let status = if f.expected.is_none() && f.format == BodyFormat::Json {
+        400
+    } else {
+        200
+    };
+    r.status(status)
+        .body(Body::from_stream(futures_util::stream::iter(frames)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_fixture_is_charged_its_reported_usage_plain_and_compressed() {
+    let encodings = ["identity", "gzip", "deflate", "br", "zstd"];
+    let fixtures: HashMap<String, (Fixture, Vec<(String, Bytes)>)> = load_fixtures()
+        .into_iter()
+        .map(|f| {
+            let encoded = encodings
+                .iter()
+                .map(|e| (e.to_string(), Bytes::from(encode(e, &f.body))))
+                .collect();
+            (f.name.clone(), (f, encoded))
+        })
+        .collect();
+    let fixtures = Arc::new(fixtures);
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::per_header("x-case")
+                .any_value()
+                .tokens_per_day(u64::MAX / 2),
+        )
+        .build()
+        .unwrap();
+    let shared = fixtures.clone();
+    let app = Router::new()
+        .route(
+            "/v1/any",
+            post(move |h: HeaderMap| upstream(shared.clone(), h)),
+        )
+        .layer(limits.clone());
+    let addr = serve(app).await;
+
+    let mut checked = 0;
+    for (name, (f, encoded)) in fixtures.iter() {
+        for (encoding, bytes) in encoded {
+            let case = format!("{}-{encoding}", name.replace('/', "-"));
+            let r = send(
+                addr,
+                "/v1/any",
+                &[
+                    ("x-fixture", name),
+                    ("x-encoding", encoding),
+                    ("x-case", &case),
+                ],
+                "{}",
+            )
+            .await;
+            assert!(
+                r.body == *bytes,
+                "{case}: the client gets the upstream's bytes"
+            );
+            if encoding != "identity" {
+                assert_eq!(r.header("content-encoding"), Some(encoding.as_str()));
+            }
+            limits.flush().await;
+            let key = format!(
+                "higress-token-ratelimit:{{default}}:limit_by_per_header:86400:x-case:{case}"
+            );
+            let expected = expected_cost(f);
+            assert_eq!(store.used(&key), expected, "{case} (status {})", r.status);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5 * 25, "only {checked} cases");
+}
