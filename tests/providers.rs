@@ -61,9 +61,12 @@ fn expected_cost(f: &Fixture) -> u64 {
     cost
 }
 
+/// Each fixture with its body in every encoding, by name.
+type Served = HashMap<String, (Fixture, Vec<(String, Bytes)>)>;
+
 /// Serves the fixture named in `x-fixture`, encoded as `x-encoding` says, in 7 frames.
 async fn upstream(
-    fixtures: Arc<HashMap<String, (Fixture, Vec<(String, Bytes)>)>>,
+    fixtures: Arc<Served>,
     headers: HeaderMap,
 ) -> Response<Body> {
     let name = headers["x-fixture"].to_str().unwrap();
@@ -106,7 +109,7 @@ async fn upstream(
 #[tokio::test]
 async fn every_fixture_is_charged_its_reported_usage_plain_and_compressed() {
     let encodings = ["identity", "gzip", "deflate", "br", "zstd"];
-    let fixtures: HashMap<String, (Fixture, Vec<(String, Bytes)>)> = load_fixtures()
+    let fixtures: Served = load_fixtures()
         .into_iter()
         .map(|f| {
             let encoded = encodings
