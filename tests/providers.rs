@@ -65,10 +65,7 @@ fn expected_cost(f: &Fixture) -> u64 {
 type Served = HashMap<String, (Fixture, Vec<(String, Bytes)>)>;
 
 /// Serves the fixture named in `x-fixture`, encoded as `x-encoding` says, in 7 frames.
-async fn upstream(
-    fixtures: Arc<Served>,
-    headers: HeaderMap,
-) -> Response<Body> {
+async fn upstream(fixtures: Arc<Served>, headers: HeaderMap) -> Response<Body> {
     let name = headers["x-fixture"].to_str().unwrap();
     let encoding = headers["x-encoding"].to_str().unwrap();
     let (f, encoded) = &fixtures[name];
