@@ -1,7 +1,7 @@
-//! LLM **token** rate limiting for [tower] services: axum, tonic, or any `http` service.
+//! LLM **token** rate limiting for [tower](https://docs.rs/tower) services: axum, tonic, or any `http` service.
 //!
 //! A [`TokenRateLimitLayer`] finds the limits a request falls under (keys from a header, query
-//! parameter, cookie, the authenticated [`Consumer`] or the client IP), asks a [store](store)
+//! parameter, cookie, the authenticated [`Consumer`] or the client IP), asks a [store]
 //! whether their budget is left, rejects with 429 when it is not, and otherwise meters the
 //! response as it streams through: the usage the LLM reports (OpenAI, Anthropic, Gemini; SSE or
 //! JSON) is debited when the body ends, and an estimate when it never reports (client gone,
