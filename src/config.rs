@@ -34,6 +34,7 @@ use http::{HeaderName, StatusCode};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::cost::{Cost, CostConfig};
 use crate::error::{ConfigError, Problems};
 use crate::key::{IpSource, KeyExtractor, KeySource};
 use crate::rule::{Entry, Item, Limit, MSE_CONSUMER, Matcher, Rules};
@@ -91,6 +92,9 @@ pub struct TokenRateLimitConfig {
     /// What to do when the store cannot answer (default `open`).
     #[serde(default)]
     pub failure_mode: Option<FailureMode>,
+    /// How reported usage becomes the tokens debited (default: every token reported).
+    #[serde(default)]
+    pub cost: Option<CostConfig>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -312,6 +316,7 @@ pub(crate) struct Compiled {
     pub(crate) rejected_msg: Option<Arc<str>>,
     pub(crate) openai_headers: bool,
     pub(crate) failure_mode: FailureMode,
+    pub(crate) cost: Cost,
 }
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
@@ -659,7 +664,7 @@ impl TokenRateLimitConfig {
             "",
             &self.unknown,
             "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
-             consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode",
+             consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode, cost",
         );
 
         let name = self.rule_name.trim();
@@ -755,6 +760,10 @@ impl TokenRateLimitConfig {
             }
         }
 
+        let cost = self
+            .cost
+            .as_ref()
+            .map_or(Cost::Total, |c| c.compile(&mut p));
         let headers = self.response_headers.clone().unwrap_or_default();
         unknown_fields(&mut p, "response_headers", &headers.unknown, "openai");
 
@@ -770,6 +779,7 @@ impl TokenRateLimitConfig {
             rejected_msg: self.rejected_msg.as_deref().map(Arc::from),
             openai_headers: headers.openai,
             failure_mode: self.failure_mode.unwrap_or_default(),
+            cost,
         })
     }
 }

@@ -171,6 +171,7 @@ where
                         p.shared.settler().clone(),
                         p.counters,
                         p.rules,
+                        settings.cost,
                         p.request_bytes,
                     );
                     let mut inner = p.inner;

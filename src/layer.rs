@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 use tower_layer::Layer;
 
 use crate::config::{Compiled, CustomSource, FailureMode, TokenRateLimitConfig};
+use crate::cost::{Cost, CostConfig};
 use crate::error::{ConfigError, Problem};
 use crate::rule::{Rule, RuleKind};
 use crate::service::TokenRateLimit;
@@ -195,6 +196,20 @@ impl TokenRateLimitLayerBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis(self, store: impl Into<crate::store::RedisStore>) -> Self {
         self.store(store.into())
+    }
+
+    /// How reported usage becomes the tokens debited (default [`Cost::Total`]).
+    pub fn cost(mut self, cost: Cost) -> Self {
+        let (preset, weights) = match cost {
+            Cost::Total => (Some("total"), None),
+            Cost::InputOutput => (Some("input_output"), None),
+            Cost::Weights(w) => (None, Some(w)),
+        };
+        self.config.cost = Some(CostConfig {
+            preset: preset.map(str::to_owned),
+            weights,
+        });
+        self
     }
 
     /// What to do when the store cannot answer (default [`FailureMode::Open`]).

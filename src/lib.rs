@@ -54,6 +54,7 @@
 
 mod body;
 mod config;
+mod cost;
 mod decode;
 mod error;
 mod future;
@@ -71,6 +72,7 @@ pub use config::{
     DEFAULT_KEY_PREFIX, FailureMode, LimitKeyConfig, RedisConfig, ResponseHeadersConfig,
     RuleItemConfig, ThresholdConfig, TokenRateLimitConfig,
 };
+pub use cost::{Cost, CostConfig, CostWeights};
 pub use error::{ConfigError, Problem, StoreError};
 pub use future::ResponseFuture;
 pub use key::{ClientAddr, Consumer, KeyExtractor, RequestView};

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
 
+use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::store::{Counter, MemoryStore, Store};
 use crate::usage::{BodyFormat, UsageScanner};
@@ -159,6 +160,7 @@ pub(crate) struct Meter {
     settler: Settler,
     counters: Arc<[Counter]>,
     rules: Arc<str>,
+    cost: Cost,
     /// Estimated prompt tokens, from the request body size.
     request_tokens: u64,
     scanner: Option<UsageScanner>,
@@ -177,12 +179,14 @@ impl Meter {
         settler: Settler,
         counters: Arc<[Counter]>,
         rules: Arc<str>,
+        cost: Cost,
         request_bytes: u64,
     ) -> Self {
         Self {
             settler,
             counters,
             rules,
+            cost,
             request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
             scanner: None,
             decoder: None,
@@ -254,7 +258,7 @@ impl Meter {
             (None, _) => None,
         };
         let (tokens, estimated) = match usage {
-            Some(u) => (u.total(), false),
+            Some(u) => (self.cost.tokens(&u), false),
             // The provider reported no usage for a request it refused: it bills nothing.
             None if self.error_status => (0, false),
             None => (self.estimate(), true),

@@ -946,3 +946,26 @@ async fn estimated_charges_are_marked_in_tracing() {
     );
     assert!(!text.contains("\"e\""), "no key value in logs");
 }
+
+#[test]
+fn cost_config_is_validated() {
+    let ok = |yaml: &str| {
+        let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+        TokenRateLimitLayer::from_config(cfg)
+    };
+    let base = "rule_name: r\nglobal_threshold: {token_per_minute: 10}\n";
+    ok(&format!("{base}cost: {{preset: input_output}}")).unwrap();
+    ok(&format!(
+        "{base}cost: {{weights: {{input: 1, cached_input: 0.1, output: 4}}}}"
+    ))
+    .unwrap();
+    let err = ok(&format!("{base}cost: {{preset: cheapest}}")).unwrap_err();
+    assert!(err.to_string().contains("cost.preset"), "{err}");
+    let err = ok(&format!("{base}cost: {{weights: {{output: -1}}}}")).unwrap_err();
+    assert!(err.to_string().contains("cost.weights.output"), "{err}");
+    let err = ok(&format!("{base}cost: {{preset: total, weights: {{}}}}")).unwrap_err();
+    assert!(
+        err.to_string().contains("either preset or weights"),
+        "{err}"
+    );
+}

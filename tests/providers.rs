@@ -169,3 +169,93 @@ async fn every_fixture_is_charged_its_reported_usage_plain_and_compressed() {
     }
     assert!(checked >= 5 * 25, "only {checked} cases");
 }
+
+#[tokio::test]
+async fn each_cost_preset_charges_the_hand_computed_value() {
+    use tower_token_ratelimit::{Cost, CostWeights};
+    let weights = Cost::Weights(CostWeights {
+        input: 1.0,
+        cached_input: 0.1,
+        cache_creation: 1.25,
+        output: 4.0,
+        reasoning: 2.0,
+    });
+    // (fixture, total, input_output, weights), computed by hand from the fixtures' README.
+    let cases = [
+        // 31073 in (3712 cached), 4416 out (3712 reasoning): 27361 + 371.2 + 704×4 + 3712×2.
+        (
+            "openai-responses/openai-web-search-tool.1",
+            35489,
+            35489,
+            37973,
+        ),
+        // 9 in, 23 out, 185 thoughts outside the output: 9 + 23×4 + 185×2.
+        ("google/google-text", 217, 32, 471),
+        // Anthropic: 15665 in, 795 out, no total: 15665 + 795×4.
+        ("anthropic/anthropic-web-search-tool.1", 16460, 16460, 18845),
+        // xAI: 291 in (290 cached), 26 out, 196 reasoning outside the output:
+        // 1 + 29 + 26×4 + 196×2.
+        ("xai/xai-tool-call", 513, 317, 526),
+    ];
+    let all = load_fixtures();
+    let fixtures: Served = cases
+        .iter()
+        .map(|(name, ..)| {
+            let f = all
+                .iter()
+                .find(|f| f.name == *name)
+                .unwrap_or_else(|| panic!("{name}"));
+            let f = Fixture {
+                name: f.name.clone(),
+                format: f.format,
+                body: f.body.clone(),
+                expected: f.expected,
+                provider: f.provider.clone(),
+            };
+            let encoded = vec![("identity".to_string(), Bytes::from(f.body.clone()))];
+            (f.name.clone(), (f, encoded))
+        })
+        .collect();
+    let fixtures = Arc::new(fixtures);
+    for (i, cost) in [Cost::Total, Cost::InputOutput, weights]
+        .into_iter()
+        .enumerate()
+    {
+        let store = MemoryStore::new();
+        let limits = TokenRateLimitLayer::builder()
+            .store(store.clone())
+            .cost(cost)
+            .rule(
+                Rule::per_header("x-fixture")
+                    .any_value()
+                    .tokens_per_day(u64::MAX / 2),
+            )
+            .build()
+            .unwrap();
+        let shared = fixtures.clone();
+        let app = Router::new()
+            .route(
+                "/v1/any",
+                post(move |h: HeaderMap| upstream(shared.clone(), h)),
+            )
+            .layer(limits.clone());
+        let addr = serve(app).await;
+        for case in &cases {
+            let name = case.0;
+            send(
+                addr,
+                "/v1/any",
+                &[("x-fixture", name), ("x-encoding", "identity")],
+                "{}",
+            )
+            .await;
+            limits.flush().await;
+            let expected = [case.1, case.2, case.3][i];
+            let key = format!(
+                "higress-token-ratelimit:{{default}}:limit_by_per_header:86400:x-fixture:{name}"
+            );
+            // The fixture name holds `/`, which is stored raw.
+            assert_eq!(store.used(&key), expected, "{name} under {cost:?}");
+        }
+    }
+}
