@@ -91,6 +91,8 @@ where
                         Some(Ok(f)) => {
                             if let Some(data) = f.data_ref() {
                                 m.on_data(data);
+                            } else if let Some(trailers) = f.trailers_ref() {
+                                m.on_trailers(trailers);
                             }
                             // A server may stop polling (and drop the body) once this is true.
                             if body.is_end_stream() {

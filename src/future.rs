@@ -172,6 +172,7 @@ where
                         p.counters,
                         p.rules,
                         settings.cost,
+                        p.shared.extractor.clone(),
                         p.request_bytes,
                     );
                     let mut inner = p.inner;

@@ -11,6 +11,7 @@ use crate::rule::{Rule, RuleKind};
 use crate::service::TokenRateLimit;
 use crate::settle::Settler;
 use crate::store::{MemoryStore, Store};
+use crate::usage::UsageExtractor;
 
 /// What every service made by one layer shares.
 pub(crate) struct Shared {
@@ -18,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     /// The in-memory store decisions fall back to in `local` failure mode.
     pub(crate) fallback: Option<MemoryStore>,
+    /// Reads usage from response headers and trailers.
+    pub(crate) extractor: Option<Arc<dyn UsageExtractor>>,
     settler: OnceLock<Settler>,
 }
 
@@ -120,6 +123,7 @@ pub struct TokenRateLimitLayerBuilder {
     customs: Vec<(usize, CustomSource)>,
     globals: usize,
     store: Option<Arc<dyn Store>>,
+    extractor: Option<Arc<dyn UsageExtractor>>,
 }
 
 impl Default for TokenRateLimitLayerBuilder {
@@ -132,6 +136,7 @@ impl Default for TokenRateLimitLayerBuilder {
             customs: Vec::new(),
             globals: 0,
             store: None,
+            extractor: None,
         }
     }
 }
@@ -196,6 +201,13 @@ impl TokenRateLimitLayerBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis(self, store: impl Into<crate::store::RedisStore>) -> Self {
         self.store(store.into())
+    }
+
+    /// Also reads usage from response headers and trailers (e.g.
+    /// [`HeaderUsage`](crate::usage::HeaderUsage) for a gRPC service); usage in the body wins.
+    pub fn usage_extractor(mut self, extractor: impl UsageExtractor) -> Self {
+        self.extractor = Some(Arc::new(extractor));
+        self
     }
 
     /// How reported usage becomes the tokens debited (default [`Cost::Total`]).
@@ -300,6 +312,7 @@ impl TokenRateLimitLayerBuilder {
                 compiled,
                 store,
                 fallback,
+                extractor: self.extractor,
                 settler: OnceLock::new(),
             }),
         })

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::store::{Counter, MemoryStore, Store};
-use crate::usage::{BodyFormat, UsageScanner};
+use crate::usage::{BodyFormat, Usage, UsageExtractor, UsageScanner};
 
 /// Characters per token assumed by the estimate (a usual figure for English text and JSON).
 const BYTES_PER_TOKEN: u64 = 4;
@@ -161,6 +161,9 @@ pub(crate) struct Meter {
     counters: Arc<[Counter]>,
     rules: Arc<str>,
     cost: Cost,
+    extractor: Option<Arc<dyn UsageExtractor>>,
+    /// Usage from the response headers or trailers, through the extractor.
+    reported: Option<Usage>,
     /// Estimated prompt tokens, from the request body size.
     request_tokens: u64,
     scanner: Option<UsageScanner>,
@@ -180,6 +183,7 @@ impl Meter {
         counters: Arc<[Counter]>,
         rules: Arc<str>,
         cost: Cost,
+        extractor: Option<Arc<dyn UsageExtractor>>,
         request_bytes: u64,
     ) -> Self {
         Self {
@@ -187,6 +191,8 @@ impl Meter {
             counters,
             rules,
             cost,
+            extractor,
+            reported: None,
             request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
             scanner: None,
             decoder: None,
@@ -201,6 +207,9 @@ impl Meter {
     /// Looks at the response head: what format to scan, and whether it is an error.
     pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
         self.error_status = head.status.is_client_error() || head.status.is_server_error();
+        if let Some(e) = &self.extractor {
+            self.reported = e.from_headers(&head.headers);
+        }
         self.format = head
             .headers
             .get(CONTENT_TYPE)
@@ -239,6 +248,16 @@ impl Meter {
         }
     }
 
+    pub(crate) fn on_trailers(&mut self, trailers: &http::HeaderMap) {
+        if let Some(u) = self
+            .extractor
+            .as_ref()
+            .and_then(|e| e.from_trailers(trailers))
+        {
+            self.reported = Some(u);
+        }
+    }
+
     fn estimate(&self) -> u64 {
         let output = match self.format {
             Some(BodyFormat::Sse) => self.events,
@@ -256,7 +275,8 @@ impl Meter {
             (Some(s), End::Complete) => s.finish(),
             (Some(s), _) => s.usage(),
             (None, _) => None,
-        };
+        }
+        .or(self.reported);
         let (tokens, estimated) = match usage {
             Some(u) => (self.cost.tokens(&u), false),
             // The provider reported no usage for a request it refused: it bills nothing.

@@ -969,3 +969,106 @@ fn cost_config_is_validated() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn usage_from_trailers_and_headers_through_an_extractor() {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tower_token_ratelimit::usage::HeaderUsage;
+
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .usage_extractor(HeaderUsage::new())
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    // A gRPC-like service: usage in the trailers.
+    let svc = tower::service_fn(|_req: Request<Body>| async {
+        let mut trailers = axum::http::HeaderMap::new();
+        trailers.insert("x-usage-total-tokens", "55".parse().unwrap());
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(
+                b"\x00\x00\x00\x00\x00",
+            ))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        Ok::<_, std::convert::Infallible>(
+            axum::http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap(),
+        )
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(svc);
+    let req = Request::post("/pkg.Svc/Call")
+        .header("x-user", "t")
+        .body(Body::empty())
+        .unwrap();
+    let resp = svc.oneshot(req).await.unwrap();
+    let collected = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    assert!(collected.trailers().is_some(), "trailers pass through");
+    limits.flush().await;
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:t")), 55);
+
+    // In the response headers, over a real socket.
+    let app = Router::new()
+        .route(
+            CHAT,
+            post(|| async {
+                (
+                    [
+                        ("x-usage-input-tokens", "5"),
+                        ("x-usage-output-tokens", "6"),
+                    ],
+                    "ok",
+                )
+            }),
+        )
+        .layer(limits.clone());
+    let addr = serve(app).await;
+    send(addr, CHAT, &[("x-user", "h")], "{}").await;
+    limits.flush().await;
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:h")), 11);
+}
+
+#[tokio::test]
+async fn works_under_route_layer_and_service_builder() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150),
+        ],
+    );
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .route_layer(tower::ServiceBuilder::new().layer(limits.clone()));
+    let addr = serve(app).await;
+    let h = [("x-user", "r")];
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    // route_layer: unknown routes are not limited (404 from the router, not 429).
+    assert_eq!(
+        send(addr, "/other", &h, STREAM).await.status,
+        StatusCode::NOT_FOUND
+    );
+}

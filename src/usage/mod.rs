@@ -39,12 +39,14 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 mod anthropic;
+mod extractor;
 mod gemini;
 mod json;
 mod openai;
 mod sse;
 mod wire;
 
+pub use extractor::{HeaderUsage, UsageExtractor};
 use wire::{Kind, Obj, WireUsage};
 
 /// Default cap on an SSE event and on a buffered JSON body.
