@@ -208,7 +208,7 @@ impl Meter {
     pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
         self.error_status = head.status.is_client_error() || head.status.is_server_error();
         if let Some(e) = &self.extractor {
-            self.reported = e.from_headers(&head.headers);
+            self.reported = e.in_headers(&head.headers);
         }
         self.format = head
             .headers
@@ -252,7 +252,7 @@ impl Meter {
         if let Some(u) = self
             .extractor
             .as_ref()
-            .and_then(|e| e.from_trailers(trailers))
+            .and_then(|e| e.in_trailers(trailers))
         {
             self.reported = Some(u);
         }

@@ -971,7 +971,7 @@ fn cost_config_is_validated() {
 }
 
 #[tokio::test]
-async fn usage_from_trailers_and_headers_through_an_extractor() {
+async fn usage_in_trailers_and_headers_through_an_extractor() {
     use bytes::Bytes;
     use http_body_util::StreamBody;
     use hyper::body::Frame;

@@ -19,17 +19,17 @@ use super::Usage;
 /// };
 /// let mut h = http::HeaderMap::new();
 /// h.insert("x-tokens", "42".parse().unwrap());
-/// assert_eq!(from_header.from_headers(&h).unwrap().total(), 42);
+/// assert_eq!(from_header.in_headers(&h).unwrap().total(), 42);
 /// ```
 pub trait UsageExtractor: Send + Sync + 'static {
     /// Usage in the response headers, if any.
-    fn from_headers(&self, headers: &HeaderMap) -> Option<Usage> {
+    fn in_headers(&self, headers: &HeaderMap) -> Option<Usage> {
         let _ = headers;
         None
     }
 
     /// Usage in the response trailers, if any.
-    fn from_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
+    fn in_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
         let _ = trailers;
         None
     }
@@ -39,11 +39,11 @@ impl<F> UsageExtractor for F
 where
     F: Fn(&HeaderMap) -> Option<Usage> + Send + Sync + 'static,
 {
-    fn from_headers(&self, headers: &HeaderMap) -> Option<Usage> {
+    fn in_headers(&self, headers: &HeaderMap) -> Option<Usage> {
         self(headers)
     }
 
-    fn from_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
+    fn in_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
         self(trailers)
     }
 }
@@ -103,11 +103,11 @@ impl HeaderUsage {
 }
 
 impl UsageExtractor for HeaderUsage {
-    fn from_headers(&self, headers: &HeaderMap) -> Option<Usage> {
+    fn in_headers(&self, headers: &HeaderMap) -> Option<Usage> {
         self.read(headers)
     }
 
-    fn from_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
+    fn in_trailers(&self, trailers: &HeaderMap) -> Option<Usage> {
         self.read(trailers)
     }
 }
@@ -121,15 +121,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-usage-input-tokens", "10".parse().unwrap());
         h.insert("x-usage-output-tokens", "-3".parse().unwrap());
-        let u = HeaderUsage::new().from_trailers(&h).unwrap();
+        let u = HeaderUsage::new().in_trailers(&h).unwrap();
         assert_eq!((u.input_tokens, u.output_tokens), (Some(10), None));
-        assert!(HeaderUsage::new().from_headers(&HeaderMap::new()).is_none());
+        assert!(HeaderUsage::new().in_headers(&HeaderMap::new()).is_none());
         h.insert(
             "x-usage-total-tokens",
             "99999999999999999999".parse().unwrap(),
         );
         assert_eq!(
-            HeaderUsage::new().from_headers(&h).unwrap().total_tokens,
+            HeaderUsage::new().in_headers(&h).unwrap().total_tokens,
             None
         );
     }
