@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::settle::{End, Meter};
+use crate::strip::UsageChunkFilter;
 
 pin_project! {
     /// Response body of [`TokenRateLimit`](crate::TokenRateLimit): either the inner service's
@@ -30,6 +31,9 @@ pin_project! {
             #[pin]
             body: B,
             meter: Option<Meter>,
+            // Removes the usage chunk the layer asked for on the client's behalf.
+            filter: Option<UsageChunkFilter>,
+            ended: bool,
         },
         Rejected {
             body: Option<Bytes>,
@@ -38,7 +42,7 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B, mut meter: Option<Meter>) -> Self
+    pub(crate) fn inner(body: B, mut meter: Option<Meter>, filter: Option<UsageChunkFilter>) -> Self
     where
         B: Body,
     {
@@ -49,7 +53,12 @@ impl<B> ResponseBody<B> {
             }
         }
         Self {
-            kind: Kind::Inner { body, meter },
+            kind: Kind::Inner {
+                body,
+                meter,
+                filter,
+                ended: false,
+            },
         }
     }
 
@@ -84,8 +93,21 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Rejected { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
-            KindProj::Inner { mut body, meter } => {
+            KindProj::Inner {
+                mut body,
+                meter,
+                filter,
+                ended,
+            } => loop {
+                if *ended {
+                    return Poll::Ready(None);
+                }
                 let frame = ready!(body.as_mut().poll_frame(cx));
+                let end = match &frame {
+                    None => true,
+                    Some(Ok(_)) => body.is_end_stream(),
+                    Some(Err(_)) => false,
+                };
                 if let Some(m) = meter.as_mut() {
                     match &frame {
                         Some(Ok(f)) => {
@@ -94,29 +116,65 @@ where
                             } else if let Some(trailers) = f.trailers_ref() {
                                 m.on_trailers(trailers);
                             }
-                            // A server may stop polling (and drop the body) once this is true.
-                            if body.is_end_stream() {
-                                m.settle(End::Complete);
-                            }
                         }
                         Some(Err(_)) => m.settle(End::BodyError),
-                        None => m.settle(End::Complete),
+                        None => {}
+                    }
+                    // A server may stop polling (and drop the body) once the end is seen.
+                    if end {
+                        m.settle(End::Complete);
                     }
                 }
-                Poll::Ready(frame)
-            }
+                let Some(f) = filter.as_mut() else {
+                    return Poll::Ready(frame);
+                };
+                let out = match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            let mut out = f.push(data);
+                            if end {
+                                *ended = true;
+                                out = [out, f.finish()].concat().into();
+                            }
+                            out
+                        }
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    None => {
+                        *ended = true;
+                        f.finish()
+                    }
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                };
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Inner {
+                body,
+                filter,
+                ended,
+                ..
+            } => {
+                *ended
+                    || (body.is_end_stream()
+                        && !filter.as_ref().is_some_and(UsageChunkFilter::has_pending))
+            }
             Kind::Rejected { body } => body.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
+            // Filtering changes the length.
+            Kind::Inner {
+                filter: Some(_), ..
+            } => SizeHint::default(),
             Kind::Inner { body, .. } => body.size_hint(),
             Kind::Rejected { body } => {
                 SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))

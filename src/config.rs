@@ -95,6 +95,15 @@ pub struct TokenRateLimitConfig {
     /// How reported usage becomes the tokens debited (default: every token reported).
     #[serde(default)]
     pub cost: Option<CostConfig>,
+    /// Ask OpenAI-style upstreams for usage on streaming chat / completions requests that did
+    /// not (`stream_options.include_usage`), and remove the extra chunk from what the client
+    /// receives (default true).
+    #[serde(default)]
+    pub inject_include_usage: Option<bool>,
+    /// Largest request body read for that, in bytes (default 1 MiB); a larger body is passed
+    /// on untouched and its usage, if the upstream reports none, estimated.
+    #[serde(default)]
+    pub request_body_limit: Option<usize>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -317,6 +326,8 @@ pub(crate) struct Compiled {
     pub(crate) openai_headers: bool,
     pub(crate) failure_mode: FailureMode,
     pub(crate) cost: Cost,
+    pub(crate) inject_include_usage: bool,
+    pub(crate) request_body_limit: usize,
 }
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
@@ -664,7 +675,8 @@ impl TokenRateLimitConfig {
             "",
             &self.unknown,
             "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
-             consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode, cost",
+             consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode, cost, inject_include_usage, \
+             request_body_limit",
         );
 
         let name = self.rule_name.trim();
@@ -780,6 +792,8 @@ impl TokenRateLimitConfig {
             openai_headers: headers.openai,
             failure_mode: self.failure_mode.unwrap_or_default(),
             cost,
+            inject_include_usage: self.inject_include_usage.unwrap_or(true),
+            request_body_limit: self.request_body_limit.unwrap_or(1 << 20),
         })
     }
 }

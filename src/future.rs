@@ -14,9 +14,11 @@ use tower_service::Service;
 use crate::body::ResponseBody;
 use crate::config::FailureMode;
 use crate::layer::Shared;
+use crate::request::{Reader, RequestBody, inject_include_usage};
 use crate::response;
 use crate::settle::{End, Meter};
 use crate::store::{Counter, CounterStatus, StoreFuture};
+use crate::strip::UsageChunkFilter;
 
 pin_project! {
     /// Response future of [`TokenRateLimit`](crate::TokenRateLimit).
@@ -53,18 +55,25 @@ pin_project! {
 /// What the checking state needs to go on.
 pub(crate) struct Pending<S, ReqBody> {
     pub(crate) inner: S,
-    pub(crate) request: Request<ReqBody>,
+    pub(crate) head: http::request::Parts,
+    /// The body; `None` while `reader` holds it.
+    pub(crate) body: Option<ReqBody>,
+    /// Reads the start of the body first, to ask the upstream for usage.
+    pub(crate) reader: Option<Reader<ReqBody>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) counters: Arc<[Counter]>,
     pub(crate) rules: Arc<str>,
     pub(crate) grpc: bool,
     pub(crate) request_bytes: u64,
+    pub(crate) strip_usage: bool,
 }
 
 /// An admitted request: its meter and the headers to put on its response.
 pub(crate) struct Admitted {
     meter: Meter,
     headers: Option<(Counter, CounterStatus)>,
+    /// The layer asked for usage the client did not: remove the usage chunk from the stream.
+    strip_usage: bool,
 }
 
 impl Admitted {
@@ -74,7 +83,17 @@ impl Admitted {
             response::insert_token_headers(&mut head.headers, counter, status);
         }
         self.meter.on_response(&head);
-        Response::from_parts(head, ResponseBody::inner(body, Some(self.meter)))
+        let sse = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let filter =
+            (self.strip_usage && sse && !head.headers.contains_key(http::header::CONTENT_ENCODING))
+                .then(UsageChunkFilter::default);
+        if filter.is_some() {
+            head.headers.remove(http::header::CONTENT_LENGTH);
+        }
+        Response::from_parts(head, ResponseBody::inner(body, Some(self.meter), filter))
     }
 }
 
@@ -108,6 +127,7 @@ where
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: RequestBody,
     ResBody: Body,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
@@ -117,6 +137,33 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Checking { check, pending } => {
+                    let p = pending.as_mut().expect("polled after completion");
+                    let mut strip_usage = false;
+                    if let Some(reader) = p.reader.as_mut() {
+                        ready!(reader.poll_read(cx));
+                        let (prefix, rest, failed) = p.reader.take().expect("reading").into_parts();
+                        if failed {
+                            this.state.set(State::Rejected {
+                                response: Some(response::unreadable_body()),
+                            });
+                            continue;
+                        }
+                        let injected = rest
+                            .is_none()
+                            .then(|| inject_include_usage(&prefix))
+                            .flatten();
+                        p.body = Some(match injected {
+                            Some(body) => {
+                                strip_usage = true;
+                                p.head
+                                    .headers
+                                    .insert(http::header::CONTENT_LENGTH, body.len().into());
+                                ReqBody::rebuild(body, None)
+                            }
+                            None => ReqBody::rebuild(prefix, rest),
+                        });
+                        p.strip_usage = strip_usage;
+                    }
                     let result = ready!(check.as_mut().poll(cx));
                     let p = pending.take().expect("polled after completion");
                     let statuses = match result {
@@ -176,10 +223,16 @@ where
                         p.request_bytes,
                     );
                     let mut inner = p.inner;
-                    let future = inner.call(p.request);
+                    let request =
+                        Request::from_parts(p.head, p.body.expect("body back from the reader"));
+                    let future = inner.call(request);
                     this.state.set(State::Calling {
                         future,
-                        admitted: Some(Admitted { meter, headers }),
+                        admitted: Some(Admitted {
+                            meter,
+                            headers,
+                            strip_usage: p.strip_usage,
+                        }),
                     });
                 }
                 StateProj::Calling { future, admitted } => {
@@ -187,7 +240,7 @@ where
                     return Poll::Ready(match result {
                         Ok(response) => Ok(match admitted.take() {
                             Some(a) => a.wrap(response),
-                            None => response.map(|b| ResponseBody::inner(b, None)),
+                            None => response.map(|b| ResponseBody::inner(b, None, None)),
                         }),
                         Err(e) => {
                             if let Some(mut a) = admitted.take() {

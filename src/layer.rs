@@ -210,6 +210,20 @@ impl TokenRateLimitLayerBuilder {
         self
     }
 
+    /// Whether streaming OpenAI chat / completions requests that did not ask for usage are made
+    /// to (`stream_options.include_usage`), with the extra usage chunk removed from what the
+    /// client receives (default true).
+    pub fn inject_include_usage(mut self, on: bool) -> Self {
+        self.config.inject_include_usage = Some(on);
+        self
+    }
+
+    /// Largest request body read to ask for usage (default 1 MiB).
+    pub fn request_body_limit(mut self, bytes: usize) -> Self {
+        self.config.request_body_limit = Some(bytes);
+        self
+    }
+
     /// How reported usage becomes the tokens debited (default [`Cost::Total`]).
     pub fn cost(mut self, cost: Cost) -> Self {
         let (preset, weights) = match cost {

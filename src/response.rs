@@ -161,6 +161,20 @@ pub(crate) fn store_unavailable(grpc: bool) -> Response<Bytes> {
     r
 }
 
+/// The request body failed while the layer read its start.
+pub(crate) fn unreadable_body() -> Response<Bytes> {
+    let body = serde_json::json!({"error": {
+        "message": "The request body could not be read.",
+        "type": "invalid_request_error",
+        "code": "unreadable_body",
+    }});
+    let mut r = Response::new(Bytes::from(body.to_string()));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
 /// A trailers-only gRPC answer: HTTP 200 with the status in the headers.
 fn grpc_status(code: HeaderValue, message: &str) -> Response<Bytes> {
     let mut r = Response::new(Bytes::new());

@@ -13,6 +13,7 @@ use crate::body::ResponseBody;
 use crate::future::{Pending, ResponseFuture};
 use crate::key::RequestView;
 use crate::layer::Shared;
+use crate::request::{Reader, RequestBody};
 use crate::store::Counter;
 
 /// Token rate limiting around a service; made by [`TokenRateLimitLayer`](crate::TokenRateLimitLayer).
@@ -60,7 +61,7 @@ where
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TokenRateLimit<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ReqBody: Body,
+    ReqBody: RequestBody,
     ResBody: Body<Data = Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -90,11 +91,22 @@ where
         let grpc = headers
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let request_bytes = headers
+        let content_length: Option<u64> = headers
             .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let request_bytes = content_length
             .or_else(|| request.body().size_hint().exact())
             .unwrap_or_else(|| request.body().size_hint().lower());
+        let settings = &self.shared.compiled;
+        let read = settings.inject_include_usage
+            && may_ask_for_usage(&request)
+            && content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
+        let (head, body) = request.into_parts();
+        let (body, reader) = if read {
+            (None, Some(Reader::new(body, settings.request_body_limit)))
+        } else {
+            (Some(body), None)
+        };
 
         // The ready service goes with the future; this one keeps a clone to drive readiness.
         let clone = self.inner.clone();
@@ -103,13 +115,30 @@ where
             check,
             Pending {
                 inner,
-                request,
+                head,
+                body,
+                reader,
                 shared: self.shared.clone(),
                 counters,
                 rules,
                 grpc,
                 request_bytes,
+                strip_usage: false,
             },
         )
     }
+}
+
+/// A JSON `POST` to an OpenAI chat or legacy completions endpoint, not compressed: its body may
+/// ask for a stream without usage.
+fn may_ask_for_usage<B>(request: &Request<B>) -> bool {
+    let path = request.uri().path().trim_end_matches('/');
+    let headers = request.headers();
+    request.method() == http::Method::POST
+        && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
+        && headers.get(CONTENT_TYPE).is_none_or(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("json"))
+        })
+        && !headers.contains_key(http::header::CONTENT_ENCODING)
 }

@@ -25,7 +25,7 @@ use tokio::time::timeout;
 use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
 
 const CHAT: &str = "/v1/chat/completions";
-const REQUEST: &str = r#"{"model":"gpt-4.1-nano","stream":true,"messages":[{"role":"user","content":"Tell me a story"}]}"#;
+const REQUEST: &str = r#"{"model":"gpt-4.1-nano","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Tell me a story"}]}"#;
 /// Usage reported by the fixture: 16 prompt + 300 completion.
 const FIXTURE_TOKENS: u64 = 316;
 /// Bytes the upstream sends before it waits (when asked to hold).

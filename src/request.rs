@@ -1,0 +1,226 @@
+//! Reading (a bounded prefix of) the request body before the inner service sees it, and
+//! handing the inner service an equivalent body: for `stream_options.include_usage`
+//! (SPEC 3.4).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// A request body type the layer can rebuild after reading the start of it.
+///
+/// The layer reads a bounded prefix of some request bodies (streaming OpenAI chat requests, to
+/// ask for usage) and must then give the inner service a body of the same type: the prefix
+/// (possibly rewritten) followed by the rest of the original. Implemented for
+/// `axum::body::Body`, `http_body_util::Full<Bytes>` and the boxed bodies of `http-body-util`;
+/// for another type, wrap it in one of those.
+pub trait RequestBody: Body<Data = Bytes> + Unpin + Sized + Send + 'static {
+    /// A body yielding `prefix`, then what is left of `rest`.
+    fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self;
+}
+
+pin_project! {
+    /// `prefix`, then the rest of a body.
+    pub(crate) struct Prefixed<B> {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: Option<B>,
+    }
+}
+
+impl<B> Prefixed<B> {
+    pub(crate) fn new(prefix: Bytes, rest: Option<B>) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        match this.rest.as_pin_mut() {
+            Some(rest) => rest.poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        hint.set_lower(hint.lower() + prefix);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
+    }
+}
+
+#[cfg(feature = "axum")]
+impl RequestBody for axum::body::Body {
+    fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
+        match rest {
+            None => Self::from(prefix),
+            Some(rest) => Self::new(Prefixed::new(prefix, Some(rest))),
+        }
+    }
+}
+
+impl RequestBody for http_body_util::Full<Bytes> {
+    fn rebuild(prefix: Bytes, _rest: Option<Self>) -> Self {
+        // A `Full` body is read whole or not at all: there is never a rest.
+        Self::new(prefix)
+    }
+}
+
+impl<E> RequestBody for http_body_util::combinators::BoxBody<Bytes, E>
+where
+    E: 'static,
+{
+    fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
+        Self::new(Prefixed::new(prefix, rest))
+    }
+}
+
+impl<E> RequestBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E>
+where
+    E: 'static,
+{
+    fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
+        Self::new(Prefixed::new(prefix, rest))
+    }
+}
+
+/// Reads at most `limit` bytes of a body (a whole frame may take it past the limit).
+pub(crate) struct Reader<B> {
+    body: Option<B>,
+    buf: bytes::BytesMut,
+    limit: usize,
+    failed: bool,
+}
+
+impl<B: RequestBody> Reader<B> {
+    pub(crate) fn new(body: B, limit: usize) -> Self {
+        Self {
+            body: Some(body),
+            buf: bytes::BytesMut::new(),
+            limit,
+            failed: false,
+        }
+    }
+
+    /// Ready when the body has ended, the limit is passed, or the body failed.
+    pub(crate) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(());
+            };
+            if body.is_end_stream() {
+                self.body = None;
+                return Poll::Ready(());
+            }
+            match std::task::ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.buf.extend_from_slice(&data);
+                        if self.buf.len() > self.limit {
+                            return Poll::Ready(());
+                        }
+                    }
+                    // Request trailers are not forwarded by servers that buffer either; stop.
+                    Err(_) => {
+                        self.body = None;
+                        return Poll::Ready(());
+                    }
+                },
+                Some(Err(_)) => {
+                    self.failed = true;
+                    self.body = None;
+                    return Poll::Ready(());
+                }
+                None => {
+                    self.body = None;
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+
+    /// `(what was read, the rest of the body if it did not end, whether reading failed)`.
+    pub(crate) fn into_parts(self) -> (Bytes, Option<B>, bool) {
+        (self.buf.freeze(), self.body, self.failed)
+    }
+}
+
+/// Whether a request is a streaming OpenAI chat / completions call that did not ask for usage,
+/// and if so the body rewritten to ask for it. `None`: leave the body as it is.
+pub(crate) fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = v.as_object_mut()?;
+    if obj.get("stream").and_then(serde_json::Value::as_bool) != Some(true) {
+        return None;
+    }
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let options = options.as_object_mut()?;
+    if options
+        .get("include_usage")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        return None;
+    }
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injects_only_into_streaming_requests_without_usage() {
+        let out = inject_include_usage(br#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#
+        );
+        let out = inject_include_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
+        );
+        assert!(
+            inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+                .is_none()
+        );
+        assert!(inject_include_usage(br#"{"stream":false}"#).is_none());
+        assert!(inject_include_usage(br#"{"model":"m"}"#).is_none());
+        assert!(inject_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
+        assert!(inject_include_usage(b"not json").is_none());
+        assert!(inject_include_usage(b"[1,2]").is_none());
+    }
+}

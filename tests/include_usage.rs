@@ -1,0 +1,248 @@
+//! SPEC 3.4: streaming OpenAI requests are made to report usage, and a client that did not ask
+//! for it receives exactly the stream it would have received.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use common::{send, serve};
+use tower_token_ratelimit::store::MemoryStore;
+use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// What the upstream saw, and the exact bytes it streamed back.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(Bytes, Bytes)>>>);
+
+/// Like OpenAI: the usage chunk (and `"usage":null` on the others) only when asked for.
+async fn openai_like(State(seen): State<Seen>, _h: HeaderMap, body: Bytes) -> Response<Body> {
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let with_usage = v["stream_options"]["include_usage"] == true;
+    let null = if with_usage { r#","usage":null"# } else { "" };
+    let mut out = String::new();
+    for word in ["Once", " upon", " a", " time"] {
+        out.push_str(&format!(
+            "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]{null}}}\n\n"
+        ));
+    }
+    if with_usage {
+        out.push_str("data: {\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":4,\"total_tokens\":24}}\n\n");
+    }
+    out.push_str("data: [DONE]\n\n");
+    let bytes = Bytes::from(out);
+    seen.0.lock().unwrap().push((body, bytes.clone()));
+    // Frames that split events anywhere.
+    let frames: Vec<Result<Bytes, Infallible>> = bytes
+        .chunks(37)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(futures_util::stream::iter(frames)))
+        .unwrap()
+}
+
+async fn setup(inject: bool) -> (std::net::SocketAddr, Seen, MemoryStore, TokenRateLimitLayer) {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .inject_include_usage(inject)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let app = Router::new()
+        .route(CHAT, post(openai_like))
+        .with_state(seen.clone())
+        .layer(limits.clone());
+    (serve(app).await, seen, store, limits)
+}
+
+fn used(store: &MemoryStore, user: &str) -> u64 {
+    store.used(&format!(
+        "higress-token-ratelimit:{{default}}:limit_by_per_header:60:x-user:{user}"
+    ))
+}
+
+#[tokio::test]
+async fn a_client_that_did_not_ask_gets_no_usage_chunk_and_is_charged_exactly() {
+    let (addr, seen, store, limits) = setup(true).await;
+    let request = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "a"), ("content-type", "application/json")],
+        request,
+    )
+    .await;
+    let (upstream_got, upstream_sent) = seen.0.lock().unwrap()[0].clone();
+    let got: serde_json::Value = serde_json::from_slice(&upstream_got).unwrap();
+    assert_eq!(
+        got["stream_options"]["include_usage"], true,
+        "the upstream was asked for usage"
+    );
+    assert_eq!(
+        got["messages"][0]["content"], "hi",
+        "the rest of the request is kept"
+    );
+
+    // The client's stream is the upstream's minus the usage chunk, byte for byte.
+    let usage_event = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":4,\"total_tokens\":24}}\n\n";
+    let expected = String::from_utf8(upstream_sent.to_vec())
+        .unwrap()
+        .replace(usage_event, "");
+    assert_ne!(expected.len(), upstream_sent.len());
+    assert_eq!(String::from_utf8(r.body.to_vec()).unwrap(), expected);
+    assert!(!expected.contains("\"total_tokens\""));
+
+    limits.flush().await;
+    assert_eq!(
+        used(&store, "a"),
+        24,
+        "charged the reported usage, not an estimate"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_asked_gets_everything_and_its_request_untouched() {
+    let (addr, seen, store, limits) = setup(true).await;
+    let request =
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "b"), ("content-type", "application/json")],
+        request,
+    )
+    .await;
+    let (upstream_got, upstream_sent) = seen.0.lock().unwrap()[0].clone();
+    assert_eq!(upstream_got, request.as_bytes());
+    assert_eq!(r.body, upstream_sent);
+    limits.flush().await;
+    assert_eq!(used(&store, "b"), 24);
+}
+
+#[tokio::test]
+async fn turned_off_the_request_is_untouched_and_the_charge_is_an_estimate() {
+    let (addr, seen, store, limits) = setup(false).await;
+    let request = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "c"), ("content-type", "application/json")],
+        request,
+    )
+    .await;
+    let (upstream_got, upstream_sent) = seen.0.lock().unwrap()[0].clone();
+    assert_eq!(upstream_got, request.as_bytes());
+    assert_eq!(r.body, upstream_sent);
+    limits.flush().await;
+    // 47-byte request (12 tokens) + 5 data events.
+    assert_eq!(used(&store, "c"), 17);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_and_non_streaming_requests_pass_untouched() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .request_body_limit(64)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let app = Router::new()
+        .route(CHAT, post(openai_like))
+        .with_state(seen.clone())
+        .layer(limits.clone());
+    let addr = serve(app).await;
+    let long = format!(
+        r#"{{"model":"gpt-4o","stream":true,"messages":[{{"content":"{}"}}]}}"#,
+        "x".repeat(200)
+    );
+    send(addr, CHAT, &[("x-user", "d")], &long).await;
+    assert_eq!(seen.0.lock().unwrap()[0].0, long.as_bytes());
+}
+
+/// A chunked request body (no content-length) longer than the limit: the layer reads past the
+/// limit, then hands on what it read followed by the rest, unchanged.
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_passed_on_whole() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .request_body_limit(64)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let app = Router::new()
+        .route(CHAT, post(openai_like))
+        .with_state(seen.clone())
+        .layer(limits.clone());
+    let addr = serve(app).await;
+    let long = format!(
+        r#"{{"model":"gpt-4o","stream":true,"messages":[{{"content":"{}"}}]}}"#,
+        "y".repeat(300)
+    );
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = long
+        .as_bytes()
+        .chunks(50)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::combinators::BoxBody<Bytes, Infallible>>();
+    let req = axum::http::Request::post(format!("http://{addr}{CHAT}"))
+        .header("x-user", "e")
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert!(resp.status().is_success());
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(seen.0.lock().unwrap()[0].0, long.as_bytes());
+
+    // Under the limit and chunked: read whole, and usage asked for.
+    let short = r#"{"model":"m","stream":true}"#;
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = short
+        .as_bytes()
+        .chunks(5)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let req = axum::http::Request::post(format!("http://{addr}{CHAT}"))
+        .header("x-user", "e")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    client
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&seen.0.lock().unwrap()[1].0).unwrap();
+    assert_eq!(got["stream_options"]["include_usage"], true);
+}
