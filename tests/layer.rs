@@ -700,8 +700,12 @@ async fn upstream_without_usage_is_charged_an_estimate() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     limits.flush().await;
-    // 41-byte request (11 tokens) + 3 data events.
-    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:n")), 14);
+    // 41-byte request (11 tokens) + the larger of 3 data events and the stream's bytes / 64.
+    let output = 3.max(r.body.len().div_ceil(64) as u64);
+    assert_eq!(
+        store.used(&key("limit_by_per_header:60:x-user:n")),
+        11 + output
+    );
 }
 
 #[tokio::test]
@@ -911,7 +915,7 @@ async fn estimated_charges_are_marked_in_tracing() {
         ],
     );
     let addr = app(limits.clone()).await;
-    send(
+    let r = send(
         addr,
         CHAT,
         &[("x-user", "e"), ("x-mock-no-usage", "1")],
@@ -919,6 +923,7 @@ async fn estimated_charges_are_marked_in_tracing() {
     )
     .await;
     limits.flush().await;
+    let estimate = 11 + 3.max(r.body.len().div_ceil(64) as u64);
     send(
         addr,
         CHAT,
@@ -935,7 +940,7 @@ async fn estimated_charges_are_marked_in_tracing() {
         .collect();
     assert_eq!(settled.len(), 2, "{text}");
     assert!(
-        settled[0].contains("estimated=true") && settled[0].contains("tokens=14"),
+        settled[0].contains("estimated=true") && settled[0].contains(&format!("tokens={estimate}")),
         "{}",
         settled[0]
     );
