@@ -555,3 +555,57 @@ global_threshold: {token_per_minute: 0}
         "{err}"
     );
 }
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn rediss_urls_connect_over_tls() {
+    let server = tokio::task::spawn_blocking(RedisServer::start_tls)
+        .await
+        .unwrap();
+    // Self-signed: `#insecure` skips verification.
+    let store = RedisStore::builder()
+        .url(format!("rediss://127.0.0.1:{}/#insecure", server.port))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let limits = layer(
+        store.clone(),
+        "tls",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "t"), ("x-mock-tokens", "100")];
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    assert!(!store.breaker_open());
+    // Verification is on without the fragment: a self-signed certificate is refused.
+    let strict = RedisStore::builder()
+        .url(format!("rediss://127.0.0.1:{}/", server.port))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let limits = layer(
+        strict.clone(),
+        "tls2",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    // Fail open: served, but no budget could be read.
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
+}

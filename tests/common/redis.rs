@@ -64,6 +64,8 @@ pub struct RedisServer {
     pub port: u16,
     args: Vec<String>,
     password: Option<String>,
+    /// Serves TLS only (a self-signed certificate).
+    tls: bool,
     child: Option<Child>,
 }
 
@@ -101,6 +103,7 @@ impl RedisServer {
             port,
             args,
             password: password.map(str::to_owned),
+            tls: false,
             child: None,
         };
         server.restart();
@@ -135,10 +138,84 @@ impl RedisServer {
             port,
             args,
             password: None,
+            tls: false,
             child: None,
         };
         server.restart();
         server
+    }
+
+    /// A server that speaks only TLS, with a self-signed certificate made by `openssl`.
+    pub fn start_tls() -> Self {
+        let port = free_port(false);
+        let dir = scratch_dir();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl on PATH");
+        assert!(made.success(), "openssl could not make a certificate");
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut server = RedisServer {
+            port,
+            args,
+            password: None,
+            tls: true,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn answers(&self) -> bool {
+        if !self.tls {
+            return command(self.port, self.password.as_deref(), "PING").as_deref()
+                == Some("+PONG");
+        }
+        Command::new("redis-cli")
+            .args(["--tls", "--insecure", "-p", &self.port.to_string(), "PING"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
     }
 
     /// Starts (again) on the same port and waits until it answers.
@@ -152,7 +229,7 @@ impl RedisServer {
             .expect("redis-server on PATH (.ci/run installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while command(self.port, self.password.as_deref(), "PING").as_deref() != Some("+PONG") {
+        while !self.answers() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server on {} did not start",
