@@ -104,6 +104,13 @@ pub struct TokenRateLimitConfig {
     /// on untouched and its usage, if the upstream reports none, estimated.
     #[serde(default)]
     pub request_body_limit: Option<usize>,
+    /// `post_debit` (default, Higress) or `reserve`.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// In `reserve` mode, the output allowance of a request without `max_tokens` until one is
+    /// learned from actual usage (default 1024).
+    #[serde(default)]
+    pub default_output_tokens: Option<u64>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -202,6 +209,20 @@ impl LimitKeyConfig {
             ..Default::default()
         }
     }
+}
+
+/// When a request's tokens are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Admit while every counter has budget left; add the actual usage when the response ends
+    /// (Higress). Concurrent requests can overshoot the budget together.
+    #[default]
+    PostDebit,
+    /// At admission, reserve an estimate on every counter, all or none (prompt estimate plus
+    /// `max_tokens`, or an allowance learned from recent responses); at the end, correct it to
+    /// the actual usage. Overshoot is bounded by the estimate's error, not by concurrency.
+    Reserve,
 }
 
 /// What the layer does when its store cannot answer (Redis down, timed out, breaker open).
@@ -328,6 +349,8 @@ pub(crate) struct Compiled {
     pub(crate) cost: Cost,
     pub(crate) inject_include_usage: bool,
     pub(crate) request_body_limit: usize,
+    pub(crate) mode: Mode,
+    pub(crate) default_output_tokens: u64,
 }
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
@@ -676,7 +699,7 @@ impl TokenRateLimitConfig {
             &self.unknown,
             "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
              consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode, cost, inject_include_usage, \
-             request_body_limit",
+             request_body_limit, mode, default_output_tokens",
         );
 
         let name = self.rule_name.trim();
@@ -794,6 +817,8 @@ impl TokenRateLimitConfig {
             cost,
             inject_include_usage: self.inject_include_usage.unwrap_or(true),
             request_body_limit: self.request_body_limit.unwrap_or(1 << 20),
+            mode: self.mode.unwrap_or_default(),
+            default_output_tokens: self.default_output_tokens.unwrap_or(1024),
         })
     }
 }

@@ -1,5 +1,5 @@
-//! The response future: waits for the store's answer, then either rejects or calls the inner
-//! service and wraps its response body in the meter.
+//! The response future: reads the start of the request body when it must, asks the store,
+//! then either rejects or calls the inner service and wraps its response body in the meter.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,13 +12,16 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::config::FailureMode;
+use crate::config::{FailureMode, Mode};
 use crate::layer::Shared;
-use crate::request::{Reader, RequestBody, inject_include_usage};
+use crate::request::{Reader, RequestBody, inject_include_usage, max_output_tokens, model};
 use crate::response;
-use crate::settle::{End, Meter};
-use crate::store::{Counter, CounterStatus, StoreFuture};
+use crate::settle::{End, Meter, Reserved};
+use crate::store::{Counter, CounterStatus, Reservation, StoreFuture};
 use crate::strip::UsageChunkFilter;
+
+/// Characters per token assumed for the prompt estimate.
+const BYTES_PER_TOKEN: u64 = 4;
 
 pin_project! {
     /// Response future of [`TokenRateLimit`](crate::TokenRateLimit).
@@ -34,9 +37,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody, F> {
-        /// Waiting for the store; holds the (ready) inner service and the request.
+        /// Reading the start of the body (when needed), then waiting for the store; holds the
+        /// (ready) inner service and the request.
         Checking {
-            check: StoreFuture<Vec<CounterStatus>>,
+            check: Option<Check>,
             pending: Option<Pending<S, ReqBody>>,
         },
         /// Waiting for the inner service.
@@ -52,13 +56,22 @@ pin_project! {
     }
 }
 
+/// The store call of one admission.
+enum Check {
+    /// Post-debit: read the counters.
+    Read(StoreFuture<Vec<CounterStatus>>),
+    /// Reserve: reserve this amount on all of them.
+    Reserve(StoreFuture<Reservation>, u64),
+}
+
 /// What the checking state needs to go on.
 pub(crate) struct Pending<S, ReqBody> {
     pub(crate) inner: S,
     pub(crate) head: http::request::Parts,
     /// The body; `None` while `reader` holds it.
     pub(crate) body: Option<ReqBody>,
-    /// Reads the start of the body first, to ask the upstream for usage.
+    /// Reads the start of the body first: to ask the upstream for usage, or to estimate the
+    /// request's cost in reserve mode.
     pub(crate) reader: Option<Reader<ReqBody>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) counters: Arc<[Counter]>,
@@ -66,6 +79,9 @@ pub(crate) struct Pending<S, ReqBody> {
     pub(crate) grpc: bool,
     pub(crate) request_bytes: u64,
     pub(crate) strip_usage: bool,
+    /// Reserve mode: the output limit the request set, and its model.
+    pub(crate) max_output: Option<u64>,
+    pub(crate) model: Option<String>,
 }
 
 /// An admitted request: its meter and the headers to put on its response.
@@ -111,17 +127,82 @@ where
         }
     }
 
-    pub(crate) fn checking(
-        check: StoreFuture<Vec<CounterStatus>>,
-        pending: Pending<S, ReqBody>,
-    ) -> Self {
+    pub(crate) fn checking(pending: Pending<S, ReqBody>) -> Self {
         Self {
             state: State::Checking {
-                check,
+                check: None,
                 pending: Some(pending),
             },
         }
     }
+}
+
+impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
+    /// Once the start of the body is read: hand the inner service an equivalent body (asking
+    /// for usage when the layer does that), and note what reserve mode needs. `false` when the
+    /// body failed.
+    fn body_read(&mut self) -> bool {
+        let Some(reader) = self.reader.take() else {
+            return true;
+        };
+        let (prefix, rest, failed) = reader.into_parts();
+        if failed {
+            return false;
+        }
+        let json = rest
+            .is_none()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&prefix).ok())
+            .flatten();
+        let settings = &self.shared.compiled;
+        if settings.mode == Mode::Reserve {
+            self.max_output = json.as_ref().and_then(max_output_tokens);
+            self.model = model(json.as_ref(), self.head.uri.path());
+        }
+        let injected = json
+            .as_ref()
+            .filter(|_| self.strip_usage)
+            .and_then(inject_include_usage);
+        self.strip_usage = injected.is_some();
+        self.body = Some(match injected {
+            Some(body) => {
+                self.head
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, body.len().into());
+                ReqBody::rebuild(body, None)
+            }
+            None => ReqBody::rebuild(prefix, rest),
+        });
+        true
+    }
+
+    fn prompt_tokens(&self) -> u64 {
+        self.request_bytes.div_ceil(BYTES_PER_TOKEN)
+    }
+
+    /// The store call: a read, or in reserve mode a reservation of the estimated cost.
+    fn check(&self) -> Check {
+        let store = &self.shared.store;
+        match self.shared.compiled.mode {
+            Mode::PostDebit => Check::Read(store.check(&self.counters)),
+            Mode::Reserve => {
+                let output = self
+                    .max_output
+                    .unwrap_or_else(|| self.shared.allowances.get(self.model.as_deref()));
+                let amount = self.prompt_tokens().saturating_add(output);
+                Check::Reserve(store.reserve(&self.counters, amount), amount)
+            }
+        }
+    }
+}
+
+/// What the store said.
+enum Decision {
+    Admit {
+        statuses: Option<Vec<CounterStatus>>,
+        reserved: Option<(Vec<u64>, u64, bool)>,
+    },
+    Reject(Vec<CounterStatus>, u64),
+    Unavailable,
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
@@ -138,88 +219,78 @@ where
             match this.state.as_mut().project() {
                 StateProj::Checking { check, pending } => {
                     let p = pending.as_mut().expect("polled after completion");
-                    let mut strip_usage = false;
                     if let Some(reader) = p.reader.as_mut() {
                         ready!(reader.poll_read(cx));
-                        let (prefix, rest, failed) = p.reader.take().expect("reading").into_parts();
-                        if failed {
+                        if !p.body_read() {
                             this.state.set(State::Rejected {
                                 response: Some(response::unreadable_body()),
                             });
                             continue;
                         }
-                        let injected = rest
-                            .is_none()
-                            .then(|| inject_include_usage(&prefix))
-                            .flatten();
-                        p.body = Some(match injected {
-                            Some(body) => {
-                                strip_usage = true;
-                                p.head
-                                    .headers
-                                    .insert(http::header::CONTENT_LENGTH, body.len().into());
-                                ReqBody::rebuild(body, None)
-                            }
-                            None => ReqBody::rebuild(prefix, rest),
-                        });
-                        p.strip_usage = strip_usage;
                     }
-                    let result = ready!(check.as_mut().poll(cx));
-                    let p = pending.take().expect("polled after completion");
-                    let statuses = match result {
-                        Ok(statuses) if statuses.len() == p.counters.len() => Some(statuses),
-                        Ok(statuses) => {
-                            tracing::error!(
-                                expected = p.counters.len(),
-                                got = statuses.len(),
-                                "store answered for the wrong number of counters; admitting"
-                            );
-                            None
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, rules = &*p.rules, "token rate limit store unavailable");
-                            None
-                        }
+                    let check = check.get_or_insert_with(|| p.check());
+                    let decision = match check {
+                        Check::Read(f) => match ready!(f.as_mut().poll(cx)) {
+                            Ok(statuses) => decide(p, Some(statuses), None, 0),
+                            Err(e) => {
+                                tracing::warn!(error = %e, rules = &*p.rules, "token rate limit store unavailable");
+                                decide(p, None, None, 0)
+                            }
+                        },
+                        Check::Reserve(f, amount) => match ready!(f.as_mut().poll(cx)) {
+                            Ok(r) => decide(p, Some(r.statuses), Some(r.windows), *amount),
+                            Err(e) => {
+                                tracing::warn!(error = %e, rules = &*p.rules, "token rate limit store unavailable");
+                                decide(p, None, None, *amount)
+                            }
+                        },
                     };
+                    let p = pending.take().expect("polled after completion");
                     let settings = &p.shared.compiled;
-                    let statuses = match (statuses, settings.failure_mode, &p.shared.fallback) {
-                        (Some(s), _, _) => Some(s),
-                        (None, FailureMode::Local, Some(local)) => {
-                            Some(local.check_now(&p.counters))
-                        }
-                        (None, FailureMode::Closed, _) => {
-                            let response = response::store_unavailable(p.grpc);
+                    let (statuses, reserved) = match decision {
+                        Decision::Reject(statuses, amount) => {
+                            tracing::debug!(
+                                rules = &*p.rules,
+                                "request rejected: token budget spent"
+                            );
+                            let response = response::rejection(
+                                settings,
+                                p.grpc,
+                                &p.counters,
+                                &statuses,
+                                amount,
+                            );
                             this.state.set(State::Rejected {
                                 response: Some(response),
                             });
                             continue;
                         }
-                        (None, _, _) => None,
+                        Decision::Unavailable => {
+                            this.state.set(State::Rejected {
+                                response: Some(response::store_unavailable(p.grpc)),
+                            });
+                            continue;
+                        }
+                        Decision::Admit { statuses, reserved } => (statuses, reserved),
                     };
-                    if let Some(statuses) = &statuses
-                        && statuses
-                            .iter()
-                            .zip(p.counters.iter())
-                            .any(|(s, c)| s.used >= c.limit)
-                    {
-                        tracing::debug!(rules = &*p.rules, "request rejected: token budget spent");
-                        let response = response::rejection(settings, p.grpc, &p.counters, statuses);
-                        this.state.set(State::Rejected {
-                            response: Some(response),
-                        });
-                        continue;
-                    }
                     let headers = statuses
                         .as_deref()
                         .filter(|_| settings.openai_headers)
                         .and_then(|s| response::tightest(&p.counters, s))
                         .map(|(c, s)| (c.clone(), *s));
+                    let prompt = p.prompt_tokens();
+                    let reservation = reserved.map(|(windows, amount, local)| Reserved {
+                        windows,
+                        amount,
+                        local,
+                        prompt,
+                        model: p.model.as_deref().map(Arc::from),
+                    });
                     let meter = Meter::new(
-                        p.shared.settler().clone(),
+                        p.shared.clone(),
                         p.counters,
                         p.rules,
-                        settings.cost,
-                        p.shared.extractor.clone(),
+                        reservation,
                         p.request_bytes,
                     );
                     let mut inner = p.inner;
@@ -256,5 +327,56 @@ where
                 }
             }
         }
+    }
+}
+
+/// Turns the store's answer (or its failure: `statuses` is `None`) into a decision, applying
+/// the failure mode. `windows` is the reserve answer: `Some(None)` when refused.
+fn decide<S, B>(
+    p: &Pending<S, B>,
+    statuses: Option<Vec<CounterStatus>>,
+    windows: Option<Option<Vec<u64>>>,
+    amount: u64,
+) -> Decision {
+    let settings = &p.shared.compiled;
+    let Some(statuses) = statuses.filter(|s| s.len() == p.counters.len()) else {
+        return match (settings.failure_mode, &p.shared.fallback) {
+            (FailureMode::Closed, _) => Decision::Unavailable,
+            (FailureMode::Local, Some(local)) => match settings.mode {
+                Mode::PostDebit => decide(p, Some(local.check_now(&p.counters)), None, 0),
+                Mode::Reserve => {
+                    let r = local.reserve_now(&p.counters, amount);
+                    match r.windows {
+                        Some(w) => Decision::Admit {
+                            statuses: Some(r.statuses),
+                            reserved: Some((w, amount, true)),
+                        },
+                        None => Decision::Reject(r.statuses, amount),
+                    }
+                }
+            },
+            _ => Decision::Admit {
+                statuses: None,
+                reserved: None,
+            },
+        };
+    };
+    match windows {
+        None if statuses
+            .iter()
+            .zip(p.counters.iter())
+            .any(|(s, c)| s.used >= c.limit) =>
+        {
+            Decision::Reject(statuses, 0)
+        }
+        None => Decision::Admit {
+            statuses: Some(statuses),
+            reserved: None,
+        },
+        Some(None) => Decision::Reject(statuses, amount),
+        Some(Some(w)) => Decision::Admit {
+            statuses: Some(statuses),
+            reserved: Some((w, amount, false)),
+        },
     }
 }

@@ -4,7 +4,8 @@ use std::sync::{Arc, OnceLock};
 
 use tower_layer::Layer;
 
-use crate::config::{Compiled, CustomSource, FailureMode, TokenRateLimitConfig};
+use crate::allowance::Allowances;
+use crate::config::{Compiled, CustomSource, FailureMode, Mode, TokenRateLimitConfig};
 use crate::cost::{Cost, CostConfig};
 use crate::error::{ConfigError, Problem};
 use crate::rule::{Rule, RuleKind};
@@ -21,6 +22,8 @@ pub(crate) struct Shared {
     pub(crate) fallback: Option<MemoryStore>,
     /// Reads usage from response headers and trailers.
     pub(crate) extractor: Option<Arc<dyn UsageExtractor>>,
+    /// Reserve mode's learned output allowances.
+    pub(crate) allowances: Allowances,
     settler: OnceLock<Settler>,
 }
 
@@ -210,6 +213,19 @@ impl TokenRateLimitLayerBuilder {
         self
     }
 
+    /// When tokens are counted: [`Mode::PostDebit`] (default) or [`Mode::Reserve`].
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.config.mode = Some(mode);
+        self
+    }
+
+    /// In reserve mode, the output allowance of requests without `max_tokens` until one is
+    /// learned (default 1024).
+    pub fn default_output_tokens(mut self, tokens: u64) -> Self {
+        self.config.default_output_tokens = Some(tokens);
+        self
+    }
+
     /// Whether streaming OpenAI chat / completions requests that did not ask for usage are made
     /// to (`stream_options.include_usage`), with the extra usage chunk removed from what the
     /// client receives (default true).
@@ -321,12 +337,14 @@ impl TokenRateLimitLayerBuilder {
             return Err(ConfigError::new(problems));
         };
         let fallback = (compiled.failure_mode == FailureMode::Local).then(MemoryStore::new);
+        let allowances = Allowances::new(compiled.default_output_tokens);
         Ok(TokenRateLimitLayer {
             shared: Arc::new(Shared {
                 compiled,
                 store,
                 fallback,
                 extractor: self.extractor,
+                allowances,
                 settler: OnceLock::new(),
             }),
         })

@@ -52,6 +52,7 @@
 #![warn(rust_2018_idioms, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod allowance;
 mod body;
 mod config;
 mod cost;
@@ -71,7 +72,7 @@ pub mod usage;
 
 pub use body::ResponseBody;
 pub use config::{
-    DEFAULT_KEY_PREFIX, FailureMode, LimitKeyConfig, RedisConfig, ResponseHeadersConfig,
+    DEFAULT_KEY_PREFIX, FailureMode, LimitKeyConfig, Mode, RedisConfig, ResponseHeadersConfig,
     RuleItemConfig, ThresholdConfig, TokenRateLimitConfig,
 };
 pub use cost::{Cost, CostConfig, CostWeights};

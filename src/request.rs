@@ -171,32 +171,81 @@ impl<B: RequestBody> Reader<B> {
     }
 }
 
-/// Whether a request is a streaming OpenAI chat / completions call that did not ask for usage,
-/// and if so the body rewritten to ask for it. `None`: leave the body as it is.
-pub(crate) fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
-    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let obj = v.as_object_mut()?;
-    if obj.get("stream").and_then(serde_json::Value::as_bool) != Some(true) {
+/// For a streaming OpenAI chat / completions body that did not ask for usage, the body
+/// rewritten to ask for it. `None`: leave the body as it is.
+pub(crate) fn inject_include_usage(body: &serde_json::Value) -> Option<Bytes> {
+    if body.get("stream").and_then(serde_json::Value::as_bool) != Some(true) {
         return None;
     }
-    let options = obj
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    let options = options.as_object_mut()?;
+    let options = body.get("stream_options");
+    if options.is_some_and(|o| !o.is_object()) {
+        return None;
+    }
     if options
-        .get("include_usage")
+        .and_then(|o| o.get("include_usage"))
         .and_then(serde_json::Value::as_bool)
         == Some(true)
     {
         return None;
     }
-    options.insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&v).ok().map(Bytes::from)
+    let mut body = body.clone();
+    let obj = body.as_object_mut()?;
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    options
+        .as_object_mut()?
+        .insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&body).ok().map(Bytes::from)
+}
+
+/// The output limit a request sets: `max_tokens` (OpenAI chat and Anthropic),
+/// `max_completion_tokens`, `max_output_tokens` (Responses API), or Gemini's
+/// `generationConfig.maxOutputTokens`.
+pub(crate) fn max_output_tokens(body: &serde_json::Value) -> Option<u64> {
+    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k)?.as_u64())
+        .or_else(|| {
+            body.get("generationConfig")?
+                .get("maxOutputTokens")?
+                .as_u64()
+        })
+}
+
+/// The model a request names: its JSON `model`, or Gemini's path `…/models/{model}:method`.
+pub(crate) fn model(body: Option<&serde_json::Value>, path: &str) -> Option<String> {
+    if let Some(m) = body.and_then(|b| b.get("model")?.as_str()) {
+        return Some(m.to_owned());
+    }
+    let rest = &path[path.find("/models/")? + "/models/".len()..];
+    let model = rest.split([':', '/']).next()?;
+    (!model.is_empty()).then(|| model.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
+        super::inject_include_usage(&serde_json::from_slice(body).ok()?)
+    }
+
+    #[test]
+    fn output_limits_and_models() {
+        let v =
+            serde_json::json!({"model": "gpt-4o", "max_completion_tokens": 50, "max_tokens": 9});
+        assert_eq!(max_output_tokens(&v), Some(50));
+        let g = serde_json::json!({"generationConfig": {"maxOutputTokens": 77}});
+        assert_eq!(max_output_tokens(&g), Some(77));
+        assert_eq!(
+            model(Some(&v), "/v1/chat/completions").as_deref(),
+            Some("gpt-4o")
+        );
+        let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
+        assert_eq!(model(Some(&g), path).as_deref(), Some("gemini-2.5-pro"));
+        assert_eq!(model(None, "/v1/chat"), None);
+    }
 
     #[test]
     fn injects_only_into_streaming_requests_without_usage() {

@@ -84,20 +84,22 @@ pub(crate) fn insert_token_headers(headers: &mut HeaderMap, c: &Counter, s: &Cou
     }
 }
 
-/// The rejection for a request whose counters include exhausted ones. The counter reported is
-/// the exhausted one that resets last: the request cannot pass before then.
+/// The rejection for a request some of whose counters cannot take it: spent ones, or in
+/// reserve mode ones without room for `amount`. The counter reported is the blocking one that
+/// resets last: the request cannot pass before then.
 pub(crate) fn rejection(
     settings: &Compiled,
     grpc: bool,
     counters: &[Counter],
     statuses: &[CounterStatus],
+    amount: u64,
 ) -> Response<Bytes> {
     let (counter, status) = counters
         .iter()
         .zip(statuses)
-        .filter(|(c, s)| s.used >= c.limit)
+        .filter(|(c, s)| !crate::store::reservation_fits(c, s, amount))
         .max_by_key(|(_, s)| s.reset)
-        .expect("a rejection has an exhausted counter");
+        .expect("a rejection has a blocking counter");
     let retry = ceil_secs(status.reset);
     let message = format!(
         "Token rate limit reached: {} tokens per {}. Retry after {retry}s.",

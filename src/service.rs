@@ -10,10 +10,11 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::config::Mode;
 use crate::future::{Pending, ResponseFuture};
 use crate::key::RequestView;
 use crate::layer::Shared;
-use crate::request::{Reader, RequestBody};
+use crate::request::{Reader, RequestBody, model};
 use crate::store::Counter;
 
 /// Token rate limiting around a service; made by [`TokenRateLimitLayer`](crate::TokenRateLimitLayer).
@@ -85,7 +86,6 @@ where
         rules.dedup();
         let rules: Arc<str> = rules.join(",").into();
         let counters: Arc<[Counter]> = matched.into_iter().map(|m| m.counter).collect();
-        let check = self.shared.store.check(&counters);
 
         let headers = request.headers();
         let grpc = headers
@@ -98,9 +98,12 @@ where
             .or_else(|| request.body().size_hint().exact())
             .unwrap_or_else(|| request.body().size_hint().lower());
         let settings = &self.shared.compiled;
-        let read = settings.inject_include_usage
-            && may_ask_for_usage(&request)
-            && content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
+        let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
+        let inject = settings.inject_include_usage && may_ask_for_usage(&request) && fits;
+        let reserve = settings.mode == Mode::Reserve;
+        let read = inject || (reserve && fits && is_json(request.headers()));
+        // Without reading the body, a Gemini path still names the model.
+        let model = reserve.then(|| model(None, request.uri().path())).flatten();
         let (head, body) = request.into_parts();
         let (body, reader) = if read {
             (None, Some(Reader::new(body, settings.request_body_limit)))
@@ -111,34 +114,35 @@ where
         // The ready service goes with the future; this one keeps a clone to drive readiness.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::checking(
-            check,
-            Pending {
-                inner,
-                head,
-                body,
-                reader,
-                shared: self.shared.clone(),
-                counters,
-                rules,
-                grpc,
-                request_bytes,
-                strip_usage: false,
-            },
-        )
+        ResponseFuture::checking(Pending {
+            inner,
+            head,
+            body,
+            reader,
+            shared: self.shared.clone(),
+            counters,
+            rules,
+            grpc,
+            request_bytes,
+            strip_usage: inject,
+            max_output: None,
+            model,
+        })
     }
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_none_or(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("json"))
+    }) && !headers.contains_key(http::header::CONTENT_ENCODING)
 }
 
 /// A JSON `POST` to an OpenAI chat or legacy completions endpoint, not compressed: its body may
 /// ask for a stream without usage.
 fn may_ask_for_usage<B>(request: &Request<B>) -> bool {
     let path = request.uri().path().trim_end_matches('/');
-    let headers = request.headers();
     request.method() == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
-        && headers.get(CONTENT_TYPE).is_none_or(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains("json"))
-        })
-        && !headers.contains_key(http::header::CONTENT_ENCODING)
+        && is_json(request.headers())
 }

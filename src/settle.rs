@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
 
-use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
+use crate::layer::Shared;
 use crate::store::{Counter, MemoryStore, Store};
-use crate::usage::{BodyFormat, Usage, UsageExtractor, UsageScanner};
+use crate::usage::{BodyFormat, Usage, UsageScanner};
 
 /// Characters per token assumed by the estimate (a usual figure for English text and JSON).
 const BYTES_PER_TOKEN: u64 = 4;
@@ -63,7 +63,24 @@ impl End {
 /// One debit to apply.
 pub(crate) struct Settlement {
     counters: Arc<[Counter]>,
+    /// The tokens used (actual or estimated).
     tokens: u64,
+    /// In reserve mode, the reservation to correct to `tokens`.
+    reservation: Option<Reserved>,
+}
+
+/// A reservation taken at admission.
+#[derive(Debug, Clone)]
+pub(crate) struct Reserved {
+    /// Each counter's window id.
+    pub(crate) windows: Vec<u64>,
+    /// The tokens reserved.
+    pub(crate) amount: u64,
+    /// Taken in the local fallback store (Redis was down), not the main one.
+    pub(crate) local: bool,
+    /// The prompt estimate within `amount`, and the model: for learning output allowances.
+    pub(crate) prompt: u64,
+    pub(crate) model: Option<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -158,13 +175,35 @@ async fn work(
     stats: Arc<Stats>,
 ) {
     while let Some(s) = rx.recv().await {
-        if let Some(local) = &fallback {
-            local.debit_now(&s.counters, s.tokens);
-        }
-        if s.tokens > 0
-            && let Err(e) = store.debit(&s.counters, s.tokens).await
-        {
-            tracing::warn!(error = %e, tokens = s.tokens, "token debit failed");
+        let result = match &s.reservation {
+            None => {
+                if let Some(local) = &fallback {
+                    local.debit_now(&s.counters, s.tokens);
+                }
+                if s.tokens > 0 {
+                    store.debit(&s.counters, s.tokens).await
+                } else {
+                    Ok(())
+                }
+            }
+            Some(r) if r.local => {
+                if let Some(local) = &fallback {
+                    local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
+                }
+                // The main store learns the usage once it is back.
+                store.debit(&s.counters, s.tokens).await
+            }
+            Some(r) => {
+                if let Some(local) = &fallback {
+                    local.debit_now(&s.counters, s.tokens);
+                }
+                store
+                    .settle(&s.counters, &r.windows, r.amount, s.tokens)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, tokens = s.tokens, "token settlement failed");
         }
         stats.done.fetch_add(1, Ordering::AcqRel);
         stats.notify.notify_waiters();
@@ -174,11 +213,10 @@ async fn work(
 /// Follows one admitted request to its end and settles it exactly once: with the usage the
 /// response reported, or an estimate when none arrived.
 pub(crate) struct Meter {
-    settler: Settler,
+    shared: Arc<Shared>,
     counters: Arc<[Counter]>,
     rules: Arc<str>,
-    cost: Cost,
-    extractor: Option<Arc<dyn UsageExtractor>>,
+    reservation: Option<Reserved>,
     /// Usage from the response headers or trailers, through the extractor.
     reported: Option<Usage>,
     /// Estimated prompt tokens, from the request body size.
@@ -196,19 +234,17 @@ pub(crate) struct Meter {
 
 impl Meter {
     pub(crate) fn new(
-        settler: Settler,
+        shared: Arc<Shared>,
         counters: Arc<[Counter]>,
         rules: Arc<str>,
-        cost: Cost,
-        extractor: Option<Arc<dyn UsageExtractor>>,
+        reservation: Option<Reserved>,
         request_bytes: u64,
     ) -> Self {
         Self {
-            settler,
+            shared,
             counters,
             rules,
-            cost,
-            extractor,
+            reservation,
             reported: None,
             request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
             scanner: None,
@@ -224,7 +260,7 @@ impl Meter {
     /// Looks at the response head: what format to scan, and whether it is an error.
     pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
         self.error_status = head.status.is_client_error() || head.status.is_server_error();
-        if let Some(e) = &self.extractor {
+        if let Some(e) = &self.shared.extractor {
             self.reported = e.in_headers(&head.headers);
         }
         self.format = head
@@ -267,6 +303,7 @@ impl Meter {
 
     pub(crate) fn on_trailers(&mut self, trailers: &http::HeaderMap) {
         if let Some(u) = self
+            .shared
             .extractor
             .as_ref()
             .and_then(|e| e.in_trailers(trailers))
@@ -291,12 +328,21 @@ impl Meter {
             (None, _) => None,
         }
         .or(self.reported);
-        let (tokens, estimated) = match usage {
-            Some(u) => (self.cost.tokens(&u), false),
+        let (tokens, estimated) = match (usage, &self.reservation) {
+            (Some(u), _) => (self.shared.compiled.cost.tokens(&u), false),
             // The provider reported no usage for a request it refused: it bills nothing.
-            None if self.error_status => (0, false),
-            None => (self.estimate(), true),
+            (None, _) if self.error_status => (0, false),
+            // Reserve mode without usage: the reservation stands as the estimate.
+            (None, Some(r)) => (r.amount, true),
+            (None, None) => (self.estimate(), true),
         };
+        if let Some(r) = &self.reservation
+            && !estimated
+        {
+            self.shared
+                .allowances
+                .record(r.model.as_deref(), tokens.saturating_sub(r.prompt));
+        }
         tracing::debug!(
             target: "tower_token_ratelimit",
             rules = &*self.rules,
@@ -305,9 +351,13 @@ impl Meter {
             end = end.as_str(),
             "token usage settled"
         );
-        self.settler.send(Settlement {
+        if estimated && self.reservation.is_some() {
+            return;
+        }
+        self.shared.settler().send(Settlement {
             counters: self.counters.clone(),
             tokens,
+            reservation: self.reservation.take(),
         });
     }
 }

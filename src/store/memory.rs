@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Counter, CounterStatus, Store, StoreFuture};
+use super::{Counter, CounterStatus, Reservation, Store, StoreFuture, reservation_fits};
 
 /// How many independently locked shards the map is split into.
 const SHARDS: usize = 64;
@@ -44,9 +44,29 @@ struct Inner {
     hasher: RandomState,
     shards: Box<[Mutex<Shard>]>,
     sweeper_running: AtomicBool,
+    /// Window ids are expiries in nanoseconds since this instant.
+    epoch: Instant,
 }
 
 type Shard = HashMap<Arc<str>, Entry>;
+
+/// The shards of one multi-counter operation, locked.
+struct Locked<'a> {
+    inner: &'a Inner,
+    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+}
+
+impl Locked<'_> {
+    fn map(&mut self, key: &str) -> &mut Shard {
+        let i = self.inner.shard_index(key);
+        let pos = self
+            .guards
+            .iter()
+            .position(|(j, _)| *j == i)
+            .expect("locked");
+        &mut self.guards[pos].1
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -76,6 +96,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 sweeper_running: AtomicBool::new(false),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -145,9 +166,102 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
+    fn shard_index(&self, key: &str) -> usize {
+        self.hasher.hash_one(key) as usize % self.shards.len()
+    }
+
     fn shard(&self, key: &str) -> &Mutex<Shard> {
-        let i = self.hasher.hash_one(key) as usize % self.shards.len();
-        &self.shards[i]
+        &self.shards[self.shard_index(key)]
+    }
+
+    fn window_id(&self, expires_at: Instant) -> u64 {
+        u64::try_from((expires_at - self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Locks every shard the counters live in, in index order, so two requests can never
+    /// wait on each other.
+    fn lock_all(&self, counters: &[Counter]) -> Locked<'_> {
+        let mut indices: Vec<usize> = counters.iter().map(|c| self.shard_index(&c.key)).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        Locked {
+            inner: self,
+            guards: indices
+                .iter()
+                .map(|&i| (i, lock(&self.shards[i])))
+                .collect(),
+        }
+    }
+
+    fn reserve(&self, counters: &[Counter], amount: u64, now: Instant) -> Reservation {
+        let mut locked = self.lock_all(counters);
+        let statuses: Vec<CounterStatus> = counters
+            .iter()
+            .map(|c| match locked.map(&c.key).get(&c.key) {
+                Some(e) if e.expires_at > now => CounterStatus {
+                    used: e.used,
+                    reset: e.expires_at - now,
+                },
+                _ => CounterStatus {
+                    used: 0,
+                    reset: c.window,
+                },
+            })
+            .collect();
+        let fits = counters
+            .iter()
+            .zip(&statuses)
+            .all(|(c, s)| reservation_fits(c, s, amount));
+        if !fits {
+            return Reservation {
+                statuses,
+                windows: None,
+            };
+        }
+        let windows = counters
+            .iter()
+            .map(|c| {
+                let e = locked.map(&c.key).entry(c.key.clone()).or_insert(Entry {
+                    used: 0,
+                    expires_at: now,
+                });
+                if e.expires_at <= now {
+                    *e = Entry {
+                        used: 0,
+                        expires_at: now + c.window,
+                    };
+                }
+                e.used = e.used.saturating_add(amount);
+                self.window_id(e.expires_at)
+            })
+            .collect();
+        Reservation {
+            statuses,
+            windows: Some(windows),
+        }
+    }
+
+    fn settle(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+        now: Instant,
+    ) {
+        for (c, &window) in counters.iter().zip(windows) {
+            let mut map = lock(self.shard(&c.key));
+            let same = map
+                .get(&c.key)
+                .is_some_and(|e| e.expires_at > now && self.window_id(e.expires_at) == window);
+            if same {
+                let e = map.get_mut(&c.key).expect("checked");
+                e.used = (e.used.saturating_add(actual)).saturating_sub(reserved);
+            } else if actual > reserved {
+                drop(map);
+                self.debit(std::slice::from_ref(c), actual - reserved, now);
+            }
+        }
     }
 
     fn sweep(&self, now: Instant) {
@@ -216,7 +330,40 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    pub(crate) fn reserve_now(&self, counters: &[Counter], amount: u64) -> Reservation {
+        self.ensure_sweeper();
+        self.inner.reserve(counters, amount, Instant::now())
+    }
+
+    pub(crate) fn settle_now(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) {
+        self.inner
+            .settle(counters, windows, reserved, actual, Instant::now());
+    }
+}
+
 impl Store for MemoryStore {
+    fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
+        Box::pin(std::future::ready(Ok(self.reserve_now(counters, amount))))
+    }
+
+    fn settle(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> StoreFuture<()> {
+        self.settle_now(counters, windows, reserved, actual);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
         Box::pin(std::future::ready(Ok(self.check_now(counters))))
     }
@@ -260,6 +407,42 @@ mod tests {
         assert_eq!(s[0].used, 0, "window over");
         store.debit(&c, 5).await.unwrap();
         assert_eq!(store.used("k"), 5, "a new window starts at the next debit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reservations_are_all_or_nothing_and_settle_in_their_window() {
+        let store = MemoryStore::new();
+        let (a, b) = (counter("a", 100, 60), counter("b", 1000, 60));
+        let both = [a.clone(), b.clone()];
+        let r = store.reserve(&both, 60).await.unwrap();
+        let windows = r.windows.expect("fits an empty window");
+        assert_eq!((store.used("a"), store.used("b")), (60, 60));
+        // 60 + 60 > 100 on `a`: nothing is reserved anywhere.
+        assert!(store.reserve(&both, 60).await.unwrap().windows.is_none());
+        assert_eq!((store.used("a"), store.used("b")), (60, 60));
+        // Actual 45: 15 refunded in the same window.
+        store.settle(&both, &windows, 60, 45).await.unwrap();
+        assert_eq!((store.used("a"), store.used("b")), (45, 45));
+
+        // A reservation whose window ended is not refunded into the next one...
+        let r = store.reserve(&both, 50).await.unwrap().windows.unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        store.debit(&both, 5).await.unwrap();
+        store.settle(&both, &r, 50, 10).await.unwrap();
+        assert_eq!(store.used("a"), 5);
+        // ...but extra usage still counts, in the current window.
+        let r = store.reserve(&both, 10).await.unwrap().windows.unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        store.settle(&both, &r, 10, 30).await.unwrap();
+        assert_eq!(store.used("a"), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_reservation_gets_one_turn_per_window() {
+        let store = MemoryStore::new();
+        let c = [counter("k", 100, 60)];
+        assert!(store.reserve(&c, 500).await.unwrap().windows.is_some());
+        assert!(store.reserve(&c, 1).await.unwrap().windows.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,6 +54,24 @@ impl CounterStatus {
     }
 }
 
+/// The answer to [`Store::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Every counter as it was before the reservation, in order.
+    pub statuses: Vec<CounterStatus>,
+    /// When the reservation was made: the id of each counter's window (its expiry), to settle
+    /// into the same window. `None` when it was refused.
+    pub windows: Option<Vec<u64>>,
+}
+
+/// Whether a reservation of `amount` fits a counter: its budget is not spent, and either its
+/// window is empty (a request larger than the whole budget still gets one turn per window) or
+/// the amount fits in what is left.
+pub fn reservation_fits(counter: &Counter, status: &CounterStatus, amount: u64) -> bool {
+    status.used < counter.limit
+        && (status.used == 0 || status.used.saturating_add(amount) <= counter.limit)
+}
+
 /// A place to keep token counters: the in-memory [`MemoryStore`], Redis, or your own.
 ///
 /// Both methods take the counters of one request. Implementations must treat them atomically
@@ -66,6 +84,34 @@ pub trait Store: Send + Sync + 'static {
     /// Adds `tokens` to every counter, starting a window (expiry = the counter's window) where
     /// none is running.
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()>;
+
+    /// Reserve mode, at admission, in one atomic step: when `amount` fits every counter (see
+    /// [`reservation_fits`]) adds it to all of them, starting windows where none runs, and
+    /// returns their window ids; otherwise changes nothing. The default answers with an error
+    /// (the layer's failure mode then applies): a store that supports reserve mode overrides it.
+    fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
+        let _ = (counters, amount);
+        Box::pin(std::future::ready(Err(StoreError::new(
+            "this store does not support reserve mode",
+        ))))
+    }
+
+    /// Reserve mode, at the end of the response: adds `actual - reserved` (a refund when
+    /// negative, never below zero) to each counter whose window is still the one in `windows`.
+    /// Where the window has ended since, a refund is dropped and extra usage goes to the
+    /// current window.
+    fn settle(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> StoreFuture<()> {
+        let _ = (counters, windows, reserved, actual);
+        Box::pin(std::future::ready(Err(StoreError::new(
+            "this store does not support reserve mode",
+        ))))
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -75,5 +121,19 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
         (**self).debit(counters, tokens)
+    }
+
+    fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
+        (**self).reserve(counters, amount)
+    }
+
+    fn settle(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> StoreFuture<()> {
+        (**self).settle(counters, windows, reserved, actual)
     }
 }

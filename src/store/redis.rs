@@ -10,12 +10,15 @@ use deadpool_redis::{
     ConnectionAddr, ConnectionInfo, ProtocolVersion, RedisConnectionInfo, Runtime,
 };
 
-use super::{Counter, CounterStatus, Store, StoreFuture};
+use super::{Counter, CounterStatus, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
 use crate::error::{ConfigError, Problems, StoreError};
 
 static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/check.lua")));
 static DEBIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/debit.lua")));
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/reserve.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/settle.lua")));
 
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -578,6 +581,34 @@ fn parse_check(values: Vec<Value>, counters: &[Counter]) -> Result<Vec<CounterSt
     Ok(out)
 }
 
+fn parse_reserve(values: Vec<Value>, counters: &[Counter]) -> Result<Reservation, StoreError> {
+    let err = |e: redis::ParsingError| StoreError::new(e.to_string());
+    if values.len() != 1 + counters.len() * 3 {
+        return Err(StoreError::new(format!(
+            "reserve script answered {} values for {} counters",
+            values.len(),
+            counters.len()
+        )));
+    }
+    let reserved = i64::from_redis_value_ref(&values[0]).map_err(err)? == 1;
+    let mut statuses = Vec::with_capacity(counters.len());
+    let mut windows = Vec::with_capacity(counters.len());
+    for (triple, c) in values[1..].chunks_exact(3).zip(counters) {
+        let used = i64::from_redis_value_ref(&triple[0]).map_err(err)?;
+        let pttl = i64::from_redis_value_ref(&triple[1]).map_err(err)?;
+        let window = i64::from_redis_value_ref(&triple[2]).map_err(err)?;
+        statuses.push(CounterStatus {
+            used: u64::try_from(used).unwrap_or(0),
+            reset: u64::try_from(pttl).map_or(c.window, Duration::from_millis),
+        });
+        windows.push(u64::try_from(window).unwrap_or(0));
+    }
+    Ok(Reservation {
+        statuses,
+        windows: reserved.then_some(windows),
+    })
+}
+
 fn keys_and_windows(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
     counters
         .iter()
@@ -593,6 +624,53 @@ impl Store for RedisStore {
             let (keys, _) = keys_and_windows(&counters);
             let values: Vec<Value> = inner.invoke(&CHECK, &keys, &[]).await?;
             parse_check(values, &counters)
+        })
+    }
+
+    fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
+        let inner = self.inner.clone();
+        let counters = counters.to_vec();
+        Box::pin(async move {
+            let (keys, windows) = keys_and_windows(&counters);
+            let args: Vec<u64> = std::iter::once(amount.min(i64::MAX as u64))
+                .chain(
+                    counters
+                        .iter()
+                        .zip(&windows)
+                        .flat_map(|(c, w)| [c.limit.min(i64::MAX as u64), *w]),
+                )
+                .collect();
+            let values: Vec<Value> = inner.invoke(&RESERVE, &keys, &args).await?;
+            parse_reserve(values, &counters)
+        })
+    }
+
+    fn settle(
+        &self,
+        counters: &[Counter],
+        window_ids: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        let (keys, windows) = keys_and_windows(counters);
+        let (reserved, actual) = (reserved.min(i64::MAX as u64), actual.min(i64::MAX as u64));
+        let args: Vec<u64> = [reserved, actual]
+            .into_iter()
+            .chain(
+                window_ids
+                    .iter()
+                    .zip(&windows)
+                    .flat_map(|(id, w)| [*id, *w]),
+            )
+            .collect();
+        Box::pin(async move {
+            if inner.invoke::<i64>(&SETTLE, &keys, &args).await.is_err() && actual > reserved {
+                // Extra usage is kept for when Redis is back; a refund is dropped (the
+                // conservative side).
+                inner.buffer(keys, windows, actual - reserved);
+            }
+            Ok(())
         })
     }
 
