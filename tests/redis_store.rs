@@ -609,3 +609,59 @@ async fn rediss_urls_connect_over_tls() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
 }
+
+#[tokio::test]
+async fn reservations_settle_in_the_window_they_were_taken_in() {
+    use tower_token_ratelimit::store::{Counter, Store};
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let c = |k: &str| Counter {
+        key: format!("{{t}}:{k}").into(),
+        limit: 100,
+        window: Duration::from_secs(1),
+    };
+    let both = [c("a"), c("b")];
+    let mut con = server.client();
+    let used = |con: &mut redis::Connection, k: &str| -> u64 {
+        con.get::<_, Option<u64>>(format!("{{t}}:{k}"))
+            .unwrap()
+            .unwrap_or(0)
+    };
+
+    let r = store.reserve(&both, 60).await.unwrap();
+    let windows = r.windows.expect("fits");
+    assert_eq!((used(&mut con, "a"), used(&mut con, "b")), (60, 60));
+    assert!(
+        store.reserve(&both, 60).await.unwrap().windows.is_none(),
+        "all or nothing"
+    );
+    assert_eq!(used(&mut con, "a"), 60);
+    store.settle(&both, &windows, 60, 45).await.unwrap();
+    assert_eq!(
+        (used(&mut con, "a"), used(&mut con, "b")),
+        (45, 45),
+        "refund in the same window"
+    );
+
+    // Across a window boundary: the refund is not paid into the next window.
+    let r = store.reserve(&both, 50).await.unwrap().windows.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(used(&mut con, "a"), 0, "the window ended");
+    store.debit(&both, 5).await.unwrap();
+    store.settle(&both, &r, 50, 10).await.unwrap();
+    assert_eq!(used(&mut con, "a"), 5);
+    // Extra usage still counts, in the current window.
+    let r = store.reserve(&both, 10).await.unwrap().windows.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    store.settle(&both, &r, 10, 30).await.unwrap();
+    assert_eq!(used(&mut con, "a"), 20);
+    let ttl: i64 = con.ttl("{t}:a").unwrap();
+    assert!(
+        (0..=1).contains(&ttl),
+        "a new window with its expiry: {ttl}"
+    );
+}
