@@ -166,6 +166,25 @@ pub struct RuleItemConfig {
     /// `from-remote-addr` or `from-header-<name>`: one counter per client IP.
     #[serde(default)]
     pub limit_by_per_ip: Option<String>,
+    /// Present (any value): one shared counter per listed model (the request's JSON `model`,
+    /// or Gemini's `/models/{model}:` path).
+    #[serde(default, deserialize_with = "present")]
+    pub limit_by_model: Option<serde_json::Value>,
+    /// Present (any value): one counter per model.
+    #[serde(default, deserialize_with = "present")]
+    pub limit_by_per_model: Option<serde_json::Value>,
+    /// One counter per combination of several sources, e.g. `[consumer, model]`; parts are
+    /// `consumer`, `model`, `ip` (the TCP peer), `header:<name>`, `param:<name>`,
+    /// `cookie:<name>`. The value matched by `limit_keys` is the parts joined with `|`
+    /// (`alice|gpt-4o`).
+    #[serde(default)]
+    pub limit_by_composite: Option<Vec<String>>,
+    /// The item applies only to these request paths: exact, or a prefix ending in `*`.
+    #[serde(default)]
+    pub paths: Option<Vec<String>>,
+    /// The item applies only to these methods (`POST`, ...).
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
     /// Treat the values as secrets: hashed in keys, never logged (always on for the
     /// `authorization`, `x-api-key` and `api-key` headers).
     #[serde(default)]
@@ -355,7 +374,7 @@ pub(crate) struct Compiled {
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
      limit_by_per_header, limit_by_per_param, limit_by_per_cookie, limit_by_per_consumer, \
-     limit_by_per_ip";
+     limit_by_per_ip, limit_by_model, limit_by_per_model, limit_by_composite";
 const WINDOWS: &str = "token_per_second, token_per_minute, token_per_hour, token_per_day";
 
 fn unknown_fields(
@@ -463,7 +482,7 @@ fn compile_item(
         p,
         &path,
         &item.unknown,
-        &format!("{SOURCES}, limit_keys, secret"),
+        &format!("{SOURCES}, limit_keys, secret, paths, methods"),
     );
     let present: Vec<(&'static str, Option<&str>)> = [
         ("limit_by_header", item.limit_by_header.as_deref()),
@@ -481,6 +500,15 @@ fn compile_item(
             item.limit_by_per_consumer.as_ref().map(|_| ""),
         ),
         ("limit_by_per_ip", item.limit_by_per_ip.as_deref()),
+        ("limit_by_model", item.limit_by_model.as_ref().map(|_| "")),
+        (
+            "limit_by_per_model",
+            item.limit_by_per_model.as_ref().map(|_| ""),
+        ),
+        (
+            "limit_by_composite",
+            item.limit_by_composite.as_ref().map(|_| ""),
+        ),
     ]
     .into_iter()
     .filter_map(|(field, v)| v.map(|v| (field, Some(v))))
@@ -514,7 +542,16 @@ fn compile_item(
         }
         (None, [(field, Some(value))]) => {
             let at = format!("{path}.{field}");
-            let needs_name = !field.ends_with("consumer");
+            let needs_name = matches!(
+                *field,
+                "limit_by_header"
+                    | "limit_by_param"
+                    | "limit_by_cookie"
+                    | "limit_by_per_header"
+                    | "limit_by_per_param"
+                    | "limit_by_per_cookie"
+                    | "limit_by_per_ip"
+            );
             if needs_name && value.is_empty() {
                 p.push(at, "must not be empty");
                 None
@@ -538,6 +575,13 @@ fn compile_item(
                     )),
                     "limit_by_consumer" | "limit_by_per_consumer" => {
                         Some((*field, MSE_CONSUMER.to_string(), KeySource::Consumer))
+                    }
+                    "limit_by_model" | "limit_by_per_model" => {
+                        Some((*field, "model".to_string(), KeySource::Model))
+                    }
+                    "limit_by_composite" => {
+                        let parts = item.limit_by_composite.as_deref().unwrap_or_default();
+                        composite(p, &at, parts).map(|(name, source)| (*field, name, source))
                     }
                     _ => {
                         let ip = if *value == "from-remote-addr" {
@@ -576,7 +620,7 @@ fn compile_item(
     let kind = match source.as_ref().map(|s| s.0) {
         None => KeyKind::Unknown,
         Some("limit_by_per_ip") => KeyKind::Ip,
-        Some(t) if t.starts_with("limit_by_per_") => KeyKind::Per,
+        Some(t) if t.starts_with("limit_by_per_") || t == "limit_by_composite" => KeyKind::Per,
         Some(_) => KeyKind::Exact,
     };
     let source_field = source.as_ref().map_or("limit_by_*", |s| s.0);
@@ -606,6 +650,25 @@ fn compile_item(
             entries.push(Entry { matcher, limits });
         }
     }
+    let mut methods = Vec::new();
+    for (j, m) in item.methods.iter().flatten().enumerate() {
+        match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => methods.push(m),
+            Err(_) => p.push(
+                format!("{path}.methods[{j}]"),
+                format!("`{m}` is not an HTTP method"),
+            ),
+        }
+    }
+    let paths = item.paths.clone().unwrap_or_default();
+    for (j, pth) in paths.iter().enumerate() {
+        if !pth.starts_with('/') {
+            p.push(
+                format!("{path}.paths[{j}]"),
+                format!("`{pth}` must start with `/` (exact, or a prefix ending in `*`)"),
+            );
+        }
+    }
     let (limit_type, key_name, source) = source?;
     Some(Item {
         limit_type,
@@ -613,7 +676,41 @@ fn compile_item(
         source,
         entries,
         secret,
+        paths,
+        methods,
     })
+}
+
+/// `limit_by_composite`: the parts' sources, and the key name (`consumer+model`).
+fn composite(p: &mut Problems, at: &str, parts: &[String]) -> Option<(String, KeySource)> {
+    if parts.len() < 2 {
+        p.push(at, "list two or more parts, e.g. [consumer, model]");
+        return None;
+    }
+    let mut sources = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let source = match part.split_once(':') {
+            None if part == "consumer" => Some(KeySource::Consumer),
+            None if part == "model" => Some(KeySource::Model),
+            None if part == "ip" => Some(KeySource::Ip(IpSource::RemoteAddr)),
+            Some(("header", name)) => header_name(p, at.clone(), name).map(KeySource::Header),
+            Some(("param", name)) if !name.is_empty() => Some(KeySource::Param(name.into())),
+            Some(("cookie", name)) if !name.is_empty() => Some(KeySource::Cookie(name.into())),
+            _ => {
+                p.push(
+                    at,
+                    format!(
+                        "`{part}` is not a part; use consumer, model, ip, header:<name>, \
+                         param:<name> or cookie:<name>"
+                    ),
+                );
+                None
+            }
+        };
+        sources.extend(source);
+    }
+    (sources.len() == parts.len()).then(|| (parts.join("+"), KeySource::Composite(sources)))
 }
 
 fn matcher(p: &mut Problems, at: &str, key: &str, kind: KeyKind, source: &str) -> Option<Matcher> {

@@ -13,9 +13,11 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::config::{FailureMode, Mode};
+use crate::key::RequestView;
 use crate::layer::Shared;
 use crate::request::{Reader, RequestBody, inject_include_usage, max_output_tokens, model};
 use crate::response;
+use crate::service::matched;
 use crate::settle::{End, Meter, Reserved};
 use crate::store::{Counter, CounterStatus, Reservation, StoreFuture};
 use crate::strip::UsageChunkFilter;
@@ -76,6 +78,8 @@ pub(crate) struct Pending<S, ReqBody> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) counters: Arc<[Counter]>,
     pub(crate) rules: Arc<str>,
+    /// The counters are found only once the body is read (rules on the model).
+    pub(crate) deferred: bool,
     pub(crate) grpc: bool,
     pub(crate) request_bytes: u64,
     pub(crate) strip_usage: bool,
@@ -154,7 +158,7 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
             .then(|| serde_json::from_slice::<serde_json::Value>(&prefix).ok())
             .flatten();
         let settings = &self.shared.compiled;
-        if settings.mode == Mode::Reserve {
+        if settings.mode == Mode::Reserve || self.deferred {
             self.max_output = json.as_ref().and_then(max_output_tokens);
             self.model = model(json.as_ref(), self.head.uri.path());
         }
@@ -226,6 +230,25 @@ where
                                 response: Some(response::unreadable_body()),
                             });
                             continue;
+                        }
+                    }
+                    if std::mem::take(&mut p.deferred) {
+                        let view = RequestView::from_parts(&p.head);
+                        match matched(&p.shared.compiled.rules, &view, p.model.as_deref()) {
+                            Some((counters, rules)) => (p.counters, p.rules) = (counters, rules),
+                            None => {
+                                let p = pending.take().expect("pending");
+                                let request = Request::from_parts(
+                                    p.head,
+                                    p.body.expect("body back from the reader"),
+                                );
+                                let mut inner = p.inner;
+                                this.state.set(State::Calling {
+                                    future: inner.call(request),
+                                    admitted: None,
+                                });
+                                continue;
+                            }
                         }
                     }
                     let check = check.get_or_insert_with(|| p.check());

@@ -56,6 +56,15 @@ impl<'a> RequestView<'a> {
         }
     }
 
+    pub(crate) fn from_parts(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        }
+    }
+
     /// The request method.
     pub fn method(&self) -> &'a Method {
         self.method
@@ -103,6 +112,10 @@ pub(crate) enum KeySource {
     Cookie(String),
     Consumer,
     Ip(IpSource),
+    /// The model the request names (JSON `model`, or Gemini's path).
+    Model,
+    /// Several sources joined with `|`, e.g. consumer × model; absent when any part is.
+    Composite(Vec<KeySource>),
     Custom(Arc<dyn KeyExtractor>),
 }
 
@@ -133,9 +146,19 @@ pub(crate) enum KeyValue<'a> {
 pub(crate) struct ExtractContext<'c> {
     pub(crate) consumer_header: Option<&'c HeaderName>,
     pub(crate) trusted_proxies: &'c [IpNet],
+    pub(crate) model: Option<&'c str>,
 }
 
 impl KeySource {
+    /// Whether the value needs the request body (the model).
+    pub(crate) fn needs_model(&self) -> bool {
+        match self {
+            KeySource::Model => true,
+            KeySource::Composite(parts) => parts.iter().any(KeySource::needs_model),
+            _ => false,
+        }
+    }
+
     pub(crate) fn extract<'a>(
         &self,
         req: &RequestView<'a>,
@@ -157,6 +180,20 @@ impl KeySource {
                 header_value(req.headers, cx.consumer_header?)
             }
             KeySource::Ip(source) => client_ip(req, source, cx.trusted_proxies).map(KeyValue::Ip),
+            KeySource::Model => cx.model.map(|m| text(Cow::Owned(m.to_owned()))),
+            KeySource::Composite(parts) => {
+                let mut joined = String::new();
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        joined.push('|');
+                    }
+                    match part.extract(req, cx)? {
+                        KeyValue::Text { text, .. } => joined.push_str(&text),
+                        KeyValue::Ip(ip) => joined.push_str(&ip.to_string()),
+                    }
+                }
+                Some(text(Cow::Owned(joined)))
+            }
             KeySource::Custom(extractor) => extractor.extract(req).map(|v| text(Cow::Owned(v))),
         }
         .filter(|v| !matches!(v, KeyValue::Text { text, .. } if text.is_empty()))

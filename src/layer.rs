@@ -125,6 +125,7 @@ pub struct TokenRateLimitLayerBuilder {
     config: TokenRateLimitConfig,
     customs: Vec<(usize, CustomSource)>,
     globals: usize,
+    misuses: Vec<Problem>,
     store: Option<Arc<dyn Store>>,
     extractor: Option<Arc<dyn UsageExtractor>>,
 }
@@ -138,6 +139,7 @@ impl Default for TokenRateLimitLayerBuilder {
             },
             customs: Vec::new(),
             globals: 0,
+            misuses: Vec::new(),
             store: None,
             extractor: None,
         }
@@ -171,6 +173,12 @@ impl TokenRateLimitLayerBuilder {
     /// Adds a rule. All matching rules apply; a request is rejected when any of its counters
     /// is spent.
     pub fn rule(mut self, rule: Rule) -> Self {
+        if let Some(message) = rule.misuse {
+            self.misuses.push(Problem {
+                path: "global_threshold".into(),
+                message: message.into(),
+            });
+        }
         match rule.kind {
             RuleKind::Global(t) => {
                 self.globals += 1;
@@ -320,6 +328,7 @@ impl TokenRateLimitLayerBuilder {
             .compile(&self.customs)
             .map_err(|e| problems.extend_from_slice(e.problems()))
             .ok();
+        problems.extend(self.misuses);
         if self.globals > 1 {
             problems.push(Problem {
                 path: "global_threshold".into(),

@@ -38,6 +38,8 @@ const MAX_RAW_VALUE: usize = 128;
 #[derive(Clone)]
 pub struct Rule {
     pub(crate) kind: RuleKind,
+    /// A builder call that does not apply to this kind of rule, reported by `build`.
+    pub(crate) misuse: Option<&'static str>,
 }
 
 #[derive(Clone)]
@@ -97,6 +99,7 @@ impl Rule {
     fn item(item: RuleItemConfig) -> Self {
         Self {
             kind: RuleKind::Item(item),
+            misuse: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl Rule {
     pub fn global() -> Self {
         Self {
             kind: RuleKind::Global(ThresholdConfig::default()),
+            misuse: None,
         }
     }
 
@@ -148,6 +152,72 @@ impl Rule {
         })
     }
 
+    /// One shared counter per listed model (`limit_by_model`): the request's JSON `model`, or
+    /// Gemini's `/models/{model}:` path.
+    pub fn model() -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_model: Some(serde_json::Value::Null),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per model (`limit_by_per_model`).
+    pub fn per_model() -> Self {
+        Self::item(RuleItemConfig {
+            limit_by_per_model: Some(serde_json::Value::Null),
+            ..Default::default()
+        })
+    }
+
+    /// One counter per combination of sources (`limit_by_composite`), e.g.
+    /// `Rule::composite(["consumer", "model"])` for a budget per consumer and model. Parts:
+    /// `consumer`, `model`, `ip`, `header:<name>`, `param:<name>`, `cookie:<name>`; keys match
+    /// the values joined with `|` (`alice|gpt-4o`).
+    pub fn composite<I>(parts: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::item(RuleItemConfig {
+            limit_by_composite: Some(parts.into_iter().map(Into::into).collect()),
+            ..Default::default()
+        })
+    }
+
+    /// Applies the rule only to these paths: exact, or a prefix ending in `*`.
+    pub fn paths<I>(mut self, paths: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        match &mut self.kind {
+            RuleKind::Item(item) | RuleKind::Custom { item, .. } => {
+                item.paths = Some(paths.into_iter().map(Into::into).collect());
+            }
+            RuleKind::Global(_) => {
+                self.misuse = Some("paths() applies to rule items, not Rule::global()")
+            }
+        }
+        self
+    }
+
+    /// Applies the rule only to these methods.
+    pub fn methods<I>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        match &mut self.kind {
+            RuleKind::Item(item) | RuleKind::Custom { item, .. } => {
+                item.methods = Some(methods.into_iter().map(Into::into).collect());
+            }
+            RuleKind::Global(_) => {
+                self.misuse = Some("methods() applies to rule items, not Rule::global()")
+            }
+        }
+        self
+    }
+
     /// One counter per client IP, from the TCP peer (`limit_by_per_ip: from-remote-addr`).
     pub fn per_ip() -> Self {
         Self::item(RuleItemConfig {
@@ -175,6 +245,7 @@ impl Rule {
                 extractor: Arc::new(extractor),
                 item: RuleItemConfig::default(),
             },
+            misuse: None,
         }
     }
 
@@ -278,6 +349,22 @@ pub(crate) struct Item {
     pub(crate) source: KeySource,
     pub(crate) entries: Vec<Entry>,
     pub(crate) secret: bool,
+    /// The item applies only to these paths (exact, or a prefix ending in `*`); all if empty.
+    pub(crate) paths: Vec<String>,
+    /// The item applies only to these methods; all if empty.
+    pub(crate) methods: Vec<http::Method>,
+}
+
+impl Item {
+    fn applies(&self, req: &RequestView<'_>) -> bool {
+        let path = req.uri().path();
+        (self.methods.is_empty() || self.methods.contains(req.method()))
+            && (self.paths.is_empty()
+                || self.paths.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == p,
+                }))
+    }
 }
 
 /// Everything needed to map a request to its counters.
@@ -303,7 +390,12 @@ impl Rules {
     /// The counters this request is limited by: the global threshold's, then, for every rule
     /// item whose source yields a value, those of its first matching entry. Duplicates (the
     /// same counter key from two items) are kept once, with the smaller limit.
-    pub(crate) fn counters(&self, req: &RequestView<'_>) -> Vec<Matched> {
+    /// Whether a rule keys on the model, so the request body must be read before matching.
+    pub(crate) fn needs_model(&self) -> bool {
+        self.items.iter().any(|i| i.source.needs_model())
+    }
+
+    pub(crate) fn counters(&self, req: &RequestView<'_>, model: Option<&str>) -> Vec<Matched> {
         let mut out: Vec<Matched> = Vec::new();
         for limit in &self.global {
             let key = format!("{}:global_threshold:{}", self.key_base, limit.window_secs);
@@ -315,8 +407,12 @@ impl Rules {
         let cx = ExtractContext {
             consumer_header: self.consumer_header.as_ref(),
             trusted_proxies: &self.trusted_proxies,
+            model,
         };
         for (i, item) in self.items.iter().enumerate() {
+            if !item.applies(req) {
+                continue;
+            }
             let Some(value) = item.source.extract(req, &cx) else {
                 continue;
             };

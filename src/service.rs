@@ -74,19 +74,17 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let matched = self
-            .shared
-            .compiled
-            .rules
-            .counters(&RequestView::new(&request));
-        if matched.is_empty() {
-            return ResponseFuture::unmetered(self.inner.call(request));
-        }
-        let mut rules: Vec<&str> = matched.iter().map(|m| &*m.rule).collect();
-        rules.dedup();
-        let rules: Arc<str> = rules.join(",").into();
-        let counters: Arc<[Counter]> = matched.into_iter().map(|m| m.counter).collect();
-
+        let rules = &self.shared.compiled.rules;
+        // Rules on the model can only be matched once the body has been read.
+        let deferred = rules.needs_model();
+        let (counters, names) = if deferred {
+            (Arc::from([]), Arc::from(""))
+        } else {
+            match matched(rules, &RequestView::new(&request), None) {
+                Some(m) => m,
+                None => return ResponseFuture::unmetered(self.inner.call(request)),
+            }
+        };
         let headers = request.headers();
         let grpc = headers
             .get(CONTENT_TYPE)
@@ -101,9 +99,11 @@ where
         let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
         let inject = settings.inject_include_usage && may_ask_for_usage(&request) && fits;
         let reserve = settings.mode == Mode::Reserve;
-        let read = inject || (reserve && fits && is_json(request.headers()));
+        let read = inject || ((reserve || deferred) && fits && is_json(request.headers()));
         // Without reading the body, a Gemini path still names the model.
-        let model = reserve.then(|| model(None, request.uri().path())).flatten();
+        let model = (reserve || deferred)
+            .then(|| model(None, request.uri().path()))
+            .flatten();
         let (head, body) = request.into_parts();
         let (body, reader) = if read {
             (None, Some(Reader::new(body, settings.request_body_limit)))
@@ -121,7 +121,8 @@ where
             reader,
             shared: self.shared.clone(),
             counters,
-            rules,
+            rules: names,
+            deferred,
             grpc,
             request_bytes,
             strip_usage: inject,
@@ -145,4 +146,20 @@ fn may_ask_for_usage<B>(request: &Request<B>) -> bool {
     request.method() == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
         && is_json(request.headers())
+}
+
+/// The counters a request falls under and the rules they come from, or `None`.
+pub(crate) fn matched(
+    rules: &crate::rule::Rules,
+    view: &RequestView<'_>,
+    model: Option<&str>,
+) -> Option<(Arc<[Counter]>, Arc<str>)> {
+    let matched = rules.counters(view, model);
+    if matched.is_empty() {
+        return None;
+    }
+    let mut names: Vec<&str> = matched.iter().map(|m| &*m.rule).collect();
+    names.dedup();
+    let names: Arc<str> = names.join(",").into();
+    Some((matched.into_iter().map(|m| m.counter).collect(), names))
 }
