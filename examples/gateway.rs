@@ -15,7 +15,9 @@
 //! The upstream is plain `http://` (add a TLS connector to the client for `https://`). Logs go
 //! to stderr (`RUST_LOG`, default `info`); stdout gets one line, `listening on ADDR`. On ctrl-c
 //! or SIGTERM the gateway stops accepting, lets requests in flight finish, writes their debits
-//! and exits 0. Bad arguments exit 2, a bad config file exits 1 with every problem listed.
+//! and exits 0. On SIGHUP it reads the config file again and applies its limits without
+//! resetting counters. Bad arguments exit 2, a bad config file exits 1 with every problem
+//! listed.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -100,10 +102,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     }))
 }
 
-fn load_limits(path: &Path, redis: Option<&str>) -> Result<TokenRateLimitLayer, String> {
+fn read_config(path: &Path) -> Result<TokenRateLimitConfig, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let mut config: TokenRateLimitConfig =
-        serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    serde_yaml::from_str(&text).map_err(|e| e.to_string())
+}
+
+fn load_limits(path: &Path, redis: Option<&str>) -> Result<TokenRateLimitLayer, String> {
+    let mut config = read_config(path)?;
     if let Some(url) = redis {
         let mut block = RedisConfig::default();
         block.url = Some(url.to_owned());
@@ -244,10 +249,39 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     })
 }
 
+/// On SIGHUP, reads the config file again and swaps in its limits; counters keep their used
+/// tokens. A file with problems is logged and the running limits stay.
+fn reload_on_sighup(path: &Path, limits: &TokenRateLimitLayer) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup())?;
+        let (path, limits) = (path.to_owned(), limits.clone());
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let reloaded = read_config(&path)
+                    .and_then(|config| limits.reload(config).map_err(|e| e.to_string()));
+                match reloaded {
+                    Ok(()) => tracing::info!(config = %path.display(), "limits reloaded"),
+                    Err(e) => tracing::error!(
+                        config = %path.display(),
+                        error = %e,
+                        "reload failed; the running limits stay"
+                    ),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (path, limits);
+    Ok(())
+}
+
 async fn serve(args: Args, limits: TokenRateLimitLayer) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
+    reload_on_sighup(Path::new(&args.config), &limits)?;
     tracing::info!(%addr, upstream = %args.upstream.base, "gateway started");
     let app = Router::new()
         .fallback(forward)

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::config::{FailureMode, Mode};
+use crate::config::{Compiled, FailureMode, Mode};
 use crate::key::RequestView;
 use crate::layer::Shared;
 use crate::request::{Reader, RequestBody, inject_include_usage, max_output_tokens, model};
@@ -76,6 +76,8 @@ pub(crate) struct Pending<S, ReqBody> {
     /// request's cost in reserve mode.
     pub(crate) reader: Option<Reader<ReqBody>>,
     pub(crate) shared: Arc<Shared>,
+    /// The settings this request runs under, whatever reloads happen meanwhile.
+    pub(crate) settings: Arc<Compiled>,
     pub(crate) counters: Arc<[Counter]>,
     pub(crate) rules: Arc<str>,
     /// The counters are found only once the body is read (rules on the model).
@@ -157,7 +159,7 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
             .is_none()
             .then(|| serde_json::from_slice::<serde_json::Value>(&prefix).ok())
             .flatten();
-        let settings = &self.shared.compiled;
+        let settings = &self.settings;
         if settings.mode == Mode::Reserve || self.deferred {
             self.max_output = json.as_ref().and_then(max_output_tokens);
             self.model = model(json.as_ref(), self.head.uri.path());
@@ -186,7 +188,7 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
     /// The store call: a read, or in reserve mode a reservation of the estimated cost.
     fn check(&self) -> Check {
         let store = &self.shared.store;
-        match self.shared.compiled.mode {
+        match self.settings.mode {
             Mode::PostDebit => Check::Read(store.check(&self.counters)),
             Mode::Reserve => {
                 let output = self
@@ -234,7 +236,7 @@ where
                     }
                     if std::mem::take(&mut p.deferred) {
                         let view = RequestView::from_parts(&p.head);
-                        match matched(&p.shared.compiled.rules, &view, p.model.as_deref()) {
+                        match matched(&p.settings.rules, &view, p.model.as_deref()) {
                             Some((counters, rules)) => (p.counters, p.rules) = (counters, rules),
                             None => {
                                 let p = pending.take().expect("pending");
@@ -269,7 +271,7 @@ where
                         },
                     };
                     let p = pending.take().expect("polled after completion");
-                    let settings = &p.shared.compiled;
+                    let settings = &p.settings;
                     let (statuses, reserved) = match decision {
                         Decision::Reject(statuses, amount) => {
                             tracing::debug!(
@@ -311,6 +313,7 @@ where
                     });
                     let meter = Meter::new(
                         p.shared.clone(),
+                        settings.cost,
                         p.counters,
                         p.rules,
                         reservation,
@@ -361,7 +364,7 @@ fn decide<S, B>(
     windows: Option<Option<Vec<u64>>>,
     amount: u64,
 ) -> Decision {
-    let settings = &p.shared.compiled;
+    let settings = &p.settings;
     let Some(statuses) = statuses.filter(|s| s.len() == p.counters.len()) else {
         return match (settings.failure_mode, &p.shared.fallback) {
             (FailureMode::Closed, _) => Decision::Unavailable,

@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
+
 use tower_layer::Layer;
 
 use crate::allowance::Allowances;
@@ -16,7 +18,8 @@ use crate::usage::UsageExtractor;
 
 /// What every service made by one layer shares.
 pub(crate) struct Shared {
-    pub(crate) compiled: Compiled,
+    /// The validated settings; swapped whole by [`TokenRateLimitLayer::reload`].
+    pub(crate) compiled: ArcSwap<Compiled>,
     pub(crate) store: Arc<dyn Store>,
     /// The in-memory store decisions fall back to in `local` failure mode.
     pub(crate) fallback: Option<MemoryStore>,
@@ -63,8 +66,11 @@ pub struct TokenRateLimitLayer {
 impl std::fmt::Debug for TokenRateLimitLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRateLimitLayer")
-            .field("rule_items", &self.shared.compiled.rules.items.len())
-            .field("global", &!self.shared.compiled.rules.global.is_empty())
+            .field("rule_items", &self.shared.compiled.load().rules.items.len())
+            .field(
+                "global",
+                &!self.shared.compiled.load().rules.global.is_empty(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -88,6 +94,35 @@ impl TokenRateLimitLayer {
         if let Some(settler) = self.shared.settler.get() {
             settler.flush().await;
         }
+    }
+
+    /// Replaces the limits (and the other settings of a configuration) of a running layer,
+    /// for every service it made; counters keep their used tokens, since their keys do not
+    /// change unless `rule_name` or `key_prefix` does. Requests already admitted finish under
+    /// the settings they started with. The store is not changed (a `redis` block is ignored),
+    /// nor are rules added with [`Rule::per_key`]. On a problem nothing changes.
+    ///
+    /// ```
+    /// # use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
+    /// let cfg = |n: u64| -> TokenRateLimitConfig {
+    ///     serde_json::from_value(serde_json::json!({"rule_name": "r", "global_threshold": {"token_per_minute": n}})).unwrap()
+    /// };
+    /// let layer = TokenRateLimitLayer::from_config(cfg(1000))?;
+    /// layer.reload(cfg(5000))?;
+    /// # Ok::<_, tower_token_ratelimit::ConfigError>(())
+    /// ```
+    pub fn reload(&self, config: TokenRateLimitConfig) -> Result<(), ConfigError> {
+        let compiled = config.compile(&[])?;
+        if compiled.failure_mode == FailureMode::Local && self.shared.fallback.is_none() {
+            return Err(ConfigError::new(vec![Problem {
+                path: "failure_mode".into(),
+                message: "`local` needs the in-memory fallback made when the layer is built; \
+                          build it with failure_mode local"
+                    .into(),
+            }]));
+        }
+        self.shared.compiled.store(Arc::new(compiled));
+        Ok(())
     }
 
     /// Debits handed to the background worker and not yet written.
@@ -349,7 +384,7 @@ impl TokenRateLimitLayerBuilder {
         let allowances = Allowances::new(compiled.default_output_tokens);
         Ok(TokenRateLimitLayer {
             shared: Arc::new(Shared {
-                compiled,
+                compiled: ArcSwap::from_pointee(compiled),
                 store,
                 fallback,
                 extractor: self.extractor,

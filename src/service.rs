@@ -74,7 +74,8 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let rules = &self.shared.compiled.rules;
+        let settings = self.shared.compiled.load_full();
+        let rules = &settings.rules;
         // Rules on the model can only be matched once the body has been read.
         let deferred = rules.needs_model();
         let (counters, names) = if deferred {
@@ -95,7 +96,6 @@ where
         let request_bytes = content_length
             .or_else(|| request.body().size_hint().exact())
             .unwrap_or_else(|| request.body().size_hint().lower());
-        let settings = &self.shared.compiled;
         let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
         let inject = settings.inject_include_usage && may_ask_for_usage(&request) && fits;
         let reserve = settings.mode == Mode::Reserve;
@@ -120,6 +120,7 @@ where
             body,
             reader,
             shared: self.shared.clone(),
+            settings,
             counters,
             rules: names,
             deferred,

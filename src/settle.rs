@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
 
+use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
 use crate::store::{Counter, MemoryStore, Store};
@@ -214,6 +215,7 @@ async fn work(
 /// response reported, or an estimate when none arrived.
 pub(crate) struct Meter {
     shared: Arc<Shared>,
+    cost: Cost,
     counters: Arc<[Counter]>,
     rules: Arc<str>,
     reservation: Option<Reserved>,
@@ -235,6 +237,7 @@ pub(crate) struct Meter {
 impl Meter {
     pub(crate) fn new(
         shared: Arc<Shared>,
+        cost: Cost,
         counters: Arc<[Counter]>,
         rules: Arc<str>,
         reservation: Option<Reserved>,
@@ -242,6 +245,7 @@ impl Meter {
     ) -> Self {
         Self {
             shared,
+            cost,
             counters,
             rules,
             reservation,
@@ -329,7 +333,7 @@ impl Meter {
         }
         .or(self.reported);
         let (tokens, estimated) = match (usage, &self.reservation) {
-            (Some(u), _) => (self.shared.compiled.cost.tokens(&u), false),
+            (Some(u), _) => (self.cost.tokens(&u), false),
             // The provider reported no usage for a request it refused: it bills nothing.
             (None, _) if self.error_status => (0, false),
             // Reserve mode without usage: the reservation stands as the estimate.

@@ -575,3 +575,76 @@ async fn two_gateways_with_redis_share_one_budget() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads_the_limits_and_keeps_the_counters() {
+    let (_llm, upstream) = Llm::start(None).await;
+    let config = config_file("reload", &per_user_config(100));
+    let (gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+    let erin = [("x-user", "erin")];
+    assert_eq!(
+        send(addr, CHAT, &erin, REQUEST).await.status,
+        StatusCode::OK
+    );
+    // 316 of 100 tokens used once the debit lands.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while send(addr, CHAT, &erin, REQUEST).await.status != StatusCode::TOO_MANY_REQUESTS {
+        assert!(Instant::now() < deadline, "never rejected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&config, per_user_config(10_000)).unwrap();
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let admitted = loop {
+        let r = send(addr, CHAT, &erin, REQUEST).await;
+        if r.status == StatusCode::OK {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new limits never applied:\n{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(admitted.header("x-ratelimit-limit-tokens"), Some("10000"));
+    let remaining: u64 = admitted
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining <= 10_000 - FIXTURE_TOKENS,
+        "counters kept ({remaining} left)"
+    );
+    // A broken file is logged and the running limits stay.
+    std::fs::write(&config, "rule_name: [").unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.stderr().contains("reload failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload error logged:\n{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        send(addr, CHAT, &erin, REQUEST).await.status,
+        StatusCode::OK
+    );
+}

@@ -1077,3 +1077,54 @@ async fn works_under_route_layer_and_service_builder() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn reload_changes_limits_and_keeps_used_tokens() {
+    let cfg = |tokens: u64| -> TokenRateLimitConfig {
+        serde_json::from_value(serde_json::json!({
+            "rule_name": "default",
+            "rule_items": [{"limit_by_per_header": "x-user", "limit_keys": [{"key": "*", "token_per_minute": tokens}]}]
+        }))
+        .unwrap()
+    };
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .config(cfg(150))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "r")];
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    limits.reload(cfg(1000)).unwrap();
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("x-ratelimit-remaining-tokens"),
+        Some("800"),
+        "the 200 used are kept"
+    );
+    limits.flush().await;
+    // A bad configuration changes nothing.
+    assert!(limits.reload(cfg(0)).is_err());
+    assert_eq!(
+        send(addr, CHAT, &h, STREAM)
+            .await
+            .header("x-ratelimit-limit-tokens"),
+        Some("1000")
+    );
+    limits.flush().await;
+    limits.reload(cfg(250)).unwrap();
+    assert_eq!(
+        send(addr, CHAT, &h, STREAM).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(store.used(&key("limit_by_per_header:60:x-user:r")), 400);
+}
