@@ -148,7 +148,21 @@ fn redis_commands(server: &RedisServer) -> u64 {
         .query(&mut con)
         .unwrap();
     // Commands clients sent: scripts' inner commands and INFO itself left out.
-    let inner = ["get", "pttl", "incrby", "ttl", "expire", "info", "config"];
+    let inner = [
+        "get",
+        "pttl",
+        "incrby",
+        "decrby",
+        "ttl",
+        "expire",
+        "pexpire",
+        "pexpiretime",
+        "time",
+        "hmget",
+        "hset",
+        "info",
+        "config",
+    ];
     info.lines()
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter(|l| !inner.contains(&l.split(':').next().unwrap_or("")))

@@ -38,6 +38,7 @@ use crate::cost::{Cost, CostConfig};
 use crate::error::{ConfigError, Problems};
 use crate::key::{IpSource, KeyExtractor, KeySource};
 use crate::rule::{Entry, Item, Limit, MSE_CONSUMER, Matcher, Rules};
+use crate::store::Algorithm;
 
 /// The default `key_prefix`, Higress's.
 pub const DEFAULT_KEY_PREFIX: &str = "higress-token-ratelimit";
@@ -131,6 +132,9 @@ pub struct ThresholdConfig {
     /// Tokens per day.
     #[serde(default)]
     pub token_per_day: Option<u64>,
+    /// `fixed_window` (default), `sliding_window` or `token_bucket`.
+    #[serde(default)]
+    pub algorithm: Option<Algorithm>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -216,6 +220,9 @@ pub struct LimitKeyConfig {
     /// Tokens per day.
     #[serde(default)]
     pub token_per_day: Option<u64>,
+    /// `fixed_window` (default), `sliding_window` or `token_bucket`.
+    #[serde(default)]
+    pub algorithm: Option<Algorithm>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -396,6 +403,7 @@ fn unknown_fields(
 fn limits(
     p: &mut Problems,
     path: &str,
+    algorithm: Option<Algorithm>,
     windows: [(&str, Option<u64>, u64); 4],
     unknown: &BTreeMap<String, serde_json::Value>,
     expected: &str,
@@ -411,6 +419,7 @@ fn limits(
             Some(tokens) => out.push(Limit {
                 tokens,
                 window_secs,
+                algorithm: algorithm.unwrap_or_default(),
             }),
             None => {}
         }
@@ -637,6 +646,7 @@ fn compile_item(
         let limits = limits(
             p,
             &at,
+            lk.algorithm,
             windows(
                 lk.token_per_second,
                 lk.token_per_minute,
@@ -644,7 +654,7 @@ fn compile_item(
                 lk.token_per_day,
             ),
             &lk.unknown,
-            &format!("key, {WINDOWS}"),
+            &format!("key, {WINDOWS}, algorithm"),
         );
         if let Some(matcher) = matcher {
             entries.push(Entry { matcher, limits });
@@ -837,6 +847,7 @@ impl TokenRateLimitConfig {
             limits(
                 &mut p,
                 "global_threshold",
+                t.algorithm,
                 windows(
                     t.token_per_second,
                     t.token_per_minute,
@@ -844,7 +855,7 @@ impl TokenRateLimitConfig {
                     t.token_per_day,
                 ),
                 &t.unknown,
-                WINDOWS,
+                &format!("{WINDOWS}, algorithm"),
             )
         });
         if self.global_threshold.is_none() && self.rule_items.is_empty() {

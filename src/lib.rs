@@ -83,3 +83,4 @@ pub use layer::{TokenRateLimitLayer, TokenRateLimitLayerBuilder};
 pub use request::RequestBody;
 pub use rule::Rule;
 pub use service::TokenRateLimit;
+pub use store::Algorithm;

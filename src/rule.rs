@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{LimitKeyConfig, RuleItemConfig, ThresholdConfig};
 use crate::key::{ExtractContext, KeyExtractor, KeySource, KeyValue, RequestView};
-use crate::store::Counter;
+use crate::store::{Algorithm, Counter};
 
 /// The Higress consumer header; also the key-name part of consumer counters.
 pub(crate) const MSE_CONSUMER: &str = "x-mse-consumer";
@@ -287,6 +287,21 @@ impl Rule {
         self
     }
 
+    /// Sets the algorithm of the current entry's limits (or the global threshold's):
+    /// fixed window (default), sliding window or token bucket.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        match &mut self.kind {
+            RuleKind::Global(t) => t.algorithm = Some(algorithm),
+            RuleKind::Item(item) | RuleKind::Custom { item, .. } => {
+                if item.limit_keys.is_empty() {
+                    item.limit_keys.push(LimitKeyConfig::new("*"));
+                }
+                item.limit_keys.last_mut().expect("just ensured").algorithm = Some(algorithm);
+            }
+        }
+        self
+    }
+
     window_setter!(
         /// Adds a per-second limit to the current entry (`token_per_second`).
         tokens_per_second, token_per_second
@@ -310,6 +325,19 @@ impl Rule {
 pub(crate) struct Limit {
     pub(crate) tokens: u64,
     pub(crate) window_secs: u64,
+    pub(crate) algorithm: Algorithm,
+}
+
+impl Limit {
+    /// The window part of a counter key: the seconds (Higress) for fixed windows; prefixed by
+    /// the algorithm otherwise, so counters of different algorithms never share a key.
+    fn window_key(&self) -> String {
+        match self.algorithm {
+            Algorithm::FixedWindow => self.window_secs.to_string(),
+            Algorithm::SlidingWindow => format!("sliding{}", self.window_secs),
+            Algorithm::TokenBucket => format!("bucket{}", self.window_secs),
+        }
+    }
 }
 
 /// How a `limit_keys` entry matches a value.
@@ -398,7 +426,7 @@ impl Rules {
     pub(crate) fn counters(&self, req: &RequestView<'_>, model: Option<&str>) -> Vec<Matched> {
         let mut out: Vec<Matched> = Vec::new();
         for limit in &self.global {
-            let key = format!("{}:global_threshold:{}", self.key_base, limit.window_secs);
+            let key = format!("{}:global_threshold:{}", self.key_base, limit.window_key());
             push(&mut out, key, limit, "global_threshold".into());
         }
         if self.items.is_empty() {
@@ -423,7 +451,11 @@ impl Rules {
             for limit in &entry.limits {
                 let key = format!(
                     "{}:{}:{}:{}:{}",
-                    self.key_base, item.limit_type, limit.window_secs, item.key_name, stored
+                    self.key_base,
+                    item.limit_type,
+                    limit.window_key(),
+                    item.key_name,
+                    stored
                 );
                 push(&mut out, key, limit, format!("rule_items[{i}]").into());
             }
@@ -442,6 +474,7 @@ fn push(out: &mut Vec<Matched>, key: String, limit: &Limit, rule: Arc<str>) {
             key: key.into(),
             limit: limit.tokens,
             window: Duration::from_secs(limit.window_secs),
+            algorithm: limit.algorithm,
         },
         rule,
     });

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tower_token_ratelimit::store::{Counter, MemoryStore, Store};
+use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_expired_keys_are_reclaimed() {
@@ -13,6 +13,7 @@ async fn a_million_expired_keys_are_reclaimed() {
             key: format!("k:{i}").into(),
             limit: 10,
             window,
+            algorithm: Algorithm::FixedWindow,
         };
         store.debit(std::slice::from_ref(&c), 1).await.unwrap();
     }
@@ -32,6 +33,7 @@ async fn a_million_expired_keys_are_reclaimed() {
         key: "live".into(),
         limit: 10,
         window: Duration::from_secs(60),
+        algorithm: Algorithm::FixedWindow,
     };
     store.debit(std::slice::from_ref(&live), 3).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;

@@ -206,7 +206,20 @@ fn commandstats(con: &mut redis::Connection) -> (u64, u64) {
     let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
     let mut evalsha = 0;
     let mut total = 0;
-    let in_scripts = ["get", "pttl", "incrby", "ttl", "expire", "info"];
+    let in_scripts = [
+        "get",
+        "pttl",
+        "incrby",
+        "decrby",
+        "ttl",
+        "expire",
+        "pexpire",
+        "pexpiretime",
+        "time",
+        "hmget",
+        "hset",
+        "info",
+    ];
     for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
         let name = line["cmdstat_".len()..].split(':').next().unwrap_or("");
         if in_scripts.contains(&name) {
@@ -229,8 +242,15 @@ fn commandstats(con: &mut redis::Connection) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_script_calls_per_request_and_no_ping() {
     let server = RedisServer::start();
+    // A generous timeout: this counts commands, and a debug build under 200 concurrent
+    // requests must not fail open.
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
     let limits = layer(
-        RedisStore::from_url(server.url()).unwrap(),
+        store,
         "r",
         vec![
             Rule::global().tokens_per_minute(u64::MAX / 2),
@@ -612,7 +632,7 @@ async fn rediss_urls_connect_over_tls() {
 
 #[tokio::test]
 async fn reservations_settle_in_the_window_they_were_taken_in() {
-    use tower_token_ratelimit::store::{Counter, Store};
+    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let server = RedisServer::start();
     let store = RedisStore::builder()
         .url(server.url())
@@ -623,6 +643,7 @@ async fn reservations_settle_in_the_window_they_were_taken_in() {
         key: format!("{{t}}:{k}").into(),
         limit: 100,
         window: Duration::from_secs(1),
+        algorithm: Algorithm::FixedWindow,
     };
     let both = [c("a"), c("b")];
     let mut con = server.client();
@@ -663,5 +684,104 @@ async fn reservations_settle_in_the_window_they_were_taken_in() {
     assert!(
         (0..=1).contains(&ttl),
         "a new window with its expiry: {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn sliding_window_and_token_bucket_in_redis() {
+    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let counter = |k: &str, algorithm| Counter {
+        key: format!("{{alg}}:{k}").into(),
+        limit: 100,
+        window: Duration::from_secs(2),
+        algorithm,
+    };
+    let used = |c: &Counter| {
+        let store = store.clone();
+        let c = c.clone();
+        async move { store.check(std::slice::from_ref(&c)).await.unwrap()[0] }
+    };
+
+    // Sliding: what was used keeps counting, fading, through the next window.
+    let s = counter("s", Algorithm::SlidingWindow);
+    store.debit(std::slice::from_ref(&s), 80).await.unwrap();
+    let first = used(&s).await;
+    assert!(first.used <= 80 && first.used > 0, "{first:?}");
+    assert!(first.reset <= Duration::from_secs(2));
+    // Into the next window: between 0 and 80, and not reset to 0 at the boundary.
+    tokio::time::sleep(first.reset + Duration::from_millis(200)).await;
+    let next = used(&s).await.used;
+    assert!((1..80).contains(&next), "weighted previous window: {next}");
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    assert_eq!(used(&s).await.used, 0);
+
+    // Token bucket: 100 per 2 s, i.e. 50 a second; a debit of 150 is 50 of debt.
+    let b = counter("b", Algorithm::TokenBucket);
+    store.debit(std::slice::from_ref(&b), 150).await.unwrap();
+    let debt = used(&b).await;
+    assert!((140..=150).contains(&debt.used), "{debt:?}");
+    assert!(
+        debt.reset > Duration::from_secs(2),
+        "drains in ~3 s: {debt:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later = used(&b).await.used;
+    assert!(
+        (80..100).contains(&later),
+        "refilled below the limit: {later}"
+    );
+    // Reserve and settle work on both.
+    for c in [&s, &b] {
+        let r = store.reserve(std::slice::from_ref(c), 10).await.unwrap();
+        let w = r.windows.expect("fits");
+        let before = used(c).await.used;
+        store
+            .settle(std::slice::from_ref(c), &w, 10, 4)
+            .await
+            .unwrap();
+        let after = used(c).await.used;
+        assert!(after + 5 <= before, "refund applied: {before} -> {after}");
+    }
+}
+
+#[tokio::test]
+async fn algorithms_from_the_config_through_the_layer() {
+    let server = RedisServer::start();
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(&format!(
+        r#"
+rule_name: alg
+redis: {{url: "{}", timeout: 1000}}
+rule_items:
+  - limit_by_per_header: x-user
+    limit_keys: [{{key: "*", token_per_minute: 150, algorithm: token_bucket}}]
+global_threshold: {{token_per_hour: 100000, algorithm: sliding_window}}
+"#,
+        server.url()
+    ))
+    .unwrap();
+    let limits = TokenRateLimitLayer::from_config(cfg).unwrap();
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "100")];
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, expected);
+        limits.flush().await;
+    }
+    let keys = all_keys(&mut server.client());
+    assert_eq!(
+        keys,
+        [
+            "higress-token-ratelimit:{alg}:global_threshold:sliding3600",
+            "higress-token-ratelimit:{alg}:limit_by_per_header:bucket60:x-user:u",
+        ]
     );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Counter, CounterStatus, Reservation, Store, StoreFuture, reservation_fits};
+use super::{Algorithm, Counter, CounterStatus, Reservation, Store, StoreFuture, reservation_fits};
 
 /// How many independently locked shards the map is split into.
 const SHARDS: usize = 64;
@@ -24,12 +24,17 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Cloning is cheap and shares the counters.
 ///
 /// ```
-/// use tower_token_ratelimit::store::{Counter, MemoryStore, Store};
+/// use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
 /// use std::time::Duration;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = MemoryStore::new();
-/// let counter = Counter { key: "demo".into(), limit: 100, window: Duration::from_secs(60) };
+/// let counter = Counter {
+///     key: "demo".into(),
+///     limit: 100,
+///     window: Duration::from_secs(60),
+///     algorithm: Algorithm::FixedWindow,
+/// };
 /// store.debit(&[counter.clone()], 30).await.unwrap();
 /// let status = store.check(&[counter]).await.unwrap();
 /// assert_eq!(status[0].used, 30);
@@ -68,10 +73,21 @@ impl Locked<'_> {
     }
 }
 
+/// One counter: its algorithm's state, and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    used: u64,
+    state: State,
     expires_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Tokens used in the window ending at `expires_at`.
+    Fixed { used: u64 },
+    /// Tokens used in window `idx` (windows aligned to the store's epoch) and in the one before.
+    Sliding { idx: u64, cur: u64, prev: u64 },
+    /// Tokens used as of `at`; they drain at `limit` per window.
+    Bucket { used: f64, at: Instant },
 }
 
 impl Default for MemoryStore {
@@ -122,7 +138,11 @@ impl MemoryStore {
         lock(self.inner.shard(key))
             .get(key)
             .filter(|e| e.expires_at > now)
-            .map_or(0, |e| e.used)
+            .map_or(0, |e| match e.state {
+                State::Fixed { used } => used,
+                State::Sliding { cur, .. } => cur,
+                State::Bucket { used, .. } => used as u64,
+            })
     }
 
     fn ensure_sweeper(&self) {
@@ -193,20 +213,119 @@ impl Inner {
         }
     }
 
+    /// A counter's tokens used, time until its budget frees, and window id.
+    fn status(&self, e: Option<&Entry>, c: &Counter, now: Instant) -> (CounterStatus, u64) {
+        let idle = (
+            CounterStatus {
+                used: 0,
+                reset: c.window,
+            },
+            0,
+        );
+        let w = c.window.as_millis().max(1) as u64;
+        match c.algorithm {
+            Algorithm::FixedWindow => match e {
+                Some(&Entry {
+                    state: State::Fixed { used },
+                    expires_at,
+                }) if expires_at > now => (
+                    CounterStatus {
+                        used,
+                        reset: expires_at - now,
+                    },
+                    self.window_id(expires_at),
+                ),
+                _ => idle,
+            },
+            Algorithm::SlidingWindow => {
+                let (idx, into) = self.window_index(now, w);
+                let (cur, prev) = sliding(e, idx);
+                let used = (prev as f64 * (w - into) as f64 / w as f64) as u64 + cur;
+                let reset = Duration::from_millis(w - into);
+                (CounterStatus { used, reset }, idx)
+            }
+            Algorithm::TokenBucket => {
+                let used = bucket(e, c, now);
+                let reset = if used > 0.0 {
+                    Duration::from_secs_f64(used * c.window.as_secs_f64() / c.limit.max(1) as f64)
+                } else {
+                    c.window
+                };
+                (
+                    CounterStatus {
+                        used: used as u64,
+                        reset,
+                    },
+                    0,
+                )
+            }
+        }
+    }
+
+    /// The index of the window `now` falls in (windows of `w` ms from the epoch), and how far
+    /// into it `now` is.
+    fn window_index(&self, now: Instant, w: u64) -> (u64, u64) {
+        let ms = u64::try_from((now - self.epoch).as_millis()).unwrap_or(u64::MAX);
+        (ms / w, ms % w)
+    }
+
+    /// Adds `amount` (negative: a refund, never below zero). With a window id, a refund from a
+    /// window that has ended is dropped and extra usage goes to the current window.
+    fn add(&self, map: &mut Shard, c: &Counter, now: Instant, amount: i128, wid: Option<u64>) {
+        if amount == 0 {
+            return;
+        }
+        let e = map.get(&c.key);
+        let (status, current) = self.status(e, c, now);
+        let same_window = wid.is_none_or(|w| w == current);
+        if amount < 0 && !same_window {
+            return;
+        }
+        let w = c.window.as_millis().max(1) as u64;
+        let entry = match c.algorithm {
+            Algorithm::FixedWindow => {
+                let live = status.used > 0 || e.is_some_and(|e| e.expires_at > now);
+                let expires_at = match e {
+                    Some(e) if live => e.expires_at,
+                    _ => now + c.window,
+                };
+                let used = clamp_add(if live { status.used } else { 0 }, amount);
+                Entry {
+                    state: State::Fixed { used },
+                    expires_at,
+                }
+            }
+            Algorithm::SlidingWindow => {
+                let (idx, _) = self.window_index(now, w);
+                let (cur, prev) = sliding(e, idx);
+                Entry {
+                    state: State::Sliding {
+                        idx,
+                        cur: clamp_add(cur, amount),
+                        prev,
+                    },
+                    expires_at: self.epoch + Duration::from_millis(w.saturating_mul(idx + 2)),
+                }
+            }
+            Algorithm::TokenBucket => {
+                let used = (bucket(e, c, now) + amount as f64).max(0.0);
+                let drain = used * c.window.as_secs_f64() / c.limit.max(1) as f64;
+                Entry {
+                    state: State::Bucket { used, at: now },
+                    expires_at: now
+                        + Duration::try_from_secs_f64(drain).unwrap_or(Duration::MAX / 4)
+                        + c.window,
+                }
+            }
+        };
+        map.insert(c.key.clone(), entry);
+    }
+
     fn reserve(&self, counters: &[Counter], amount: u64, now: Instant) -> Reservation {
         let mut locked = self.lock_all(counters);
         let statuses: Vec<CounterStatus> = counters
             .iter()
-            .map(|c| match locked.map(&c.key).get(&c.key) {
-                Some(e) if e.expires_at > now => CounterStatus {
-                    used: e.used,
-                    reset: e.expires_at - now,
-                },
-                _ => CounterStatus {
-                    used: 0,
-                    reset: c.window,
-                },
-            })
+            .map(|c| self.status(locked.map(&c.key).get(&c.key), c, now).0)
             .collect();
         let fits = counters
             .iter()
@@ -221,18 +340,9 @@ impl Inner {
         let windows = counters
             .iter()
             .map(|c| {
-                let e = locked.map(&c.key).entry(c.key.clone()).or_insert(Entry {
-                    used: 0,
-                    expires_at: now,
-                });
-                if e.expires_at <= now {
-                    *e = Entry {
-                        used: 0,
-                        expires_at: now + c.window,
-                    };
-                }
-                e.used = e.used.saturating_add(amount);
-                self.window_id(e.expires_at)
+                let map = locked.map(&c.key);
+                self.add(map, c, now, i128::from(amount), None);
+                self.status(map.get(&c.key), c, now).1
             })
             .collect();
         Reservation {
@@ -249,18 +359,9 @@ impl Inner {
         actual: u64,
         now: Instant,
     ) {
+        let delta = i128::from(actual) - i128::from(reserved);
         for (c, &window) in counters.iter().zip(windows) {
-            let mut map = lock(self.shard(&c.key));
-            let same = map
-                .get(&c.key)
-                .is_some_and(|e| e.expires_at > now && self.window_id(e.expires_at) == window);
-            if same {
-                let e = map.get_mut(&c.key).expect("checked");
-                e.used = (e.used.saturating_add(actual)).saturating_sub(reserved);
-            } else if actual > reserved {
-                drop(map);
-                self.debit(std::slice::from_ref(c), actual - reserved, now);
-            }
+            self.add(&mut lock(self.shard(&c.key)), c, now, delta, Some(window));
         }
     }
 
@@ -278,44 +379,44 @@ impl Inner {
     fn check(&self, counters: &[Counter], now: Instant) -> Vec<CounterStatus> {
         counters
             .iter()
-            .map(|c| match lock(self.shard(&c.key)).get(&c.key) {
-                Some(e) if e.expires_at > now => CounterStatus {
-                    used: e.used,
-                    reset: e.expires_at - now,
-                },
-                _ => CounterStatus {
-                    used: 0,
-                    reset: c.window,
-                },
-            })
+            .map(|c| self.status(lock(self.shard(&c.key)).get(&c.key), c, now).0)
             .collect()
     }
 
     fn debit(&self, counters: &[Counter], tokens: u64, now: Instant) {
-        if tokens == 0 {
-            return;
-        }
         for c in counters {
-            let mut map = lock(self.shard(&c.key));
-            match map.get_mut(&c.key) {
-                Some(e) if e.expires_at > now => e.used = e.used.saturating_add(tokens),
-                Some(e) => {
-                    *e = Entry {
-                        used: tokens,
-                        expires_at: now + c.window,
-                    }
-                }
-                None => {
-                    map.insert(
-                        c.key.clone(),
-                        Entry {
-                            used: tokens,
-                            expires_at: now + c.window,
-                        },
-                    );
-                }
-            }
+            self.add(
+                &mut lock(self.shard(&c.key)),
+                c,
+                now,
+                i128::from(tokens),
+                None,
+            );
         }
+    }
+}
+
+fn clamp_add(v: u64, amount: i128) -> u64 {
+    u64::try_from((i128::from(v) + amount).max(0)).unwrap_or(u64::MAX)
+}
+
+/// A sliding counter's current and previous windows as of window `idx`.
+fn sliding(e: Option<&Entry>, idx: u64) -> (u64, u64) {
+    match e.map(|e| e.state) {
+        Some(State::Sliding { idx: i, cur, prev }) if i == idx => (cur, prev),
+        Some(State::Sliding { idx: i, cur, .. }) if i + 1 == idx => (0, cur),
+        _ => (0, 0),
+    }
+}
+
+/// A bucket's tokens used as of `now`, after draining.
+fn bucket(e: Option<&Entry>, c: &Counter, now: Instant) -> f64 {
+    match e.map(|e| e.state) {
+        Some(State::Bucket { used, at }) => {
+            let rate = c.limit as f64 / c.window.as_secs_f64().max(1e-3);
+            (used - (now - at).as_secs_f64() * rate).max(0.0)
+        }
+        _ => 0.0,
     }
 }
 
@@ -383,6 +484,7 @@ mod tests {
             key: key.into(),
             limit,
             window: Duration::from_secs(secs),
+            algorithm: Algorithm::FixedWindow,
         }
     }
 
@@ -443,6 +545,64 @@ mod tests {
         let c = [counter("k", 100, 60)];
         assert!(store.reserve(&c, 500).await.unwrap().windows.is_some());
         assert!(store.reserve(&c, 1).await.unwrap().windows.is_none());
+    }
+
+    fn with(mut c: Counter, algorithm: Algorithm) -> Counter {
+        c.algorithm = algorithm;
+        c
+    }
+
+    async fn used(store: &MemoryStore, c: &Counter) -> u64 {
+        store.check(std::slice::from_ref(c)).await.unwrap()[0].used
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sliding_window_weights_the_previous_window() {
+        let store = MemoryStore::new();
+        let c = with(counter("s", 100, 60), Algorithm::SlidingWindow);
+        let one = std::slice::from_ref(&c);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        store.debit(one, 80).await.unwrap();
+        assert_eq!(used(&store, &c).await, 80);
+        // Just past the boundary almost all of the previous window still counts: no burst.
+        tokio::time::advance(Duration::from_secs(51)).await;
+        assert_eq!(used(&store, &c).await, 78, "80 × 59/60");
+        // Half-way through the next window, half of it.
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(used(&store, &c).await, 40);
+        store.debit(one, 30).await.unwrap();
+        assert_eq!(used(&store, &c).await, 70);
+        let s = store.check(one).await.unwrap()[0];
+        assert_eq!(s.reset, Duration::from_secs(30), "the next boundary");
+        // Two windows later nothing is left.
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert_eq!(used(&store, &c).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_refills_continuously_and_allows_debt() {
+        let store = MemoryStore::new();
+        // 60 tokens per minute: one a second.
+        let c = with(counter("b", 60, 60), Algorithm::TokenBucket);
+        let one = std::slice::from_ref(&c);
+        store.debit(one, 100).await.unwrap();
+        assert_eq!(used(&store, &c).await, 100, "40 tokens of debt");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(used(&store, &c).await, 70, "still over the limit");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(used(&store, &c).await, 59, "under the limit again");
+        let s = store.check(one).await.unwrap()[0];
+        assert_eq!(
+            s.reset,
+            Duration::from_secs(59),
+            "time to refill completely"
+        );
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(used(&store, &c).await, 0, "never below empty");
+        // Reservations work the same way: a refund drains the bucket.
+        let r = store.reserve(one, 50).await.unwrap().windows.unwrap();
+        store.settle(one, &r, 50, 20).await.unwrap();
+        assert_eq!(used(&store, &c).await, 20);
     }
 
     #[tokio::test(start_paused = true)]

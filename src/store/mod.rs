@@ -26,6 +26,34 @@ pub use redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
 /// across polls.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
+/// How a counter counts over time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Higress's: the window starts at the first debit and lasts the window; the counter is
+    /// the tokens used in it.
+    #[default]
+    FixedWindow,
+    /// Windows aligned to multiples of the window length; the tokens counted are the current
+    /// window's plus the previous window's weighted by how much of it still overlaps the last
+    /// window-length of time. No burst of twice the limit at a window boundary.
+    SlidingWindow,
+    /// A bucket of `limit` tokens refilled continuously at `limit` per window. A response
+    /// larger than what is left takes the bucket into debt, which later refills pay back.
+    TokenBucket,
+}
+
+impl Algorithm {
+    /// The number the Lua scripts use.
+    pub(crate) fn code(self) -> u64 {
+        match self {
+            Algorithm::FixedWindow => 1,
+            Algorithm::SlidingWindow => 2,
+            Algorithm::TokenBucket => 3,
+        }
+    }
+}
+
 /// One counter a request is checked against and later debited from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Counter {
@@ -36,6 +64,8 @@ pub struct Counter {
     pub limit: u64,
     /// The window length.
     pub window: Duration,
+    /// How it counts over time.
+    pub algorithm: Algorithm,
 }
 
 /// What a store knows about one counter at admission.

@@ -14,11 +14,30 @@ use super::{Counter, CounterStatus, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
 use crate::error::{ConfigError, Problems, StoreError};
 
-static CHECK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/check.lua")));
-static DEBIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/debit.lua")));
-static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/reserve.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/settle.lua")));
+static CHECK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/algorithms.lua"),
+        include_str!("scripts/check.lua")
+    ))
+});
+static DEBIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/algorithms.lua"),
+        include_str!("scripts/debit.lua")
+    ))
+});
+static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/algorithms.lua"),
+        include_str!("scripts/reserve.lua")
+    ))
+});
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/algorithms.lua"),
+        include_str!("scripts/settle.lua")
+    ))
+});
 
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -78,7 +97,8 @@ enum Conn {
 
 /// A debit waiting for Redis: the tokens to add to one set of counters.
 struct PendingDebit {
-    windows: Vec<u64>,
+    /// Per key: algorithm, window, limit (the debit script's arguments).
+    params: Vec<u64>,
     tokens: u64,
 }
 
@@ -472,7 +492,7 @@ impl Inner {
         Err(StoreError::new(error))
     }
 
-    fn buffer(&self, keys: Vec<Arc<str>>, windows: Vec<u64>, tokens: u64) {
+    fn buffer(&self, keys: Vec<Arc<str>>, params: Vec<u64>, tokens: u64) {
         let mut pending = lock(&self.pending);
         let full = pending.len() >= self.max_pending;
         match pending.get_mut(&keys) {
@@ -488,7 +508,7 @@ impl Inner {
                 }
             }
             None => {
-                pending.insert(keys, PendingDebit { windows, tokens });
+                pending.insert(keys, PendingDebit { params, tokens });
             }
         }
     }
@@ -515,16 +535,16 @@ impl Inner {
         let mut rest = batch.into_iter();
         for (keys, d) in rest.by_ref() {
             let args: Vec<u64> = std::iter::once(d.tokens)
-                .chain(d.windows.iter().copied())
+                .chain(d.params.iter().copied())
                 .collect();
             if self.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
-                self.buffer(keys, d.windows, d.tokens);
+                self.buffer(keys, d.params, d.tokens);
                 break;
             }
             written += 1;
         }
         for (keys, d) in rest {
-            self.buffer(keys, d.windows, d.tokens);
+            self.buffer(keys, d.params, d.tokens);
         }
         tracing::info!(written, total, "buffered debits written to redis");
     }
@@ -609,11 +629,20 @@ fn parse_reserve(values: Vec<Value>, counters: &[Counter]) -> Result<Reservation
     })
 }
 
-fn keys_and_windows(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
-    counters
+/// The keys, and per key the algorithm, window (seconds) and limit the scripts take.
+fn keys_and_params(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
+    let keys = counters.iter().map(|c| c.key.clone()).collect();
+    let params = counters
         .iter()
-        .map(|c| (c.key.clone(), c.window.as_secs().max(1)))
-        .unzip()
+        .flat_map(|c| {
+            [
+                c.algorithm.code(),
+                c.window.as_secs().max(1),
+                c.limit.min(i64::MAX as u64),
+            ]
+        })
+        .collect();
+    (keys, params)
 }
 
 impl Store for RedisStore {
@@ -621,8 +650,8 @@ impl Store for RedisStore {
         let inner = self.inner.clone();
         let counters = counters.to_vec();
         Box::pin(async move {
-            let (keys, _) = keys_and_windows(&counters);
-            let values: Vec<Value> = inner.invoke(&CHECK, &keys, &[]).await?;
+            let (keys, params) = keys_and_params(&counters);
+            let values: Vec<Value> = inner.invoke(&CHECK, &keys, &params).await?;
             parse_check(values, &counters)
         })
     }
@@ -631,14 +660,9 @@ impl Store for RedisStore {
         let inner = self.inner.clone();
         let counters = counters.to_vec();
         Box::pin(async move {
-            let (keys, windows) = keys_and_windows(&counters);
+            let (keys, params) = keys_and_params(&counters);
             let args: Vec<u64> = std::iter::once(amount.min(i64::MAX as u64))
-                .chain(
-                    counters
-                        .iter()
-                        .zip(&windows)
-                        .flat_map(|(c, w)| [c.limit.min(i64::MAX as u64), *w]),
-                )
+                .chain(params)
                 .collect();
             let values: Vec<Value> = inner.invoke(&RESERVE, &keys, &args).await?;
             parse_reserve(values, &counters)
@@ -653,22 +677,22 @@ impl Store for RedisStore {
         actual: u64,
     ) -> StoreFuture<()> {
         let inner = self.inner.clone();
-        let (keys, windows) = keys_and_windows(counters);
+        let (keys, params) = keys_and_params(counters);
         let (reserved, actual) = (reserved.min(i64::MAX as u64), actual.min(i64::MAX as u64));
         let args: Vec<u64> = [reserved, actual]
             .into_iter()
             .chain(
-                window_ids
-                    .iter()
-                    .zip(&windows)
-                    .flat_map(|(id, w)| [*id, *w]),
+                params
+                    .chunks_exact(3)
+                    .zip(window_ids)
+                    .flat_map(|(p, id)| [p[0], p[1], p[2], *id]),
             )
             .collect();
         Box::pin(async move {
             if inner.invoke::<i64>(&SETTLE, &keys, &args).await.is_err() && actual > reserved {
                 // Extra usage is kept for when Redis is back; a refund is dropped (the
                 // conservative side).
-                inner.buffer(keys, windows, actual - reserved);
+                inner.buffer(keys, params, actual - reserved);
             }
             Ok(())
         })
@@ -676,15 +700,15 @@ impl Store for RedisStore {
 
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
         let inner = self.inner.clone();
-        let (keys, windows) = keys_and_windows(counters);
+        let (keys, params) = keys_and_params(counters);
         Box::pin(async move {
             let tokens = tokens.min(i64::MAX as u64);
             let args: Vec<u64> = std::iter::once(tokens)
-                .chain(windows.iter().copied())
+                .chain(params.iter().copied())
                 .collect();
             if inner.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
                 // Kept for when Redis is back; the breaker logs the outage once.
-                inner.buffer(keys, windows, tokens);
+                inner.buffer(keys, params, tokens);
             }
             Ok(())
         })

@@ -1,11 +1,12 @@
--- Admission: read every counter of one request in one atomic step.
+-- Admission (post-debit): read every counter of one request in one atomic step.
 -- KEYS: the request's counters (one hash slot: they share the {rule_name} tag).
--- Returns, per key, two values: the tokens used in its window (a string, "0" when the
--- window has not started) and the milliseconds left in the window (PTTL: -2 when the
--- key does not exist, -1 when it has no expiry).
+-- ARGV[3i - 2 .. 3i]: the algorithm (1 fixed, 2 sliding, 3 bucket), window (s) and limit of KEYS[i].
+-- Returns, per key: tokens used, and milliseconds until its budget frees.
+local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[2 * i - 1] = redis.call('GET', key) or '0'
-  out[2 * i] = redis.call('PTTL', key)
+  local used, reset = state(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), now)
+  out[2 * i - 1] = used
+  out[2 * i] = reset
 end
 return out

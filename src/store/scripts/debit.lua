@@ -1,14 +1,11 @@
--- Settlement: add the tokens a request used to every one of its counters, atomically.
--- KEYS: the request's counters (deduplicated by the caller, so none is charged twice).
--- ARGV[1]: tokens used; ARGV[1 + i]: the window of KEYS[i], in seconds.
--- A window starts at the first debit of a key (Higress semantics): the key gets its
--- expiry when INCRBY creates it. A key found without expiry (written by hand, or left
--- by a crash between two commands of an older client) is given one, so it cannot
--- block its owner forever.
+-- Settlement (post-debit): add the tokens a request used to every one of its counters,
+-- atomically. KEYS: the counters (deduplicated by the caller, so none is charged twice).
+-- ARGV[1]: tokens; ARGV[3i - 1 .. 3i + 1]: the algorithm, window (s) and limit of KEYS[i].
+-- A fixed window starts at the first debit of its key (Higress semantics); a key found
+-- without expiry (written by hand, or by a crashed older client) is given one.
+local now = now_ms()
+local tokens = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, ARGV[1])
-  if redis.call('TTL', key) == -1 then
-    redis.call('EXPIRE', key, ARGV[1 + i])
-  end
+  add(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]), now, tokens, nil)
 end
 return #KEYS

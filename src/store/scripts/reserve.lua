@@ -1,35 +1,31 @@
 -- Reserve mode, at admission: reserve ARGV[1] tokens on every counter of one request, all or
--- none, atomically.
--- KEYS: the request's counters. ARGV[1]: the amount; ARGV[2i], ARGV[2i + 1]: the limit and the
--- window (seconds) of KEYS[i].
+-- none, atomically. ARGV[3i - 1 .. 3i + 1]: the algorithm, window (s) and limit of KEYS[i].
 -- An amount fits a counter whose budget is not spent and that is either empty (an oversized
 -- request gets one turn per window) or has room for it.
--- Returns {1 if reserved else 0, then per key: tokens used before (string), PTTL before, and
--- the window id (PEXPIRETIME, Redis >= 7.0) the reservation went into, or 0}.
+-- Returns {1 if reserved else 0, then per key: tokens used before, milliseconds until its
+-- budget frees, and the window id the reservation went into (0 when refused)}.
+local now = now_ms()
 local amount = tonumber(ARGV[1])
-local used, ttl = {}, {}
+local used, reset = {}, {}
 local fits = true
 for i, key in ipairs(KEYS) do
-  used[i] = redis.call('GET', key) or '0'
-  local u = tonumber(used[i]) or 0
-  local limit = tonumber(ARGV[2 * i])
-  ttl[i] = redis.call('PTTL', key)
-  if not (u < limit and (u == 0 or u + amount <= limit)) then
+  local limit = tonumber(ARGV[3 * i + 1])
+  used[i], reset[i] = state(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), limit, now)
+  if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
     fits = false
   end
 end
 local out = {fits and 1 or 0}
 for i, key in ipairs(KEYS) do
-  local window_id = 0
+  local wid = 0
   if fits then
-    redis.call('INCRBY', key, ARGV[1])
-    if redis.call('TTL', key) == -1 then
-      redis.call('EXPIRE', key, ARGV[2 * i + 1])
-    end
-    window_id = redis.call('PEXPIRETIME', key)
+    local algo, window, limit = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    add(key, algo, window, limit, now, amount, nil)
+    local _, _, id = state(key, algo, window, limit, now)
+    wid = id
   end
   out[#out + 1] = used[i]
-  out[#out + 1] = ttl[i]
-  out[#out + 1] = window_id
+  out[#out + 1] = reset[i]
+  out[#out + 1] = wid
 end
 return out

@@ -1,0 +1,89 @@
+-- Shared by every script: the three algorithms, over one key each.
+--   1 fixed_window   (Higress): a string counter; the window starts at the first write and
+--                    lasts `window` seconds (its TTL). Window id: PEXPIRETIME.
+--   2 sliding_window a hash {idx, cur, prev} over windows aligned to multiples of `window`;
+--                    used = prev * (1 - elapsed fraction) + cur. Window id: the index.
+--   3 token_bucket   a hash {used, at}: tokens used drain continuously at limit per window;
+--                    used may exceed the limit (debt). Window id: 0 (no windows).
+-- Times are Redis's (TIME), in milliseconds.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Tokens used, milliseconds until the budget frees (the whole window when nothing runs), and
+-- the window id.
+local function state(key, algo, window, limit, now)
+  local w = window * 1000
+  if algo == 1 then
+    local used = tonumber(redis.call('GET', key) or '0') or 0
+    local ttl = redis.call('PTTL', key)
+    if ttl < 0 then ttl = w end
+    return used, ttl, redis.call('PEXPIRETIME', key)
+  end
+  if algo == 2 then
+    local h = redis.call('HMGET', key, 'idx', 'cur', 'prev')
+    local idx_now = math.floor(now / w)
+    local idx, cur, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    if idx == idx_now - 1 then
+      prev, cur = cur, 0
+    elseif idx ~= idx_now then
+      prev, cur = 0, 0
+    end
+    local into = now % w
+    return math.floor(prev * (w - into) / w + cur), w - into, idx_now
+  end
+  local h = redis.call('HMGET', key, 'used', 'at')
+  local used = tonumber(h[1]) or 0
+  local at = tonumber(h[2]) or now
+  used = math.max(0, used - (now - at) * limit / w)
+  local drain = w
+  if used > 0 then drain = math.ceil(used * w / limit) end
+  return math.floor(used), drain, 0
+end
+
+-- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund
+-- from a window that has ended is dropped and extra usage goes to the current window.
+local function add(key, algo, window, limit, now, amount, wid)
+  local w = window * 1000
+  if algo == 1 then
+    local same = wid == nil or redis.call('PEXPIRETIME', key) == wid
+    if amount < 0 then
+      if same then
+        local used = tonumber(redis.call('GET', key) or '0') or 0
+        redis.call('DECRBY', key, math.min(-amount, used))
+      end
+      return
+    end
+    if amount > 0 then
+      redis.call('INCRBY', key, amount)
+    end
+    if redis.call('TTL', key) == -1 then
+      redis.call('EXPIRE', key, window)
+    end
+    return
+  end
+  if algo == 2 then
+    local idx_now = math.floor(now / w)
+    if amount < 0 and wid ~= nil and wid ~= idx_now then return end
+    local h = redis.call('HMGET', key, 'idx', 'cur', 'prev')
+    local idx, cur, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    if idx == idx_now - 1 then
+      prev, cur = cur, 0
+    elseif idx ~= idx_now then
+      prev, cur = 0, 0
+    end
+    cur = math.max(0, cur + amount)
+    redis.call('HSET', key, 'idx', idx_now, 'cur', cur, 'prev', prev)
+    redis.call('PEXPIRE', key, 2 * w)
+    return
+  end
+  local h = redis.call('HMGET', key, 'used', 'at')
+  local exact = tonumber(h[1]) or 0
+  local at = tonumber(h[2]) or now
+  exact = math.max(0, exact - (now - at) * limit / w)
+  exact = math.max(0, exact + amount)
+  redis.call('HSET', key, 'used', tostring(exact), 'at', now)
+  redis.call('PEXPIRE', key, math.ceil(exact * w / limit) + w)
+end
