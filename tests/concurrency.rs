@@ -161,3 +161,50 @@ async fn reserve_holds_the_budget_under_64_concurrent_streams() {
         }
     }
 }
+
+/// Remaining budget in the headers counts the reservations of requests still streaming.
+#[tokio::test]
+async fn remaining_counts_in_flight_reservations() {
+    let limits = TokenRateLimitLayer::builder()
+        .mode(Mode::Reserve)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000),
+        )
+        .build()
+        .unwrap();
+    let addr = serve(
+        Router::new()
+            .route("/v1/chat/completions", post(common::mock_chat))
+            .layer(limits.clone()),
+    )
+    .await;
+    let body =
+        r#"{"model":"m","stream":true,"max_tokens":200,"stream_options":{"include_usage":true}}"#;
+    let prompt = (body.len() as u64).div_ceil(4);
+    // A stream that never ends: its reservation stays in flight.
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-user: f\r\nx-mock-hang: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(raw.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = held.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let r = send(addr, "/v1/chat/completions", &[("x-user", "f")], body).await;
+    let remaining: u64 = r
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        remaining,
+        1_000 - (prompt + 200),
+        "the in-flight reservation is counted"
+    );
+    drop(held);
+}
