@@ -28,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis_support::RedisServer;
 use tower_token_ratelimit::store::RedisStore;
-use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+use tower_token_ratelimit::{Mode, Rule, TokenRateLimitLayer};
 
 const CONCURRENCY: usize = 32;
 
@@ -77,8 +77,8 @@ async fn serve(app: Router) -> SocketAddr {
     addr
 }
 
-fn limits(store: Option<RedisStore>) -> TokenRateLimitLayer {
-    let b = TokenRateLimitLayer::builder().rule(
+fn limits(store: Option<RedisStore>, mode: Mode) -> TokenRateLimitLayer {
+    let b = TokenRateLimitLayer::builder().mode(mode).rule(
         Rule::per_header("x-api-key")
             .any_value()
             .tokens_per_minute(u64::MAX / 4),
@@ -190,27 +190,24 @@ async fn main() {
         .await
         .unwrap();
 
-    let memory = limits(None);
-    let redis_layer = limits(Some(
+    let redis_store = || {
         RedisStore::builder()
             .url(redis.url())
             .timeout(Duration::from_millis(200))
             .build()
-            .unwrap(),
-    ));
-    let variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>)> = vec![
-        ("bare", serve(app(frames.clone())).await, None),
-        (
-            "memory",
-            serve(app(frames.clone()).layer(memory.clone())).await,
-            Some(memory),
-        ),
-        (
-            "redis",
-            serve(app(frames.clone()).layer(redis_layer.clone())).await,
-            Some(redis_layer),
-        ),
-    ];
+            .unwrap()
+    };
+    let mut variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>)> =
+        vec![("bare", serve(app(frames.clone())).await, None)];
+    for (name, layer) in [
+        ("memory", limits(None, Mode::PostDebit)),
+        ("memory_reserve", limits(None, Mode::Reserve)),
+        ("redis", limits(Some(redis_store()), Mode::PostDebit)),
+        ("reserve", limits(Some(redis_store()), Mode::Reserve)),
+    ] {
+        let addr = serve(app(frames.clone()).layer(layer.clone())).await;
+        variants.push((name, addr, Some(layer)));
+    }
 
     // Warm-up.
     for (_, addr, _) in &variants {
@@ -221,7 +218,7 @@ async fn main() {
     let mut redis_reqs = 0;
     for _ in 0..rounds {
         for (i, (name, addr, layer)) in variants.iter().enumerate() {
-            let before = (*name == "redis").then(|| redis_commands(&redis));
+            let before = name.starts_with("redis").then(|| redis_commands(&redis));
             let s = drive(*addr, duration).await;
             if let Some(l) = layer {
                 l.flush().await;
@@ -251,7 +248,7 @@ async fn main() {
             percentile(&s.latencies, 0.99),
         );
         println!(
-            "{name:<8} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>8.3}",
+            "{name:<15} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>8.3}",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
             rps / bare_rps
