@@ -785,3 +785,72 @@ global_threshold: {{token_per_hour: 100000, algorithm: sliding_window}}
         ]
     );
 }
+
+#[tokio::test]
+async fn an_existing_deadpool_pool_can_be_used() {
+    let server = RedisServer::start();
+    let pool = deadpool_redis::Config::from_url(server.url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let limits = TokenRateLimitLayer::builder()
+        .rule_name("pool")
+        .redis(pool)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1000),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    send(
+        addr,
+        CHAT,
+        &[("x-user", "p"), ("x-mock-tokens", "12")],
+        STREAM,
+    )
+    .await;
+    limits.flush().await;
+    let mut con = server.client();
+    assert_eq!(
+        con.get::<_, u64>("higress-token-ratelimit:{pool}:limit_by_per_header:60:x-user:p")
+            .unwrap(),
+        12
+    );
+}
+
+#[tokio::test]
+async fn debits_past_the_buffer_bound_are_counted_not_silently_lost() {
+    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(50))
+        .breaker(1, Duration::from_millis(100))
+        .max_pending_debits(2)
+        .build()
+        .unwrap();
+    server.kill();
+    let c = |k: &str| Counter {
+        key: format!("{{o}}:{k}").into(),
+        limit: 100,
+        window: Duration::from_secs(60),
+        algorithm: Algorithm::FixedWindow,
+    };
+    for k in ["a", "b", "a", "c", "d"] {
+        store.debit(&[c(k)], 5).await.unwrap();
+    }
+    // a (merged twice) and b are kept; c and d did not fit.
+    assert_eq!(store.pending_debits(), 2);
+    assert_eq!(store.dropped_debits(), 2);
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.breaker_open() || store.pending_debits() > 0 {
+        assert!(Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut con = server.client();
+    assert_eq!(con.get::<_, Option<u64>>("{o}:a").unwrap(), Some(10));
+    assert_eq!(con.get::<_, Option<u64>>("{o}:b").unwrap(), Some(5));
+    assert_eq!(con.get::<_, Option<u64>>("{o}:c").unwrap(), None);
+}
