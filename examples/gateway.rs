@@ -12,7 +12,10 @@
 //! a limit get a 429 without reaching the upstream; the usage the upstream reports is debited
 //! when each response ends.
 //!
-//! The upstream is plain `http://` (add a TLS connector to the client for `https://`). Logs go
+//! `GET /healthz` answers `ok`; with the `metrics` feature, `GET /metrics` serves the metrics in
+//! the Prometheus text format. Neither is rate limited.
+//!
+//! The upstream is plain `http://`, HTTP/1.1 or h2c (add a TLS connector for `https://`). Logs go
 //! to stderr (`RUST_LOG`, default `info`); stdout gets one line, `listening on ADDR`. On ctrl-c
 //! or SIGTERM the gateway stops accepting, lets requests in flight finish, writes their debits
 //! and exits 0. On SIGHUP it reads the config file again and applies its limits without
@@ -30,6 +33,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use hyper_util::client::legacy::Client;
@@ -46,6 +50,9 @@ usage: gateway --listen ADDR --upstream URL --config FILE [--redis URL]
   --config FILE    token limits in the Higress ai-token-ratelimit YAML (examples/limits.yaml)
   --redis URL      keep counters in this Redis (redis://[user[:password]@]host[:port][/db]),
                    instead of the config's redis: block or memory
+  --h2c            speak HTTP/2 without TLS to the upstream (default HTTP/1.1)
+  --timeout SECS   longest wait for the upstream's response head (default 300); then 504
+  --log LEVEL      error, warn, info (default), debug or trace; RUST_LOG overrides it
   --help           print this help
 
 RUST_LOG sets the log level (default info).";
@@ -69,17 +76,25 @@ struct Args {
     upstream: Upstream,
     config: String,
     redis: Option<String>,
+    log: String,
 }
 
 /// `Ok(None)` for `--help`.
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut listen, mut upstream, mut config, mut redis) = (None, None, None, None);
+    let (mut log, mut timeout, mut h2c) = (None, None, false);
     while let Some(flag) = args.next() {
         let slot = match flag.as_str() {
             "--listen" => &mut listen,
             "--upstream" => &mut upstream,
             "--config" => &mut config,
             "--redis" => &mut redis,
+            "--log" => &mut log,
+            "--timeout" => &mut timeout,
+            "--h2c" => {
+                h2c = true;
+                continue;
+            }
             "--help" | "-h" => return Ok(None),
             _ => return Err(format!("unknown argument `{flag}`")),
         };
@@ -91,7 +106,22 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e} (expected e.g. 127.0.0.1:8080)"))?;
-    let upstream = Upstream::new(&upstream).ok_or(format!(
+    let timeout = match timeout {
+        None => Duration::from_secs(300),
+        Some(t) => t
+            .parse()
+            .ok()
+            .filter(|&s: &u64| s > 0)
+            .map(Duration::from_secs)
+            .ok_or(format!("--timeout `{t}`: expected whole seconds > 0"))?,
+    };
+    let log = log.unwrap_or_else(|| "info".into());
+    if !["error", "warn", "info", "debug", "trace"].contains(&log.as_str()) {
+        return Err(format!(
+            "--log `{log}`: expected error, warn, info, debug or trace"
+        ));
+    }
+    let upstream = Upstream::new(&upstream, h2c, timeout).ok_or(format!(
         "--upstream `{upstream}`: expected http://HOST:PORT[/PATH]"
     ))?;
     Ok(Some(Args {
@@ -99,6 +129,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         upstream,
         config,
         redis,
+        log,
     }))
 }
 
@@ -117,10 +148,14 @@ fn load_limits(path: &Path, redis: Option<&str>) -> Result<TokenRateLimitLayer, 
     TokenRateLimitLayer::from_config(config).map_err(|e| e.to_string())
 }
 
-/// Where requests go, and one pooled HTTP/1.1 client to send them.
+/// Where requests go, and one pooled client to send them.
 #[derive(Clone)]
 struct Upstream {
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 without TLS (h2c) rather than HTTP/1.1.
+    h2c: bool,
+    /// Longest wait for the response head.
+    timeout: Duration,
     /// `http://host:port` plus the base path, without a trailing `/`.
     base: Arc<str>,
     host: HeaderValue,
@@ -128,7 +163,7 @@ struct Upstream {
 
 impl Upstream {
     /// `None` unless `url` is `http://HOST[:PORT][/PATH]` (this example has no TLS).
-    fn new(url: &str) -> Option<Self> {
+    fn new(url: &str, h2c: bool, timeout: Duration) -> Option<Self> {
         let uri: Uri = url.parse().ok()?;
         let (Some("http"), Some(authority), None) =
             (uri.scheme_str(), uri.authority(), uri.query())
@@ -141,7 +176,10 @@ impl Upstream {
         Some(Self {
             client: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
+                .http2_only(h2c)
                 .build(connector),
+            h2c,
+            timeout,
             base: format!("http://{authority}{}", uri.path().trim_end_matches('/')).into(),
             host: HeaderValue::from_str(authority.as_str()).ok()?,
         })
@@ -164,13 +202,27 @@ async fn forward(
     };
     tracing::debug!(method = %req.method(), %uri, %peer, "forwarding");
     *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11; // whatever the client spoke, the upstream gets HTTP/1.1
+    // Whatever the client spoke, the upstream gets what it was configured for.
+    *req.version_mut() = if upstream.h2c {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     headers.insert(header::HOST, upstream.host.clone());
     append_forwarded_for(headers, peer.ip());
 
-    match upstream.client.request(req).await {
+    let Ok(sent) = tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await
+    else {
+        tracing::warn!(timeout = ?upstream.timeout, "upstream sent no response head in time");
+        return error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time",
+            "upstream_timeout",
+        );
+    };
+    match sent {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -277,16 +329,35 @@ fn reload_on_sighup(path: &Path, limits: &TokenRateLimitLayer) -> std::io::Resul
     Ok(())
 }
 
+/// `/metrics` in the Prometheus text format, with the `metrics` feature.
+#[cfg(feature = "metrics")]
+fn metrics_route() -> std::io::Result<Router> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    Ok(Router::new().route("/metrics", get(move || std::future::ready(handle.render()))))
+}
+
+#[cfg(not(feature = "metrics"))]
+fn metrics_route() -> std::io::Result<Router> {
+    Ok(Router::new())
+}
+
 async fn serve(args: Args, limits: TokenRateLimitLayer) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
     reload_on_sighup(Path::new(&args.config), &limits)?;
     tracing::info!(%addr, upstream = %args.upstream.base, "gateway started");
-    let app = Router::new()
+    let proxy = Router::new()
         .fallback(forward)
         .with_state(args.upstream)
         .layer(limits.clone());
+    // Operational endpoints are not rate limited.
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(metrics_route()?)
+        .merge(proxy);
 
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on {addr}")?;
@@ -323,7 +394,9 @@ async fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| args.log.as_str().into()),
+        )
         .with_writer(std::io::stderr)
         .init();
 

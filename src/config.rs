@@ -335,6 +335,10 @@ pub struct ResponseHeadersConfig {
     /// for the tightest matched limit (default on).
     #[serde(default = "yes")]
     pub openai: bool,
+    /// `RateLimit-Policy` and `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers) for the
+    /// tightest matched limit (default off).
+    #[serde(default)]
+    pub ietf: bool,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -343,6 +347,7 @@ impl Default for ResponseHeadersConfig {
     fn default() -> Self {
         Self {
             openai: true,
+            ietf: false,
             unknown: BTreeMap::new(),
         }
     }
@@ -371,6 +376,7 @@ pub(crate) struct Compiled {
     pub(crate) rejected_code: StatusCode,
     pub(crate) rejected_msg: Option<Arc<str>>,
     pub(crate) openai_headers: bool,
+    pub(crate) ietf_headers: bool,
     pub(crate) failure_mode: FailureMode,
     pub(crate) cost: Cost,
     pub(crate) inject_include_usage: bool,
@@ -908,11 +914,12 @@ impl TokenRateLimitConfig {
             .as_ref()
             .map_or(Cost::Total, |c| c.compile(&mut p));
         let headers = self.response_headers.clone().unwrap_or_default();
-        unknown_fields(&mut p, "response_headers", &headers.unknown, "openai");
+        unknown_fields(&mut p, "response_headers", &headers.unknown, "openai, ietf");
 
         p.into_result(Compiled {
             rules: Rules {
                 key_base: format!("{prefix}:{hash_tag}"),
+                rule_name: name.trim_matches(['{', '}']).to_owned(),
                 global,
                 items,
                 consumer_header,
@@ -921,6 +928,7 @@ impl TokenRateLimitConfig {
             rejected_code,
             rejected_msg: self.rejected_msg.as_deref().map(Arc::from),
             openai_headers: headers.openai,
+            ietf_headers: headers.ietf,
             failure_mode: self.failure_mode.unwrap_or_default(),
             cost,
             inject_include_usage: self.inject_include_usage.unwrap_or(true),

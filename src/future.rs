@@ -18,9 +18,10 @@ use crate::layer::Shared;
 use crate::request::{Reader, RequestBody, inject_include_usage, max_output_tokens, model};
 use crate::response;
 use crate::service::matched;
-use crate::settle::{End, Meter, Reserved};
+use crate::settle::{End, Meter, Origin, Reserved};
 use crate::store::{Counter, CounterStatus, Reservation, StoreFuture};
 use crate::strip::UsageChunkFilter;
+use crate::telemetry;
 
 /// Characters per token assumed for the prompt estimate.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -88,12 +89,15 @@ pub(crate) struct Pending<S, ReqBody> {
     /// Reserve mode: the output limit the request set, and its model.
     pub(crate) max_output: Option<u64>,
     pub(crate) model: Option<String>,
+    /// `token_ratelimit` span: the matched rules, then the decision.
+    pub(crate) span: tracing::Span,
 }
 
 /// An admitted request: its meter and the headers to put on its response.
 pub(crate) struct Admitted {
     meter: Meter,
-    headers: Option<(Counter, CounterStatus)>,
+    /// The tightest counter, and which header families to describe it in (OpenAI, IETF).
+    headers: Option<(Counter, CounterStatus, bool, bool)>,
     /// The layer asked for usage the client did not: remove the usage chunk from the stream.
     strip_usage: bool,
 }
@@ -101,8 +105,13 @@ pub(crate) struct Admitted {
 impl Admitted {
     fn wrap<B: Body>(mut self, response: Response<B>) -> Response<ResponseBody<B>> {
         let (mut head, body) = response.into_parts();
-        if let Some((counter, status)) = &self.headers {
-            response::insert_token_headers(&mut head.headers, counter, status);
+        if let Some((counter, status, openai, ietf)) = &self.headers {
+            if *openai {
+                response::insert_token_headers(&mut head.headers, counter, status);
+            }
+            if *ietf {
+                response::insert_ietf_headers(&mut head.headers, counter, status);
+            }
         }
         self.meter.on_response(&head);
         let sse = head
@@ -237,7 +246,10 @@ where
                     if std::mem::take(&mut p.deferred) {
                         let view = RequestView::from_parts(&p.head);
                         match matched(&p.settings.rules, &view, p.model.as_deref()) {
-                            Some((counters, rules)) => (p.counters, p.rules) = (counters, rules),
+                            Some((counters, rules)) => {
+                                p.span.record("rules", &*rules);
+                                (p.counters, p.rules) = (counters, rules);
+                            }
                             None => {
                                 let p = pending.take().expect("pending");
                                 let request = Request::from_parts(
@@ -272,6 +284,14 @@ where
                     };
                     let p = pending.take().expect("polled after completion");
                     let settings = &p.settings;
+                    let label = match &decision {
+                        Decision::Reject(..) => "rejected",
+                        Decision::Unavailable => "failed_closed",
+                        Decision::Admit { statuses: None, .. } => "failed_open",
+                        Decision::Admit { .. } => "allowed",
+                    };
+                    p.span.record("decision", label);
+                    telemetry::request(&p.rules, label);
                     let (statuses, reserved) = match decision {
                         Decision::Reject(statuses, amount) => {
                             tracing::debug!(
@@ -300,9 +320,16 @@ where
                     };
                     let headers = statuses
                         .as_deref()
-                        .filter(|_| settings.openai_headers)
+                        .filter(|_| settings.openai_headers || settings.ietf_headers)
                         .and_then(|s| response::tightest(&p.counters, s))
-                        .map(|(c, s)| (c.clone(), *s));
+                        .map(|(c, s)| {
+                            (
+                                c.clone(),
+                                *s,
+                                settings.openai_headers,
+                                settings.ietf_headers,
+                            )
+                        });
                     let prompt = p.prompt_tokens();
                     let reservation = reserved.map(|(windows, amount, local)| Reserved {
                         windows,
@@ -311,11 +338,16 @@ where
                         prompt,
                         model: p.model.as_deref().map(Arc::from),
                     });
+                    let origin = Origin {
+                        rules: p.rules,
+                        model: p.model.as_deref().map(Arc::from),
+                        span: p.span,
+                    };
                     let meter = Meter::new(
                         p.shared.clone(),
                         settings.cost,
                         p.counters,
-                        p.rules,
+                        origin,
                         reservation,
                         p.request_bytes,
                     );

@@ -354,6 +354,16 @@ impl TokenRateLimitLayerBuilder {
         self
     }
 
+    /// Whether admitted responses (and rejections) carry the IETF `RateLimit-Policy` and
+    /// `RateLimit` headers (default false).
+    pub fn ietf_headers(mut self, on: bool) -> Self {
+        self.config
+            .response_headers
+            .get_or_insert_with(Default::default)
+            .ietf = on;
+        self
+    }
+
     /// Validates everything and builds the layer; every problem is reported at once.
     /// Nothing is connected here.
     pub fn build(self) -> Result<TokenRateLimitLayer, ConfigError> {

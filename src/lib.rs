@@ -68,6 +68,7 @@ mod service;
 mod settle;
 pub mod store;
 mod strip;
+mod telemetry;
 pub mod usage;
 
 pub use body::ResponseBody;

@@ -72,6 +72,26 @@ pub(crate) fn tightest<'a>(
     })
 }
 
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Adds the IETF headers (draft-ietf-httpapi-ratelimit-headers) for one counter:
+/// `RateLimit-Policy: "tokens";q=<limit>;w=<window s>` and
+/// `RateLimit: "tokens";r=<remaining>;t=<seconds to reset>`.
+pub(crate) fn insert_ietf_headers(headers: &mut HeaderMap, c: &Counter, s: &CounterStatus) {
+    let policy = format!("\"tokens\";q={};w={}", c.limit, c.window.as_secs().max(1));
+    let state = format!(
+        "\"tokens\";r={};t={}",
+        s.remaining(c.limit),
+        ceil_secs(s.reset)
+    );
+    for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
 /// Adds the OpenAI-style token headers for one counter.
 pub(crate) fn insert_token_headers(headers: &mut HeaderMap, c: &Counter, s: &CounterStatus) {
     headers.insert(X_RATELIMIT_LIMIT_TOKENS, HeaderValue::from(c.limit));
@@ -141,6 +161,9 @@ pub(crate) fn rejection(
     h.insert(RETRY_AFTER, HeaderValue::from(retry));
     h.insert(X_TOKENRATELIMIT_RESET, HeaderValue::from(retry));
     insert_token_headers(h, counter, status);
+    if settings.ietf_headers {
+        insert_ietf_headers(h, counter, status);
+    }
     response
 }
 

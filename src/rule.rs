@@ -400,6 +400,8 @@ impl Item {
 pub(crate) struct Rules {
     /// `<prefix>:{<rule_name>}`, the start of every counter key.
     pub(crate) key_base: String,
+    /// Names rules in logs and metrics: `<rule_name>/rule_items[i]`.
+    pub(crate) rule_name: String,
     pub(crate) global: Vec<Limit>,
     pub(crate) items: Vec<Item>,
     pub(crate) consumer_header: Option<HeaderName>,
@@ -427,7 +429,8 @@ impl Rules {
         let mut out: Vec<Matched> = Vec::new();
         for limit in &self.global {
             let key = format!("{}:global_threshold:{}", self.key_base, limit.window_key());
-            push(&mut out, key, limit, "global_threshold".into());
+            let rule = format!("{}/global_threshold", self.rule_name);
+            push(&mut out, key, limit, rule.into());
         }
         if self.items.is_empty() {
             return out;
@@ -457,7 +460,8 @@ impl Rules {
                     item.key_name,
                     stored
                 );
-                push(&mut out, key, limit, format!("rule_items[{i}]").into());
+                let rule = format!("{}/rule_items[{i}]", self.rule_name);
+                push(&mut out, key, limit, rule.into());
             }
         }
         out

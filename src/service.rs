@@ -111,6 +111,11 @@ where
             (Some(body), None)
         };
 
+        let span = tracing::debug_span!(
+            "token_ratelimit",
+            rules = &*names,
+            decision = tracing::field::Empty
+        );
         // The ready service goes with the future; this one keeps a clone to drive readiness.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -129,6 +134,7 @@ where
             strip_usage: inject,
             max_output: None,
             model,
+            span,
         })
     }
 }

@@ -15,6 +15,7 @@ use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
 use crate::store::{Counter, MemoryStore, Store};
+use crate::telemetry;
 use crate::usage::{BodyFormat, Usage, UsageScanner};
 
 /// Characters per token assumed by the estimate (a usual figure for English text and JSON).
@@ -68,6 +69,16 @@ pub(crate) struct Settlement {
     tokens: u64,
     /// In reserve mode, the reservation to correct to `tokens`.
     reservation: Option<Reserved>,
+}
+
+/// Where a metered request comes from: for logs and metrics.
+pub(crate) struct Origin {
+    /// The matched rules (`<rule_name>/rule_items[i]`, comma-separated).
+    pub(crate) rules: Arc<str>,
+    /// The request's model, when known.
+    pub(crate) model: Option<Arc<str>>,
+    /// The request's `token_ratelimit` span.
+    pub(crate) span: tracing::Span,
 }
 
 /// A reservation taken at admission.
@@ -219,6 +230,9 @@ pub(crate) struct Meter {
     counters: Arc<[Counter]>,
     rules: Arc<str>,
     reservation: Option<Reserved>,
+    /// The request's model, when known (for metrics).
+    model: Option<Arc<str>>,
+    span: tracing::Span,
     /// Usage from the response headers or trailers, through the extractor.
     reported: Option<Usage>,
     /// Estimated prompt tokens, from the request body size.
@@ -239,16 +253,19 @@ impl Meter {
         shared: Arc<Shared>,
         cost: Cost,
         counters: Arc<[Counter]>,
-        rules: Arc<str>,
+        origin: Origin,
         reservation: Option<Reserved>,
         request_bytes: u64,
     ) -> Self {
+        let Origin { rules, model, span } = origin;
         Self {
             shared,
             cost,
             counters,
             rules,
             reservation,
+            model,
+            span,
             reported: None,
             request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
             scanner: None,
@@ -347,8 +364,10 @@ impl Meter {
                 .allowances
                 .record(r.model.as_deref(), tokens.saturating_sub(r.prompt));
         }
+        telemetry::tokens(&self.rules, self.model.as_deref(), estimated, tokens);
         tracing::debug!(
             target: "tower_token_ratelimit",
+            parent: &self.span,
             rules = &*self.rules,
             tokens,
             estimated,

@@ -648,3 +648,62 @@ async fn sighup_reloads_the_limits_and_keeps_the_counters() {
         StatusCode::OK
     );
 }
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let (_llm, upstream) = Llm::start(None).await;
+    let config = config_file("metrics", &per_user_config(400));
+    let (_gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+    let get = |path: &'static str| async move {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    assert_eq!(get("/healthz").await, (StatusCode::OK, "ok".into()));
+
+    let fay = [("x-user", "fay")];
+    assert_eq!(send(addr, CHAT, &fay, REQUEST).await.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while send(addr, CHAT, &fay, REQUEST).await.status != StatusCode::TOO_MANY_REQUESTS {
+        assert!(Instant::now() < deadline, "never rejected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let rule = r#"rule="gateway-test/rule_items[0]""#;
+    assert_eq!(
+        value(&format!(
+            r#"token_ratelimit_requests_total{{{rule},decision="rejected"}}"#
+        )),
+        1.0
+    );
+    assert!(
+        value(&format!(
+            r#"token_ratelimit_requests_total{{{rule},decision="allowed"}}"#
+        )) >= 1.0
+    );
+    // The admitted requests each reported 316 tokens.
+    let admitted = value(&format!(
+        r#"token_ratelimit_requests_total{{{rule},decision="allowed"}}"#
+    ));
+    let tokens = value(&format!(
+        r#"token_ratelimit_tokens_total{{{rule},model="unknown",estimated="false"}}"#
+    ));
+    assert_eq!(tokens, admitted * FIXTURE_TOKENS as f64);
+    assert!(!text.contains("fay"), "no key value in metrics");
+}

@@ -1128,3 +1128,60 @@ async fn reload_changes_limits_and_keeps_used_tokens() {
     );
     assert_eq!(store.used(&key("limit_by_per_header:60:x-user:r")), 400);
 }
+
+#[tokio::test]
+async fn openai_and_ietf_headers_agree_with_the_store() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .ietf_headers(true)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(250),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "i"), ("x-mock-tokens", "100")];
+    send(addr, CHAT, &h, STREAM).await;
+    limits.flush().await;
+    let used = store.used(&key("limit_by_per_header:60:x-user:i"));
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("250"));
+    let remaining = (250 - used).to_string();
+    assert_eq!(
+        r.header("x-ratelimit-remaining-tokens"),
+        Some(remaining.as_str())
+    );
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""tokens";q=250;w=60"#));
+    let state = r.header("ratelimit").unwrap();
+    assert!(
+        state.starts_with(&format!(r#""tokens";r={remaining};t="#)),
+        "{state}"
+    );
+    let t: u64 = state.rsplit("t=").next().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&t));
+    let reset = r.header("x-ratelimit-reset-tokens").unwrap();
+    assert!(
+        reset == "1m0s" || (reset.ends_with('s') && !reset.contains('m')),
+        "a minute at most: {reset}"
+    );
+    limits.flush().await;
+    // On a rejection too, and `Retry-After` on every 429.
+    let r = send(addr, CHAT, &h, STREAM).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        r.header("ratelimit")
+            .unwrap()
+            .starts_with(r#""tokens";r=0;"#)
+    );
+    // Off by default.
+    let plain = layer(
+        &MemoryStore::new(),
+        vec![Rule::per_header("x-user").any_value().tokens_per_minute(9)],
+    );
+    let r = send(app(plain).await, CHAT, &h, STREAM).await;
+    assert_eq!(r.header("ratelimit"), None);
+}

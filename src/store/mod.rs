@@ -45,6 +45,7 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// The number the Lua scripts use.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn code(self) -> u64 {
         match self {
             Algorithm::FixedWindow => 1,

@@ -13,6 +13,7 @@ use deadpool_redis::{
 use super::{Counter, CounterStatus, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
 use crate::error::{ConfigError, Problems, StoreError};
+use crate::telemetry;
 
 static CHECK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -471,7 +472,14 @@ impl Inner {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let error = match tokio::time::timeout(self.timeout, call).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, call).await;
+        telemetry::store_call(
+            "redis",
+            started.elapsed().as_secs_f64(),
+            matches!(result, Ok(Ok(_))),
+        );
+        let error = match result {
             Ok(Ok(v)) => {
                 self.failures.store(0, Ordering::Release);
                 if !lock(&self.pending).is_empty() {
@@ -486,6 +494,7 @@ impl Inner {
         lock(&self.conn).take();
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= self.breaker_failures && !self.open.swap(true, Ordering::AcqRel) {
+            telemetry::breaker_open("redis", true);
             tracing::error!(error = %error, failures, "redis failing: circuit breaker open, probing for its return");
             tokio::spawn(probe(Arc::downgrade(self)));
         }
@@ -511,6 +520,7 @@ impl Inner {
                 pending.insert(keys, PendingDebit { params, tokens });
             }
         }
+        telemetry::pending_debits("redis", pending.len());
     }
 
     fn spawn_flush(self: &Arc<Self>) {
@@ -527,6 +537,7 @@ impl Inner {
     /// Writes the buffered debits; what fails goes back into the buffer.
     async fn flush_pending(self: &Arc<Self>) {
         let batch: Vec<(Vec<Arc<str>>, PendingDebit)> = lock(&self.pending).drain().collect();
+        telemetry::pending_debits("redis", 0);
         if batch.is_empty() {
             return;
         }
@@ -568,6 +579,7 @@ async fn probe(inner: Weak<Inner>) {
             Ok(Ok(())) => {
                 inner.failures.store(0, Ordering::Release);
                 inner.open.store(false, Ordering::Release);
+                telemetry::breaker_open("redis", false);
                 tracing::info!("redis is back: circuit breaker closed");
                 inner.spawn_flush();
                 return;
