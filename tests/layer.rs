@@ -1168,7 +1168,9 @@ async fn openai_and_ietf_headers_agree_with_the_store() {
         "a minute at most: {reset}"
     );
     limits.flush().await;
-    // On a rejection too, and `Retry-After` on every 429.
+    send(addr, CHAT, &h, STREAM).await;
+    limits.flush().await;
+    // On a rejection too (300 of 250 used), and `Retry-After` on every 429.
     let r = send(addr, CHAT, &h, STREAM).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(r.header("retry-after").is_some());
