@@ -227,7 +227,8 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<Cow<'a, str>> 
 }
 
 /// The TCP peer's address, from axum's `ConnectInfo<SocketAddr>` (also set by
-/// `MockConnectInfo`), a [`ClientAddr`], or a plain `SocketAddr` extension.
+/// `MockConnectInfo`), tonic's `TcpConnectInfo`, a [`ClientAddr`], or a plain `SocketAddr`
+/// extension.
 pub(crate) fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(axum::extract::ConnectInfo(addr)) =
@@ -238,6 +239,13 @@ pub(crate) fn peer_ip(extensions: &Extensions) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(axum::extract::connect_info::MockConnectInfo(addr)) =
         extensions.get::<axum::extract::connect_info::MockConnectInfo<SocketAddr>>()
+    {
+        return Some(addr.ip().to_canonical());
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
     {
         return Some(addr.ip().to_canonical());
     }

@@ -85,6 +85,13 @@ impl RequestBody for axum::body::Body {
     }
 }
 
+#[cfg(feature = "tonic")]
+impl RequestBody for tonic::body::Body {
+    fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
+        Self::new(Prefixed::new(prefix, rest))
+    }
+}
+
 impl RequestBody for http_body_util::Full<Bytes> {
     fn rebuild(prefix: Bytes, _rest: Option<Self>) -> Self {
         // A `Full` body is read whole or not at all: there is never a rest.
