@@ -495,10 +495,17 @@ async fn unreachable_upstream_is_a_502_json_error() {
 #[cfg(unix)]
 #[tokio::test]
 async fn sigterm_lets_streams_finish_then_exits_0() {
+    // With Redis, so the in-flight stream's debit can be checked after the process is gone.
+    let redis = common::redis::RedisServer::start();
     let release = Arc::new(Notify::new());
     let (_llm, upstream) = Llm::start(Some(release.clone())).await;
     let config = config_file("sigterm", &per_user_config(1_000_000));
-    let (mut gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+    let (mut gw, addr) = Gateway::start_with(
+        &format!("http://{upstream}"),
+        &config,
+        &["--redis", &redis.url()],
+    )
+    .await;
 
     let req = chat_request(addr, &[("x-user", "erin")]);
     let mut received = Vec::new();
@@ -530,6 +537,16 @@ async fn sigterm_lets_streams_finish_then_exits_0() {
     let status = gw.exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{status}; stderr:\n{}", gw.stderr());
     assert!(gw.stderr().contains("debits written"), "{}", gw.stderr());
+    let used: Option<u64> = deadpool_redis::redis::Commands::get(
+        &mut redis.client(),
+        "higress-token-ratelimit:{gateway-test}:limit_by_per_header:60:x-user:erin",
+    )
+    .unwrap();
+    assert_eq!(
+        used,
+        Some(FIXTURE_TOKENS),
+        "the in-flight stream's debit was written"
+    );
 }
 
 #[tokio::test]
