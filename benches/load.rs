@@ -98,8 +98,10 @@ struct Sample {
     latencies: Vec<Duration>,
 }
 
-/// `CONCURRENCY` clients, each sending requests back to back for `duration`.
-async fn drive(addr: SocketAddr, duration: Duration) -> Sample {
+/// `CONCURRENCY` clients, each sending requests back to back for `duration`, with API keys
+/// drawn in turn from `keys` distinct values. Every request also carries `x-k0`..`x-k9` (for
+/// the 10-rule variant).
+async fn drive(addr: SocketAddr, duration: Duration, keys: usize) -> Sample {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
@@ -110,11 +112,17 @@ async fn drive(addr: SocketAddr, duration: Duration) -> Sample {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let key = format!("sk-{}", c % 8);
+            let mut n = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let req = Request::post(format!("http://{addr}/v1/chat/completions"))
-                    .header("x-api-key", &key)
+                let key = format!("sk-{}", n % keys);
+                n += CONCURRENCY;
+                let mut req = Request::post(format!("http://{addr}/v1/chat/completions"))
+                    .header("x-api-key", &key);
+                for k in 0..10 {
+                    req = req.header(format!("x-k{k}"), "v");
+                }
+                let req = req
                     .body(Full::new(Bytes::from_static(
                         b"{\"model\":\"m\",\"stream\":true}",
                     )))
@@ -197,8 +205,43 @@ async fn main() {
             .build()
             .unwrap()
     };
-    let mut variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>)> =
-        vec![("bare", serve(app(frames.clone())).await, None)];
+    let mut variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>, usize)> =
+        vec![("bare", serve(app(frames.clone())).await, None, 8)];
+    // The peer: a request-count limiter (tower_governor, in memory) that never rejects here.
+    let governor = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .unwrap();
+    let addr = serve(app(frames.clone()).layer(tower_governor::GovernorLayer::new(governor))).await;
+    variants.push(("governor", addr, None, 8));
+    let ten_rules = (0..10)
+        .fold(TokenRateLimitLayer::builder(), |b, k| {
+            b.rule(
+                Rule::per_header(format!("x-k{k}"))
+                    .any_value()
+                    .tokens_per_minute(u64::MAX / 4),
+            )
+        })
+        .build()
+        .unwrap();
+    let addr = serve(app(frames.clone()).layer(ten_rules.clone())).await;
+    variants.push(("memory_10_rules", addr, Some(ten_rules), 8));
+    // Without asking the upstream for usage (no request body read, no stream filtering).
+    let plain = TokenRateLimitLayer::builder()
+        .inject_include_usage(false)
+        .rule(
+            Rule::per_header("x-api-key")
+                .any_value()
+                .tokens_per_minute(u64::MAX / 4),
+        )
+        .build()
+        .unwrap();
+    let addr = serve(app(frames.clone()).layer(plain.clone())).await;
+    variants.push(("memory_no_inject", addr, Some(plain), 8));
+    let many = limits(None, Mode::PostDebit);
+    let addr = serve(app(frames.clone()).layer(many.clone())).await;
+    variants.push(("memory_100k_keys", addr, Some(many), 100_000));
     for (name, layer) in [
         ("memory", limits(None, Mode::PostDebit)),
         ("memory_reserve", limits(None, Mode::Reserve)),
@@ -206,20 +249,20 @@ async fn main() {
         ("reserve", limits(Some(redis_store()), Mode::Reserve)),
     ] {
         let addr = serve(app(frames.clone()).layer(layer.clone())).await;
-        variants.push((name, addr, Some(layer)));
+        variants.push((name, addr, Some(layer), 8));
     }
 
     // Warm-up.
-    for (_, addr, _) in &variants {
-        drive(*addr, Duration::from_millis(300)).await;
+    for (_, addr, _, keys) in &variants {
+        drive(*addr, Duration::from_millis(300), *keys).await;
     }
     let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
     let mut redis_cmds = 0;
     let mut redis_reqs = 0;
     for _ in 0..rounds {
-        for (i, (name, addr, layer)) in variants.iter().enumerate() {
+        for (i, (name, addr, layer, keys)) in variants.iter().enumerate() {
             let before = name.starts_with("redis").then(|| redis_commands(&redis));
-            let s = drive(*addr, duration).await;
+            let s = drive(*addr, duration, *keys).await;
             if let Some(l) = layer {
                 l.flush().await;
             }
@@ -240,7 +283,7 @@ async fn main() {
     );
     let bare_rps = samples[0].requests as f64 / samples[0].elapsed.as_secs_f64();
     let mut json = serde_json::Map::new();
-    for ((name, _, _), s) in variants.iter().zip(samples.iter_mut()) {
+    for ((name, _, _, _), s) in variants.iter().zip(samples.iter_mut()) {
         s.latencies.sort();
         let rps = s.requests as f64 / s.elapsed.as_secs_f64();
         let (p50, p99) = (
@@ -276,5 +319,41 @@ async fn main() {
         ((per_req * 1000.0).round() / 1000.0).into(),
     );
     json.insert("concurrency".into(), CONCURRENCY.into());
+    let per_key = memory_bytes_per_key().await;
+    println!("memory store: {per_key:.0} bytes per key at 1,000,000 keys (resident set growth)");
+    json.insert("memory_bytes_per_key".into(), per_key.round().into());
     println!("{}", serde_json::Value::Object(json));
+}
+
+/// Resident memory of this process, in bytes (Linux).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Resident set growth per counter when 1,000,000 counters with realistic keys are live.
+async fn memory_bytes_per_key() -> f64 {
+    use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
+    let store = MemoryStore::new();
+    let before = rss_bytes();
+    for i in 0..1_000_000u32 {
+        let c = Counter {
+            key: format!(
+                "higress-token-ratelimit:{{default}}:limit_by_per_header:60:x-api-key:sk-{i:08}"
+            )
+            .into(),
+            limit: 1_000,
+            window: Duration::from_secs(600),
+            algorithm: Algorithm::FixedWindow,
+        };
+        store.debit(std::slice::from_ref(&c), 1).await.unwrap();
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert_eq!(store.len(), 1_000_000);
+    grown as f64 / 1e6
 }

@@ -1,9 +1,9 @@
 //! Settlement: the meter that decides what a request costs once its response ends, and the
 //! background worker that debits the store.
 //!
-//! Bodies never touch the store: when a body ends (or is dropped) its meter hands a
-//! [`Settlement`] to an unbounded channel, which never blocks and never panics, and a worker task
-//! applies it.
+//! When a body ends (or is dropped) its meter settles: the in-memory store takes the debit at
+//! once (a short lock, never a wait); for any other store the meter hands a [`Settlement`] to an
+//! unbounded channel, which never blocks and never panics, and a worker task applies it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -376,6 +376,18 @@ impl Meter {
         );
         if estimated && self.reservation.is_some() {
             return;
+        }
+        // The in-memory store takes the debit at once (a short lock); others get it from the
+        // background task. With a local fallback, the task also mirrors it there.
+        if self.shared.fallback.is_none() {
+            let store = &self.shared.store;
+            let done = match &self.reservation {
+                None => store.try_debit_now(&self.counters, tokens),
+                Some(r) => store.try_settle_now(&self.counters, &r.windows, r.amount, tokens),
+            };
+            if done {
+                return;
+            }
         }
         self.shared.settler().send(Settlement {
             counters: self.counters.clone(),

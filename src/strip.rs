@@ -22,6 +22,15 @@ impl UsageChunkFilter {
         if self.disabled {
             return data;
         }
+        // The usual frame: whole events, none with a usage object (`"usage":null` is fine).
+        // Passed on as it is.
+        if self.pending.is_empty()
+            && (data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n"))
+            && memmem::find(&data, b"\"usage\":{").is_none()
+            && memmem::find(&data, b"\"usage\": {").is_none()
+        {
+            return data;
+        }
         self.pending.extend_from_slice(&data);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {

@@ -450,6 +450,22 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn try_debit_now(&self, counters: &[Counter], tokens: u64) -> bool {
+        self.debit_now(counters, tokens);
+        true
+    }
+
+    fn try_settle_now(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> bool {
+        self.settle_now(counters, windows, reserved, actual);
+        true
+    }
+
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
         Box::pin(std::future::ready(Ok(self.reserve_now(counters, amount))))
     }

@@ -116,6 +116,26 @@ pub trait Store: Send + Sync + 'static {
     /// none is running.
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()>;
 
+    /// Applies a debit at once when the store can do so without waiting (the in-memory store:
+    /// a short lock), sparing the hand-over to the layer's background task; `false` when it
+    /// cannot, and the debit then goes to the background task. The default is `false`.
+    fn try_debit_now(&self, counters: &[Counter], tokens: u64) -> bool {
+        let _ = (counters, tokens);
+        false
+    }
+
+    /// Like [`try_debit_now`](Self::try_debit_now), for [`settle`](Self::settle).
+    fn try_settle_now(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> bool {
+        let _ = (counters, windows, reserved, actual);
+        false
+    }
+
     /// Reserve mode, at admission, in one atomic step: when `amount` fits every counter (see
     /// [`reservation_fits`]) adds it to all of them, starting windows where none runs, and
     /// returns their window ids; otherwise changes nothing. The default answers with an error
@@ -156,6 +176,20 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
         (**self).reserve(counters, amount)
+    }
+
+    fn try_debit_now(&self, counters: &[Counter], tokens: u64) -> bool {
+        (**self).try_debit_now(counters, tokens)
+    }
+
+    fn try_settle_now(
+        &self,
+        counters: &[Counter],
+        windows: &[u64],
+        reserved: u64,
+        actual: u64,
+    ) -> bool {
+        (**self).try_settle_now(counters, windows, reserved, actual)
     }
 
     fn settle(
