@@ -95,5 +95,76 @@ fn scanner(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, scanner);
+/// A 1 MB OpenAI stream in 16 KiB frames, collected from a service unwrapped and behind the
+/// layer (its body wrapper scanning every frame): the wrapper's overhead.
+fn wrapper(c: &mut Criterion) {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+
+    let stream = corpus("chat");
+    let frames: Vec<Bytes> = stream.chunks(CHUNK).map(Bytes::copy_from_slice).collect();
+    let service = tower::service_fn(move |_req: http::Request<http_body_util::Full<Bytes>>| {
+        let frames = frames.clone();
+        async move {
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, std::convert::Infallible>(http_body::Frame::data(f))),
+            ));
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = TokenRateLimitLayer::builder()
+        .inject_include_usage(false)
+        .rule(
+            Rule::per_header("x-api-key")
+                .any_value()
+                .tokens_per_minute(u64::MAX / 4),
+        )
+        .build()
+        .unwrap();
+    let metered = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service.clone());
+    let request = || {
+        http::Request::post("/v1/chat/completions")
+            .header("x-api-key", "k")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("wrapper_1MB");
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.bench_function("unwrapped", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = service.clone();
+            async move {
+                let r = svc.ready().await.unwrap().call(request()).await.unwrap();
+                black_box(r.into_body().collect().await.unwrap());
+            }
+        })
+    });
+    group.bench_function("metered", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut svc = metered.clone();
+            async move {
+                let r = svc.ready().await.unwrap().call(request()).await.unwrap();
+                black_box(r.into_body().collect().await.unwrap());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, scanner, wrapper);
 criterion_main!(benches);

@@ -15,7 +15,7 @@ use crate::body::ResponseBody;
 use crate::config::{Compiled, FailureMode, Mode};
 use crate::key::RequestView;
 use crate::layer::Shared;
-use crate::request::{Reader, RequestBody, inject_include_usage, max_output_tokens, model};
+use crate::request::{Probe, Reader, RequestBody, inject_include_usage, max_output_tokens, model};
 use crate::response;
 use crate::service::matched;
 use crate::settle::{End, Meter, Origin, Reserved};
@@ -164,19 +164,16 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
         if failed {
             return false;
         }
-        let json = rest
-            .is_none()
-            .then(|| serde_json::from_slice::<serde_json::Value>(&prefix).ok())
-            .flatten();
+        let probe = rest.is_none().then(|| Probe::of(&prefix)).flatten();
         let settings = &self.settings;
         if settings.mode == Mode::Reserve || self.deferred {
-            self.max_output = json.as_ref().and_then(max_output_tokens);
-            self.model = model(json.as_ref(), self.head.uri.path());
+            self.max_output = probe.as_ref().and_then(max_output_tokens);
+            self.model = model(probe.as_ref(), self.head.uri.path());
         }
-        let injected = json
+        let injected = probe
             .as_ref()
             .filter(|_| self.strip_usage)
-            .and_then(inject_include_usage);
+            .and_then(|p| inject_include_usage(&prefix, p));
         self.strip_usage = injected.is_some();
         self.body = Some(match injected {
             Some(body) => {

@@ -178,51 +178,88 @@ impl<B: RequestBody> Reader<B> {
     }
 }
 
+/// The fields of a request body the layer looks at. Everything else is skipped by the parser
+/// without being built, so a large prompt costs a scan, not a tree.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct Probe {
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+    #[serde(default)]
+    stream_options: Option<serde_json::Value>,
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_output_tokens: Option<serde_json::Value>,
+    #[serde(default, rename = "generationConfig")]
+    generation_config: Option<serde_json::Value>,
+}
+
+impl Probe {
+    /// The probe of a JSON object body; `None` for anything else.
+    pub(crate) fn of(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
 /// For a streaming OpenAI chat / completions body that did not ask for usage, the body
 /// rewritten to ask for it. `None`: leave the body as it is.
-pub(crate) fn inject_include_usage(body: &serde_json::Value) -> Option<Bytes> {
-    if body.get("stream").and_then(serde_json::Value::as_bool) != Some(true) {
+pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe) -> Option<Bytes> {
+    if probe.stream.as_ref().and_then(serde_json::Value::as_bool) != Some(true) {
         return None;
     }
-    let options = body.get("stream_options");
-    if options.is_some_and(|o| !o.is_object()) {
-        return None;
+    match &probe.stream_options {
+        // The usual case: add the field before the object's closing brace, leaving every
+        // other byte as the client wrote it.
+        None => {
+            let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+            (body[end] == b'}').then(|| {
+                let mut out = Vec::with_capacity(body.len() + 40);
+                out.extend_from_slice(&body[..end]);
+                out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
+                out.extend_from_slice(&body[end..]);
+                Bytes::from(out)
+            })
+        }
+        Some(serde_json::Value::Object(o))
+            if o.get("include_usage").and_then(serde_json::Value::as_bool) != Some(true) =>
+        {
+            let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+            v.get_mut("stream_options")?
+                .as_object_mut()?
+                .insert("include_usage".into(), serde_json::Value::Bool(true));
+            serde_json::to_vec(&v).ok().map(Bytes::from)
+        }
+        _ => None,
     }
-    if options
-        .and_then(|o| o.get("include_usage"))
-        .and_then(serde_json::Value::as_bool)
-        == Some(true)
-    {
-        return None;
-    }
-    let mut body = body.clone();
-    let obj = body.as_object_mut()?;
-    let options = obj
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    options
-        .as_object_mut()?
-        .insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&body).ok().map(Bytes::from)
 }
 
 /// The output limit a request sets: `max_tokens` (OpenAI chat and Anthropic),
 /// `max_completion_tokens`, `max_output_tokens` (Responses API), or Gemini's
 /// `generationConfig.maxOutputTokens`.
-pub(crate) fn max_output_tokens(body: &serde_json::Value) -> Option<u64> {
-    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-        .iter()
-        .find_map(|k| body.get(*k)?.as_u64())
-        .or_else(|| {
-            body.get("generationConfig")?
-                .get("maxOutputTokens")?
-                .as_u64()
-        })
+pub(crate) fn max_output_tokens(probe: &Probe) -> Option<u64> {
+    [
+        &probe.max_completion_tokens,
+        &probe.max_tokens,
+        &probe.max_output_tokens,
+    ]
+    .into_iter()
+    .find_map(|v| v.as_ref()?.as_u64())
+    .or_else(|| {
+        probe
+            .generation_config
+            .as_ref()?
+            .get("maxOutputTokens")?
+            .as_u64()
+    })
 }
 
 /// The model a request names: its JSON `model`, or Gemini's path `…/models/{model}:method`.
-pub(crate) fn model(body: Option<&serde_json::Value>, path: &str) -> Option<String> {
-    if let Some(m) = body.and_then(|b| b.get("model")?.as_str()) {
+pub(crate) fn model(probe: Option<&Probe>, path: &str) -> Option<String> {
+    if let Some(m) = probe.and_then(|p| p.model.as_ref()?.as_str()) {
         return Some(m.to_owned());
     }
     let rest = &path[path.find("/models/")? + "/models/".len()..];
@@ -235,15 +272,15 @@ mod tests {
     use super::*;
 
     fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
-        super::inject_include_usage(&serde_json::from_slice(body).ok()?)
+        super::inject_include_usage(body, &Probe::of(body)?)
     }
 
     #[test]
     fn output_limits_and_models() {
-        let v =
-            serde_json::json!({"model": "gpt-4o", "max_completion_tokens": 50, "max_tokens": 9});
+        let v = Probe::of(br#"{"model": "gpt-4o", "max_completion_tokens": 50, "max_tokens": 9}"#)
+            .unwrap();
         assert_eq!(max_output_tokens(&v), Some(50));
-        let g = serde_json::json!({"generationConfig": {"maxOutputTokens": 77}});
+        let g = Probe::of(br#"{"generationConfig": {"maxOutputTokens": 77}}"#).unwrap();
         assert_eq!(max_output_tokens(&g), Some(77));
         assert_eq!(
             model(Some(&v), "/v1/chat/completions").as_deref(),
@@ -260,6 +297,12 @@ mod tests {
         assert_eq!(
             &out[..],
             br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#
+        );
+        // Formatting outside the new field is kept.
+        let out = inject_include_usage(b"{ \"stream\" : true }\n").unwrap();
+        assert_eq!(
+            &out[..],
+            b"{ \"stream\" : true ,\"stream_options\":{\"include_usage\":true}}\n"
         );
         let out = inject_include_usage(
             br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
