@@ -2,12 +2,13 @@
 //! layer (in-memory store, Redis store), driven alternately so machine drift hits all alike.
 //!
 //! ```sh
-//! cargo bench --bench load            # 3 rounds × 3 s per variant
-//! cargo bench --bench load -- --quick # 2 rounds × 1 s
+//! cargo bench --bench load            # 7 rounds × 2 s per variant
+//! cargo bench --bench load -- --quick # 3 rounds × 1 s
 //! ```
 //!
-//! Prints a table (req/s, p50, p99, ratio to bare, Redis commands per request) and, last, one
-//! JSON line with the same figures.
+//! Prints a table (req/s, p50, p99, the median over rounds of the ratio to bare in the same
+//! round, Redis commands per request) and, last, one JSON line with the same figures. The order
+//! of the variants rotates every round.
 
 #[path = "../tests/common/redis.rs"]
 #[allow(dead_code)]
@@ -189,9 +190,9 @@ fn redis_commands(server: &RedisServer) -> u64 {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, duration) = if quick {
-        (2, Duration::from_secs(1))
+        (3, Duration::from_secs(1))
     } else {
-        (3, Duration::from_secs(3))
+        (7, Duration::from_secs(2))
     };
     let frames = fixture();
     let redis = tokio::task::spawn_blocking(RedisServer::start)
@@ -259,8 +260,12 @@ async fn main() {
     let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
     let mut redis_cmds = 0;
     let mut redis_reqs = 0;
-    for _ in 0..rounds {
-        for (i, (name, addr, layer, keys)) in variants.iter().enumerate() {
+    // Requests per second of each variant in each round; the order rotates every round.
+    let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        let n = variants.len();
+        for i in (0..n).map(|k| (k + round) % n) {
+            let (name, addr, layer, keys) = &variants[i];
             let before = name.starts_with("redis").then(|| redis_commands(&redis));
             let s = drive(*addr, duration, *keys).await;
             if let Some(l) = layer {
@@ -270,6 +275,7 @@ async fn main() {
                 redis_cmds += redis_commands(&redis) - b - 1;
                 redis_reqs += s.requests;
             }
+            per_round[i].push(s.requests as f64 / s.elapsed.as_secs_f64());
             let acc = &mut samples[i];
             acc.requests += s.requests;
             acc.elapsed += s.elapsed;
@@ -278,12 +284,21 @@ async fn main() {
     }
 
     println!(
-        "\n{:<8} {:>9} {:>9} {:>9} {:>8}",
-        "variant", "req/s", "p50", "p99", "ratio"
+        "\n{:<16} {:>9} {:>9} {:>9} {:>14}",
+        "variant", "req/s", "p50", "p99", "median ratio"
     );
-    let bare_rps = samples[0].requests as f64 / samples[0].elapsed.as_secs_f64();
+    // Ratio to bare: the median over rounds of (variant / bare in the same round).
+    let median_ratio = |i: usize| {
+        let mut r: Vec<f64> = per_round[i]
+            .iter()
+            .zip(&per_round[0])
+            .map(|(v, b)| v / b)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
     let mut json = serde_json::Map::new();
-    for ((name, _, _, _), s) in variants.iter().zip(samples.iter_mut()) {
+    for (i, ((name, _, _, _), s)) in variants.iter().zip(samples.iter_mut()).enumerate() {
         s.latencies.sort();
         let rps = s.requests as f64 / s.elapsed.as_secs_f64();
         let (p50, p99) = (
@@ -291,10 +306,10 @@ async fn main() {
             percentile(&s.latencies, 0.99),
         );
         println!(
-            "{name:<15} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>8.3}",
+            "{name:<16} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>14.3}",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
-            rps / bare_rps
+            median_ratio(i)
         );
         json.insert(format!("{name}_rps"), rps.round().into());
         json.insert(
@@ -308,7 +323,7 @@ async fn main() {
         if *name != "bare" {
             json.insert(
                 format!("{name}_ratio"),
-                ((rps / bare_rps * 1000.0).round() / 1000.0).into(),
+                ((median_ratio(i) * 1000.0).round() / 1000.0).into(),
             );
         }
     }

@@ -1,0 +1,218 @@
+//! Hostile request input gets a bounded-time, bounded-memory answer, never a panic, and cannot
+//! make two tenants share a counter.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::routing::post;
+use common::mock_chat;
+use tower::ServiceExt;
+use tower_token_ratelimit::store::MemoryStore;
+use tower_token_ratelimit::{Mode, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn app(limits: &TokenRateLimitLayer) -> Router {
+    Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone())
+}
+
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Duration) {
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(req))
+        .await
+        .expect("bounded time")
+        .unwrap();
+    let status = r.status();
+    axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, t.elapsed())
+}
+
+#[tokio::test]
+async fn odd_header_values_never_share_a_counter() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150),
+        )
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    // Invalid UTF-8 that decodes (lossily) to the same text, control bytes, a 64 KB value.
+    let values: Vec<HeaderValue> = vec![
+        HeaderValue::from_bytes(b"\xff\xfeuser").unwrap(),
+        HeaderValue::from_bytes(b"\xfe\xffuser").unwrap(),
+        HeaderValue::from_bytes(b"a\tb").unwrap(),
+        HeaderValue::from_bytes(&vec![b'x'; 64 * 1024]).unwrap(),
+        HeaderValue::from_static("a:b"),
+        HeaderValue::from_static("{tenant}"),
+    ];
+    for v in &values {
+        let req = Request::post(CHAT)
+            .header("x-user", v.clone())
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, took) = call(&app, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(took < Duration::from_secs(1));
+        limits.flush().await;
+    }
+    assert_eq!(
+        store.len(),
+        values.len(),
+        "one counter each: no two values share one"
+    );
+    // Each got its own budget: a second request of each is still admitted (100 of 150 used).
+    for v in &values {
+        let req = Request::post(CHAT)
+            .header("x-user", v.clone())
+            .body(Body::from("{}"))
+            .unwrap();
+        assert_eq!(call(&app, req).await.0, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_cookies_and_forwarding_entries_take_bounded_time() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .trusted_proxies(["10.0.0.0/8"])
+        .rule(
+            Rule::per_cookie("uid")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        )
+        .rule(
+            Rule::per_ip_from_header("x-forwarded-for")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        )
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    let cookies: String = (0..10_000)
+        .map(|i| format!("c{i}=v{i}; "))
+        .collect::<String>()
+        + "uid=me";
+    // 10,000 entries, all trusted proxies but the first: reading stops there.
+    let xff: String = std::iter::once("203.0.113.7".to_string())
+        .chain((0..9_999).map(|i| format!("10.0.{}.{}", i / 250, i % 250)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let req = Request::post(CHAT)
+        .header("cookie", cookies)
+        .header("x-forwarded-for", xff)
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, took) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    limits.flush().await;
+    assert_eq!(
+        store.used("higress-token-ratelimit:{default}:limit_by_per_cookie:60:uid:me"),
+        100
+    );
+    assert_eq!(
+        store.used("higress-token-ratelimit:{default}:limit_by_per_ip:60:from-header-x-forwarded-for:203.0.113.7"),
+        100
+    );
+}
+
+#[tokio::test]
+async fn a_100_mb_body_in_reserve_mode_is_read_only_up_to_the_limit() {
+    let limits = TokenRateLimitLayer::builder()
+        .mode(Mode::Reserve)
+        .request_body_limit(64 * 1024)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(u64::MAX / 4),
+        )
+        .build()
+        .unwrap();
+    // The upstream reads the whole body and reports its length.
+    let app = Router::new()
+        .route(
+            CHAT,
+            post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(limits.clone());
+    // Sent in 1 MiB frames without a content-length, so the layer has to read it.
+    let frames = (0..100)
+        .map(|_| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(vec![b' '; 1 << 20])));
+    let req = Request::post(CHAT)
+        .header("x-user", "big")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(futures_util::stream::iter(frames)))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), app.oneshot(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        &body[..],
+        (100 << 20).to_string().as_bytes(),
+        "the body passes on whole"
+    );
+}
+
+#[test]
+fn pathological_regexes_are_linear_or_refused() {
+    // Catastrophic for a backtracking engine; linear here.
+    let limits = TokenRateLimitLayer::builder()
+        .rule(
+            Rule::per_header("x-user")
+                .matching("(a+)+$")
+                .tokens_per_minute(10),
+        )
+        .build();
+    assert!(limits.is_ok());
+    // A pattern that compiles to more than the size limit is a configuration error.
+    let cfg: TokenRateLimitConfig = serde_json::from_value(serde_json::json!({
+        "rule_name": "r",
+        "rule_items": [{"limit_by_per_header": "x", "limit_keys": [{"key": "regexp:(\\w{100}){100}", "token_per_minute": 1}]}]
+    }))
+    .unwrap();
+    let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
+    assert!(
+        err.to_string().contains("rule_items[0].limit_keys[0].key"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_pathological_regex_matches_a_long_value_quickly() {
+    let limits = TokenRateLimitLayer::builder()
+        .rule(
+            Rule::per_header("x-user")
+                .matching("(a+)+$")
+                .tokens_per_minute(10),
+        )
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    let evil = format!("{}!", "a".repeat(30_000));
+    let req = Request::post(CHAT)
+        .header("x-user", evil)
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, took) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
