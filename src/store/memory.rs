@@ -19,7 +19,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Counters are spread over 64 independently locked shards. Memory is bounded by the live
 /// counters: a sweeper task (started on the tokio runtime the store is first used on, stopped when
 /// the store is dropped) frees expired counters every second and gives unused capacity back.
-/// A counter costs about 80 bytes plus the length of its key.
+/// A live counter costs about 250 bytes with a 75-byte key (resident set growth measured by
+/// `cargo bench --bench load` at 1,000,000 counters).
 ///
 /// Cloning is cheap and shares the counters.
 ///
