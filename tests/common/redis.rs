@@ -75,6 +75,22 @@ impl RedisServer {
         Self::start_with(&[], None)
     }
 
+    /// A standalone server that fsyncs every write to its append-only file, so a SIGKILL loses
+    /// nothing it acknowledged and a restart (same directory) brings every counter back.
+    pub fn start_persistent() -> Self {
+        let mut s = Self::start_with(&[], None);
+        s.kill();
+        for (flag, value) in [("--appendonly", "yes"), ("--appendfsync", "always")] {
+            let i = s.args.iter().position(|a| a == flag);
+            match i {
+                Some(i) => s.args[i + 1] = value.into(),
+                None => s.args.extend([flag.to_string(), value.to_string()]),
+            }
+        }
+        s.restart();
+        s
+    }
+
     /// A standalone server that requires this password.
     pub fn start_with_password(password: &str) -> Self {
         Self::start_with(&["--requirepass", password], Some(password))
