@@ -186,8 +186,28 @@ fn redis_commands(server: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Runs this bench binary again with `flag` and parses the number it prints.
+fn in_fresh_process(flag: &str) -> f64 {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg(flag)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().any(|a| a == "--bytes-per-key") {
+        println!("{}", memory_bytes_per_key().await);
+        return;
+    }
+    if std::env::args().any(|a| a == "--flood") {
+        println!("{}", memory_flood().await.0);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, duration) = if quick {
         (3, Duration::from_secs(1))
@@ -334,9 +354,15 @@ async fn main() {
         ((per_req * 1000.0).round() / 1000.0).into(),
     );
     json.insert("concurrency".into(), CONCURRENCY.into());
-    let per_key = memory_bytes_per_key().await;
+    // Memory figures in fresh processes, so freed memory from one cannot hide the next.
+    let per_key: f64 = in_fresh_process("--bytes-per-key");
     println!("memory store: {per_key:.0} bytes per key at 1,000,000 keys (resident set growth)");
     json.insert("memory_bytes_per_key".into(), per_key.round().into());
+    let flood_mb: f64 = in_fresh_process("--flood");
+    println!(
+        "memory store, default cap (1,000,000), 3,000,000 unique keys: peak resident set growth {flood_mb:.0} MB"
+    );
+    json.insert("flood_peak_rss_mb".into(), flood_mb.round().into());
     println!("{}", serde_json::Value::Object(json));
 }
 
@@ -354,7 +380,7 @@ fn rss_bytes() -> u64 {
 /// Resident set growth per counter when 1,000,000 counters with realistic keys are live.
 async fn memory_bytes_per_key() -> f64 {
     use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
-    let store = MemoryStore::new();
+    let store = MemoryStore::with_max_counters(2_000_000);
     let before = rss_bytes();
     for i in 0..1_000_000u32 {
         let c = Counter {
@@ -371,4 +397,30 @@ async fn memory_bytes_per_key() -> f64 {
     let grown = rss_bytes().saturating_sub(before);
     assert_eq!(store.len(), 1_000_000);
     grown as f64 / 1e6
+}
+
+/// A flood of 3,000,000 unique keys into a store with the default cap (1,000,000 counters):
+/// the resident set growth in MB, and the counters left.
+async fn memory_flood() -> (f64, usize) {
+    use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
+    let store = MemoryStore::new();
+    let before = rss_bytes();
+    let mut peak = before;
+    for i in 0..3_000_000u32 {
+        let c = Counter {
+            key: format!(
+                "higress-token-ratelimit:{{default}}:limit_by_per_ip:60:from-remote-addr:f{i:08}"
+            )
+            .into(),
+            limit: 1_000,
+            window: Duration::from_secs(60),
+            algorithm: Algorithm::FixedWindow,
+        };
+        store.debit(std::slice::from_ref(&c), 1).await.unwrap();
+        if i % 100_000 == 0 {
+            peak = peak.max(rss_bytes());
+        }
+    }
+    peak = peak.max(rss_bytes());
+    (peak.saturating_sub(before) as f64 / 1e6, store.len())
 }

@@ -10,6 +10,8 @@ use super::{Algorithm, Counter, CounterStatus, Reservation, Store, StoreFuture, 
 
 /// How many independently locked shards the map is split into.
 const SHARDS: usize = 64;
+/// The default cap on live counters.
+const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
 /// How often the background sweeper frees expired counters.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -49,6 +51,8 @@ pub struct MemoryStore {
 struct Inner {
     hasher: RandomState,
     shards: Box<[Mutex<Shard>]>,
+    /// Counters a shard holds before it makes room (the store's cap / shards).
+    max_per_shard: usize,
     sweeper_running: AtomicBool,
     /// Window ids are expiries in nanoseconds since this instant.
     epoch: Instant,
@@ -74,11 +78,28 @@ impl Locked<'_> {
     }
 }
 
-/// One counter: its algorithm's state, and when it can be forgotten.
+/// One counter: its algorithm's state, its limit, and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     state: State,
+    limit: u64,
     expires_at: Instant,
+}
+
+impl Entry {
+    /// Tokens counted (without time decay): what eviction ranks by.
+    fn weight(&self) -> u64 {
+        match self.state {
+            State::Fixed { used } => used,
+            State::Sliding { cur, prev, .. } => cur.saturating_add(prev),
+            State::Bucket { used, .. } => used as u64,
+        }
+    }
+
+    /// At or over its limit: never evicted, or its owner would get a fresh budget.
+    fn in_debt(&self) -> bool {
+        self.weight() >= self.limit
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,9 +129,19 @@ impl std::fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
+        Self::with_max_counters(DEFAULT_MAX_COUNTERS)
+    }
+
+    /// An empty store holding at most about `max` live counters (default 1,000,000, about
+    /// 250 MB). When a new counter would pass the cap, the store frees expired counters, then
+    /// the least-used eighth of those that still have budget left. A counter at or over its
+    /// limit is never evicted (its owner would get a fresh budget): only counters in that state
+    /// can take the store past the cap.
+    pub fn with_max_counters(max: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 hasher: RandomState::new(),
+                max_per_shard: max.div_ceil(SHARDS).max(1),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 sweeper_running: AtomicBool::new(false),
                 epoch: Instant::now(),
@@ -229,6 +260,7 @@ impl Inner {
                 Some(&Entry {
                     state: State::Fixed { used },
                     expires_at,
+                    ..
                 }) if expires_at > now => (
                     CounterStatus {
                         used,
@@ -293,6 +325,7 @@ impl Inner {
                 let used = clamp_add(if live { status.used } else { 0 }, amount);
                 Entry {
                     state: State::Fixed { used },
+                    limit: c.limit,
                     expires_at,
                 }
             }
@@ -305,6 +338,7 @@ impl Inner {
                         cur: clamp_add(cur, amount),
                         prev,
                     },
+                    limit: c.limit,
                     expires_at: self.epoch + Duration::from_millis(w.saturating_mul(idx + 2)),
                 }
             }
@@ -313,12 +347,16 @@ impl Inner {
                 let drain = used * c.window.as_secs_f64() / c.limit.max(1) as f64;
                 Entry {
                     state: State::Bucket { used, at: now },
+                    limit: c.limit,
                     expires_at: now
                         + Duration::try_from_secs_f64(drain).unwrap_or(Duration::MAX / 4)
                         + c.window,
                 }
             }
         };
+        if map.len() >= self.max_per_shard && !map.contains_key(&c.key) {
+            make_room(map, self.max_per_shard, now);
+        }
         map.insert(c.key.clone(), entry);
     }
 
@@ -394,6 +432,28 @@ impl Inner {
                 None,
             );
         }
+    }
+}
+
+/// Frees expired counters, then, if the shard is still full, the least-used eighth of the
+/// counters that are not in debt.
+fn make_room(map: &mut Shard, max: usize, now: Instant) {
+    map.retain(|_, e| e.expires_at > now);
+    if map.len() < max {
+        return;
+    }
+    let mut candidates: Vec<(u64, Arc<str>)> = map
+        .iter()
+        .filter(|(_, e)| !e.in_debt())
+        .map(|(k, e)| (e.weight(), k.clone()))
+        .collect();
+    let n = (max / 8).max(1).min(candidates.len());
+    if n == 0 {
+        return;
+    }
+    candidates.select_nth_unstable_by_key(n - 1, |(w, _)| *w);
+    for (_, key) in &candidates[..n] {
+        map.remove(key);
     }
 }
 
@@ -620,6 +680,25 @@ mod tests {
         let r = store.reserve(one, 50).await.unwrap().windows.unwrap();
         store.settle(one, &r, 50, 20).await.unwrap();
         assert_eq!(used(&store, &c).await, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_new_keys_is_capped_and_keys_in_debt_survive() {
+        let store = MemoryStore::with_max_counters(SHARDS * 100);
+        // Spent, and half-spent, before the flood.
+        let spent = counter("spent", 10, 3600);
+        let half = counter("half", 10, 3600);
+        store.debit(std::slice::from_ref(&spent), 10).await.unwrap();
+        store.debit(std::slice::from_ref(&half), 5).await.unwrap();
+        for i in 0..100_000 {
+            store
+                .debit(&[counter(&format!("flood:{i}"), 10, 3600)], 1)
+                .await
+                .unwrap();
+        }
+        assert!(store.len() <= SHARDS * 100, "{} counters", store.len());
+        assert_eq!(store.used("spent"), 10, "a key in debt is never forgotten");
+        assert_eq!(store.used("half"), 5, "the least used go first");
     }
 
     #[tokio::test(start_paused = true)]
