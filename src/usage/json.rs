@@ -68,7 +68,9 @@ impl JsonBody {
     pub(crate) fn finish(&mut self, seen: &mut Accumulator) {
         let buf = mem::take(&mut self.buf);
         if self.overflowed {
-            scan_tail(&buf, seen);
+            // Exactly the last `TAIL` bytes, so the result never depends on how the body was
+            // framed (the buffer may hold up to twice that).
+            scan_tail(&buf[buf.len().saturating_sub(TAIL)..], seen);
         } else {
             scan_json(&buf, seen);
         }
@@ -135,6 +137,27 @@ mod tests {
         body.extend_from_slice(b"0.1]}],");
         body.extend_from_slice(tail.as_bytes());
         body
+    }
+
+    /// Found by fuzzing: a usage key more than 64 KiB before the end was found or not
+    /// depending on the framing (the buffer keeps between one and two tails).
+    #[test]
+    fn the_tail_window_does_not_depend_on_framing() {
+        let mut body = br#"{"usage":{"total_tokens":5},"pad":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', TAIL + 9_000));
+        body.extend_from_slice(br#""}"#);
+        let scan = |chunk: usize| {
+            let mut j = JsonBody::new(4096);
+            for c in body.chunks(chunk) {
+                j.feed(c);
+            }
+            read(&j)
+        };
+        let whole = scan(body.len());
+        assert_eq!(whole, None, "outside the last 64 KiB");
+        for chunk in [1, 7, 4096, 70_000] {
+            assert_eq!(scan(chunk), whole, "{chunk}-byte frames");
+        }
     }
 
     #[test]
