@@ -149,43 +149,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn redis_commands(server: &RedisServer) -> u64 {
-    use deadpool_redis::redis;
-    let mut con = server.client();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut con)
-        .unwrap();
-    // Commands clients sent: scripts' inner commands and INFO itself left out.
-    let inner = [
-        "get",
-        "pttl",
-        "incrby",
-        "decrby",
-        "ttl",
-        "expire",
-        "pexpire",
-        "pexpiretime",
-        "time",
-        "hmget",
-        "hset",
-        "info",
-        "config",
-    ];
-    info.lines()
-        .filter_map(|l| l.strip_prefix("cmdstat_"))
-        .filter(|l| !inner.contains(&l.split(':').next().unwrap_or("")))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// Runs this bench binary again with `flag` and parses the number it prints.
 fn in_fresh_process(flag: &str) -> f64 {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -286,13 +249,15 @@ async fn main() {
         let n = variants.len();
         for i in (0..n).map(|k| (k + round) % n) {
             let (name, addr, layer, keys) = &variants[i];
-            let before = name.starts_with("redis").then(|| redis_commands(&redis));
+            let before = name
+                .starts_with("redis")
+                .then(|| redis_support::client_commands(&redis).1);
             let s = drive(*addr, duration, *keys).await;
             if let Some(l) = layer {
                 l.flush().await;
             }
             if let Some(b) = before {
-                redis_cmds += redis_commands(&redis) - b - 1;
+                redis_cmds += redis_support::client_commands(&redis).1 - b;
                 redis_reqs += s.requests;
             }
             per_round[i].push(s.requests as f64 / s.elapsed.as_secs_f64());

@@ -199,46 +199,6 @@ async fn a_key_without_ttl_is_repaired() {
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
 }
 
-/// Commands sent by clients since the last reset: `(evalsha, all)`. Redis also counts the
-/// commands scripts run inside (GET, PTTL, INCRBY, TTL, EXPIRE); those are not round trips and
-/// are left out, as are this connection's own INFO calls.
-fn commandstats(con: &mut redis::Connection) -> (u64, u64) {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
-    let mut evalsha = 0;
-    let mut total = 0;
-    let in_scripts = [
-        "get",
-        "pttl",
-        "incrby",
-        "decrby",
-        "ttl",
-        "expire",
-        "pexpire",
-        "pexpiretime",
-        "time",
-        "hmget",
-        "hset",
-        "info",
-    ];
-    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
-        let name = line["cmdstat_".len()..].split(':').next().unwrap_or("");
-        if in_scripts.contains(&name) {
-            continue;
-        }
-        let calls: u64 = line
-            .split("calls=")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        total += calls;
-        if line.starts_with("cmdstat_evalsha:") {
-            evalsha += calls;
-        }
-    }
-    (evalsha, total)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_script_calls_per_request_and_no_ping() {
     let server = RedisServer::start();
@@ -280,7 +240,7 @@ async fn two_script_calls_per_request_and_no_ping() {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
     }
     limits.flush().await;
-    let (evalsha, total) = commandstats(&mut con);
+    let (evalsha, total) = common::redis::client_commands(&server);
     assert_eq!(evalsha, 2 * n, "one check and one debit per request");
     assert!(total <= 2 * n + 5, "{total} commands for {n} requests");
     println!("redis commands per request: {:.3}", total as f64 / n as f64);

@@ -280,6 +280,50 @@ impl RedisServer {
     }
 }
 
+/// Commands clients sent since the last `CONFIG RESETSTAT`, from `INFO commandstats`:
+/// `(evalsha, all)`. Redis also counts the commands scripts run inside (GET, INCRBY, TIME, ...);
+/// those are not round trips and are left out, as are INFO and CONFIG themselves.
+pub fn client_commands(server: &RedisServer) -> (u64, u64) {
+    let mut con = server.client();
+    let info: String = deadpool_redis::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
+    let in_scripts = [
+        "get",
+        "pttl",
+        "incrby",
+        "decrby",
+        "ttl",
+        "expire",
+        "pexpire",
+        "pexpiretime",
+        "time",
+        "hmget",
+        "hset",
+        "info",
+        "config",
+    ];
+    let (mut evalsha, mut total) = (0, 0);
+    for line in info.lines().filter_map(|l| l.strip_prefix("cmdstat_")) {
+        let name = line.split(':').next().unwrap_or("");
+        if in_scripts.contains(&name) {
+            continue;
+        }
+        let calls: u64 = line
+            .split("calls=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        total += calls;
+        if name == "evalsha" {
+            evalsha += calls;
+        }
+    }
+    (evalsha, total)
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
