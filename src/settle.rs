@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
-use crate::store::{Counter, MemoryStore, Store};
+use crate::store::{Counter, MemoryStore, Store, StoreFuture};
 use crate::telemetry;
 use crate::usage::{BodyFormat, Usage, UsageScanner};
 
@@ -180,45 +180,77 @@ impl Settler {
     }
 }
 
+/// Settlements written to the store at the same time (they pipeline on one Redis
+/// connection; order does not matter, additions commute).
+const MAX_IN_FLIGHT: usize = 64;
+
 async fn work(
     store: Arc<dyn Store>,
     fallback: Option<MemoryStore>,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     stats: Arc<Stats>,
 ) {
-    while let Some(s) = rx.recv().await {
-        let result = match &s.reservation {
-            None => {
-                if let Some(local) = &fallback {
-                    local.debit_now(&s.counters, s.tokens);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let finished =
+        |joined: Result<(Result<(), crate::StoreError>, u64), tokio::task::JoinError>| {
+            match joined {
+                Ok((Err(e), tokens)) => {
+                    tracing::warn!(error = %e, tokens, "token settlement failed");
                 }
-                if s.tokens > 0 {
-                    store.debit(&s.counters, s.tokens).await
-                } else {
-                    Ok(())
-                }
+                Err(e) => tracing::error!(error = %e, "token settlement task failed"),
+                Ok((Ok(()), _)) => {}
             }
-            Some(r) if r.local => {
-                if let Some(local) = &fallback {
-                    local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
-                }
-                // The main store learns the usage once it is back.
-                store.debit(&s.counters, s.tokens).await
-            }
-            Some(r) => {
-                if let Some(local) = &fallback {
-                    local.debit_now(&s.counters, s.tokens);
-                }
-                store
-                    .settle(&s.counters, &r.windows, r.amount, s.tokens)
-                    .await
-            }
+            stats.done.fetch_add(1, Ordering::AcqRel);
+            stats.notify.notify_waiters();
         };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, tokens = s.tokens, "token settlement failed");
+    loop {
+        tokio::select! {
+            biased;
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => finished(joined),
+            next = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => match next {
+                Some(s) => {
+                    let write = start(&store, fallback.as_ref(), &s);
+                    in_flight.spawn(async move { (write.await, s.tokens) });
+                }
+                None => break,
+            },
         }
-        stats.done.fetch_add(1, Ordering::AcqRel);
-        stats.notify.notify_waiters();
+    }
+    while let Some(joined) = in_flight.join_next().await {
+        finished(joined);
+    }
+}
+
+/// Applies the local fallback's part of a settlement at once and returns the store's part.
+fn start(
+    store: &Arc<dyn Store>,
+    fallback: Option<&MemoryStore>,
+    s: &Settlement,
+) -> StoreFuture<()> {
+    match &s.reservation {
+        None => {
+            if let Some(local) = fallback {
+                local.debit_now(&s.counters, s.tokens);
+            }
+            if s.tokens > 0 {
+                store.debit(&s.counters, s.tokens)
+            } else {
+                Box::pin(std::future::ready(Ok(())))
+            }
+        }
+        Some(r) if r.local => {
+            if let Some(local) = fallback {
+                local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
+            }
+            // The main store learns the usage once it is back.
+            store.debit(&s.counters, s.tokens)
+        }
+        Some(r) => {
+            if let Some(local) = fallback {
+                local.debit_now(&s.counters, s.tokens);
+            }
+            store.settle(&s.counters, &r.windows, r.amount, s.tokens)
+        }
     }
 }
 
