@@ -724,3 +724,38 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(tokens, admitted * FIXTURE_TOKENS as f64);
     assert!(!text.contains("fay"), "no key value in metrics");
 }
+
+#[tokio::test]
+async fn h2c_upstreams_and_the_response_timeout() {
+    // An upstream that answers with the HTTP version it was spoken to in (it serves HTTP/1.1
+    // and HTTP/2 with prior knowledge, i.e. h2c).
+    let echo = serve(Router::new().route(
+        CHAT,
+        post(|req: Request<Body>| async move { format!("{:?}", req.version()) }),
+    ))
+    .await;
+    let config = config_file("h2c", &per_user_config(1_000_000));
+    let (_h2, addr) = Gateway::start_with(&format!("http://{echo}"), &config, &["--h2c"]).await;
+    let r = send(addr, CHAT, &[("x-user", "h2")], REQUEST).await;
+    assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"HTTP/2.0"[..]));
+    let (_h1, addr) = Gateway::start(&format!("http://{echo}"), &config).await;
+    let r = send(addr, CHAT, &[("x-user", "h1")], REQUEST).await;
+    assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"HTTP/1.1"[..]));
+
+    // An upstream that takes 5 s to answer, behind `--timeout 1`: a 504 with a JSON error.
+    let slow = serve(Router::new().route(
+        CHAT,
+        post(|| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "late"
+        }),
+    ))
+    .await;
+    let (_gw, addr) =
+        Gateway::start_with(&format!("http://{slow}"), &config, &["--timeout", "1"]).await;
+    let t = Instant::now();
+    let r = send(addr, CHAT, &[("x-user", "slow")], REQUEST).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["error"]["type"], "upstream_timeout");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
