@@ -50,18 +50,23 @@ async fn openai_like(State(seen): State<Seen>, _h: HeaderMap, body: Bytes) -> Re
         .unwrap()
 }
 
-async fn setup(inject: bool) -> (std::net::SocketAddr, Seen, MemoryStore, TokenRateLimitLayer) {
+async fn setup(
+    inject: bool,
+    body_limit: Option<usize>,
+) -> (std::net::SocketAddr, Seen, MemoryStore, TokenRateLimitLayer) {
     let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
+    let mut builder = TokenRateLimitLayer::builder()
         .store(store.clone())
         .inject_include_usage(inject)
         .rule(
             Rule::per_header("x-user")
                 .any_value()
                 .tokens_per_minute(10_000),
-        )
-        .build()
-        .unwrap();
+        );
+    if let Some(limit) = body_limit {
+        builder = builder.request_body_limit(limit);
+    }
+    let limits = builder.build().unwrap();
     let seen = Seen::default();
     let app = Router::new()
         .route(CHAT, post(openai_like))
@@ -78,7 +83,7 @@ fn used(store: &MemoryStore, user: &str) -> u64 {
 
 #[tokio::test]
 async fn a_client_that_did_not_ask_gets_no_usage_chunk_and_is_charged_exactly() {
-    let (addr, seen, store, limits) = setup(true).await;
+    let (addr, seen, store, limits) = setup(true, None).await;
     let request = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let r = send(
         addr,
@@ -117,7 +122,7 @@ async fn a_client_that_did_not_ask_gets_no_usage_chunk_and_is_charged_exactly() 
 
 #[tokio::test]
 async fn a_client_that_asked_gets_everything_and_its_request_untouched() {
-    let (addr, seen, store, limits) = setup(true).await;
+    let (addr, seen, store, limits) = setup(true, None).await;
     let request =
         r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
     let r = send(
@@ -136,7 +141,7 @@ async fn a_client_that_asked_gets_everything_and_its_request_untouched() {
 
 #[tokio::test]
 async fn turned_off_the_request_is_untouched_and_the_charge_is_an_estimate() {
-    let (addr, seen, store, limits) = setup(false).await;
+    let (addr, seen, store, limits) = setup(false, None).await;
     let request = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
     let r = send(
         addr,
@@ -156,23 +161,7 @@ async fn turned_off_the_request_is_untouched_and_the_charge_is_an_estimate() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_and_non_streaming_requests_pass_untouched() {
-    let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .request_body_limit(64)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let app = Router::new()
-        .route(CHAT, post(openai_like))
-        .with_state(seen.clone())
-        .layer(limits.clone());
-    let addr = serve(app).await;
+    let (addr, seen, _store, _limits) = setup(true, Some(64)).await;
     let long = format!(
         r#"{{"model":"gpt-4o","stream":true,"messages":[{{"content":"{}"}}]}}"#,
         "x".repeat(200)
@@ -187,23 +176,7 @@ async fn bodies_over_the_limit_and_non_streaming_requests_pass_untouched() {
 async fn a_chunked_body_over_the_limit_is_passed_on_whole() {
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
-    let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .request_body_limit(64)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let app = Router::new()
-        .route(CHAT, post(openai_like))
-        .with_state(seen.clone())
-        .layer(limits.clone());
-    let addr = serve(app).await;
+    let (addr, seen, _store, _limits) = setup(true, Some(64)).await;
     let long = format!(
         r#"{{"model":"gpt-4o","stream":true,"messages":[{{"content":"{}"}}]}}"#,
         "y".repeat(300)
