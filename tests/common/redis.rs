@@ -33,6 +33,25 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
+/// What every server here runs with: loopback only, nothing saved, its own directory.
+fn base_args(port: &str, dir: &std::path::Path) -> Vec<String> {
+    [
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([dir.to_str().unwrap().to_owned()])
+    .collect()
+}
+
 /// Sends one inline command and returns the first reply line.
 fn command(port: u16, password: Option<&str>, cmd: &str) -> Option<String> {
     let mut s =
@@ -98,67 +117,27 @@ impl RedisServer {
 
     fn start_with(extra: &[&str], password: Option<&str>) -> Self {
         let port = free_port(false);
-        let dir = scratch_dir();
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = base_args(&port.to_string(), &scratch_dir());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut server = RedisServer {
-            port,
-            args,
-            password: password.map(str::to_owned),
-            tls: false,
-            child: None,
-        };
-        server.restart();
-        server
+        Self::launch(port, args, password, false)
     }
 
     fn cluster_node(dir: &std::path::Path) -> Self {
         let port = free_port(true);
         let conf = dir.join(format!("nodes-{port}.conf"));
-        let args = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            conf.to_str().unwrap(),
-            "--cluster-node-timeout",
-            "2000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut server = RedisServer {
-            port,
-            args,
-            password: None,
-            tls: false,
-            child: None,
-        };
-        server.restart();
-        server
+        let mut args = base_args(&port.to_string(), dir);
+        args.extend(
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                conf.to_str().unwrap(),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            .map(String::from),
+        );
+        Self::launch(port, args, None, false)
     }
 
     /// A server that speaks only TLS, with a self-signed certificate made by `openssl`.
@@ -187,36 +166,31 @@ impl RedisServer {
             .status()
             .expect("openssl on PATH");
         assert!(made.success(), "openssl could not make a certificate");
-        let args = [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--tls-cert-file",
-            cert.to_str().unwrap(),
-            "--tls-key-file",
-            key.to_str().unwrap(),
-            "--tls-ca-cert-file",
-            cert.to_str().unwrap(),
-            "--tls-auth-clients",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = base_args("0", &dir);
+        args.extend(
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(String::from),
+        );
+        Self::launch(port, args, None, true)
+    }
+
+    fn launch(port: u16, args: Vec<String>, password: Option<&str>, tls: bool) -> Self {
         let mut server = RedisServer {
             port,
             args,
-            password: None,
-            tls: true,
+            password: password.map(str::to_owned),
+            tls,
             child: None,
         };
         server.restart();
