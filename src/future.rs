@@ -18,13 +18,10 @@ use crate::layer::Shared;
 use crate::request::{Probe, Reader, RequestBody, inject_include_usage, max_output_tokens, model};
 use crate::response;
 use crate::service::matched;
-use crate::settle::{End, Meter, Origin, Reserved};
+use crate::settle::{End, Meter, Origin, Reserved, prompt_estimate};
 use crate::store::{Counter, CounterStatus, Reservation, StoreFuture};
 use crate::strip::UsageChunkFilter;
 use crate::telemetry;
-
-/// Characters per token assumed for the prompt estimate.
-const BYTES_PER_TOKEN: u64 = 4;
 
 pin_project! {
     /// Response future of [`TokenRateLimit`](crate::TokenRateLimit).
@@ -188,7 +185,7 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
     }
 
     fn prompt_tokens(&self) -> u64 {
-        self.request_bytes.div_ceil(BYTES_PER_TOKEN)
+        prompt_estimate(self.request_bytes)
     }
 
     /// The store call: a read, or in reserve mode a reservation of the estimated cost.

@@ -24,6 +24,12 @@ const BYTES_PER_TOKEN: u64 = 4;
 /// delta. Fitted on the shared fixtures (see `output_estimate`).
 const SSE_BYTES_PER_TOKEN: u64 = 64;
 
+/// Prompt tokens estimated from the request body's size: at admission in reserve mode, and
+/// when no usage arrives.
+pub(crate) fn prompt_estimate(request_bytes: u64) -> u64 {
+    request_bytes.div_ceil(BYTES_PER_TOKEN)
+}
+
 /// Output tokens estimated from what was streamed: for SSE the larger of the data events
 /// (OpenAI-style streams send about one token per event) and the bytes over 64 (streams that
 /// pack many tokens per event); for other bodies, bytes over 4.
@@ -299,7 +305,7 @@ impl Meter {
             model,
             span,
             reported: None,
-            request_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
+            request_tokens: prompt_estimate(request_bytes),
             scanner: None,
             decoder: None,
             format: None,

@@ -490,9 +490,7 @@ impl MemoryStore {
         self.ensure_sweeper();
         self.inner.debit(counters, tokens, Instant::now());
     }
-}
 
-impl MemoryStore {
     pub(crate) fn reserve_now(&self, counters: &[Counter], amount: u64) -> Reservation {
         self.ensure_sweeper();
         self.inner.reserve(counters, amount, Instant::now())
