@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo bench --bench load            # 7 rounds × 2 s per variant
 //! cargo bench --bench load -- --quick # 3 rounds × 1 s
+//! cargo bench --bench load -- --only memory  # bare and one variant (to profile one path)
 //! ```
 //!
 //! Prints a table (req/s, p50, p99, the median over rounds of the ratio to bare in the same
@@ -97,6 +98,40 @@ struct Sample {
     requests: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time of this process (load generator, server and layer) and of Redis.
+    cpu: Duration,
+    redis_cpu: Duration,
+}
+
+/// CPU time this process has used (user + system; Linux, in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time the Redis server has used (`INFO cpu`).
+fn redis_cpu(server: &RedisServer) -> Duration {
+    let mut con = server.client();
+    let info: String = deadpool_redis::redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut con)
+        .unwrap();
+    let secs: f64 = info
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.trim().parse::<f64>().ok())?
+        })
+        .sum();
+    Duration::from_secs_f64(secs)
 }
 
 /// `CONCURRENCY` clients, each sending requests back to back for `duration`, with API keys
@@ -236,6 +271,11 @@ async fn main() {
         variants.push((name, addr, Some(layer), 8));
     }
 
+    // `--only NAME` keeps bare and one variant (for profiling one path).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    if let Some(only) = &only {
+        variants.retain(|(name, ..)| *name == "bare" || *name == only);
+    }
     // Warm-up.
     for (_, addr, _, keys) in &variants {
         drive(*addr, Duration::from_millis(300), *keys).await;
@@ -252,10 +292,13 @@ async fn main() {
             let before = name
                 .starts_with("redis")
                 .then(|| redis_support::client_commands(&redis).1);
-            let s = drive(*addr, duration, *keys).await;
+            let (cpu, rcpu) = (process_cpu(), redis_cpu(&redis));
+            let mut s = drive(*addr, duration, *keys).await;
             if let Some(l) = layer {
                 l.flush().await;
             }
+            s.cpu = process_cpu().saturating_sub(cpu);
+            s.redis_cpu = redis_cpu(&redis).saturating_sub(rcpu);
             if let Some(b) = before {
                 redis_cmds += redis_support::client_commands(&redis).1 - b;
                 redis_reqs += s.requests;
@@ -265,12 +308,14 @@ async fn main() {
             acc.requests += s.requests;
             acc.elapsed += s.elapsed;
             acc.latencies.extend(s.latencies);
+            acc.cpu += s.cpu;
+            acc.redis_cpu += s.redis_cpu;
         }
     }
 
     println!(
-        "\n{:<16} {:>9} {:>9} {:>9} {:>14}",
-        "variant", "req/s", "p50", "p99", "median ratio"
+        "\n{:<16} {:>9} {:>9} {:>9} {:>14} {:>13} {:>11}",
+        "variant", "req/s", "p50", "p99", "median ratio", "cpu µs/req", "redis µs/req"
     );
     // Ratio to bare: the median over rounds of (variant / bare in the same round).
     let median_ratio = |i: usize| {
@@ -290,11 +335,18 @@ async fn main() {
             percentile(&s.latencies, 0.5),
             percentile(&s.latencies, 0.99),
         );
+        let per_req = |d: Duration| d.as_secs_f64() * 1e6 / s.requests.max(1) as f64;
         println!(
-            "{name:<16} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>14.3}",
+            "{name:<16} {rps:>9.0} {:>7.2}ms {:>7.2}ms {:>14.3} {:>13.1} {:>12.1}",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
-            median_ratio(i)
+            median_ratio(i),
+            per_req(s.cpu),
+            per_req(s.redis_cpu),
+        );
+        json.insert(
+            format!("{name}_cpu_us_per_req"),
+            ((per_req(s.cpu) * 10.0).round() / 10.0).into(),
         );
         json.insert(format!("{name}_rps"), rps.round().into());
         json.insert(
@@ -319,6 +371,10 @@ async fn main() {
         ((per_req * 1000.0).round() / 1000.0).into(),
     );
     json.insert("concurrency".into(), CONCURRENCY.into());
+    if only.is_some() {
+        println!("{}", serde_json::Value::Object(json));
+        return;
+    }
     // Memory figures in fresh processes, so freed memory from one cannot hide the next.
     let per_key: f64 = in_fresh_process("--bytes-per-key");
     println!("memory store: {per_key:.0} bytes per key at 1,000,000 keys (resident set growth)");

@@ -99,6 +99,9 @@ where
                 filter,
                 ended,
             } => loop {
+                if let Some(frame) = filter.as_mut().and_then(UsageChunkFilter::pop) {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
                 if *ended {
                     return Poll::Ready(None);
                 }
@@ -128,26 +131,25 @@ where
                 let Some(f) = filter.as_mut() else {
                     return Poll::Ready(frame);
                 };
-                let out = match frame {
+                match frame {
                     Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let mut out = f.push(data);
-                            if end {
+                        Ok(data) => f.push(data),
+                        Err(frame) => match frame.into_trailers() {
+                            // Trailers end the body: what is held back goes first.
+                            Ok(trailers) => {
                                 *ended = true;
-                                out = [out, f.finish()].concat().into();
+                                f.finish_with_trailers(trailers);
+                                continue;
                             }
-                            out
-                        }
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                            Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                        },
                     },
-                    None => {
-                        *ended = true;
-                        f.finish()
-                    }
+                    None => *ended = true,
                     Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                };
-                if !out.is_empty() {
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                if *ended || end {
+                    *ended = true;
+                    f.finish();
                 }
             },
         }
@@ -161,9 +163,8 @@ where
                 ended,
                 ..
             } => {
-                *ended
-                    || (body.is_end_stream()
-                        && !filter.as_ref().is_some_and(UsageChunkFilter::has_pending))
+                (*ended || body.is_end_stream())
+                    && !filter.as_ref().is_some_and(UsageChunkFilter::has_pending)
             }
             Kind::Rejected { body } => body.is_none(),
         }

@@ -30,16 +30,17 @@ pub(crate) fn prompt_estimate(request_bytes: u64) -> u64 {
     request_bytes.div_ceil(BYTES_PER_TOKEN)
 }
 
-/// Output tokens estimated from what was streamed: for SSE the larger of the data events
-/// (OpenAI-style streams send about one token per event) and the bytes over 64 (streams that
-/// pack many tokens per event); for other bodies, bytes over 4.
+/// Output tokens estimated from what was streamed: for SSE the bytes over 64 (envelopes repeat
+/// ids and field names around each delta); for other bodies, bytes over 4.
 ///
 /// Measured on the shared fixtures against the output the providers reported: SSE median
-/// 0.93× (from 0.13× for Gemini/Responses streams whose reasoning is never streamed, to 5.2×),
-/// JSON bodies median 1.5× (0.70× to 5.8×).
-fn output_estimate(format: Option<BodyFormat>, bytes: u64, events: u64) -> u64 {
+/// 0.93× (from 0.13× for Gemini/Responses streams whose reasoning is never streamed, to 5.2×
+/// for OpenAI-style streams of one token per event), JSON bodies median 1.5× (0.70× to 5.8×).
+/// Counting events as well changed none of these figures (64 bytes is smaller than any
+/// provider's event), so they are not counted.
+fn output_estimate(format: Option<BodyFormat>, bytes: u64) -> u64 {
     match format {
-        Some(BodyFormat::Sse) => events.max(bytes.div_ceil(SSE_BYTES_PER_TOKEN)),
+        Some(BodyFormat::Sse) => bytes.div_ceil(SSE_BYTES_PER_TOKEN),
         _ => bytes.div_ceil(BYTES_PER_TOKEN),
     }
 }
@@ -280,8 +281,6 @@ pub(crate) struct Meter {
     decoder: Option<Box<Decoder>>,
     format: Option<BodyFormat>,
     response_bytes: u64,
-    /// SSE `data:` fields seen: streamed chunks carry about one token each.
-    events: u64,
     error_status: bool,
     settled: bool,
 }
@@ -310,7 +309,6 @@ impl Meter {
             decoder: None,
             format: None,
             response_bytes: 0,
-            events: 0,
             error_status: false,
             settled: false,
         }
@@ -340,16 +338,11 @@ impl Meter {
         let Self {
             scanner,
             decoder,
-            format,
             response_bytes,
-            events,
             ..
         } = self;
         let mut scan = |plain: &[u8]| {
             *response_bytes += plain.len() as u64;
-            if *format == Some(BodyFormat::Sse) {
-                *events += memchr::memmem::find_iter(plain, b"data:").count() as u64;
-            }
             if let Some(s) = scanner.as_mut() {
                 s.feed(plain);
             }
@@ -372,7 +365,7 @@ impl Meter {
     }
 
     fn estimate(&self) -> u64 {
-        let output = output_estimate(self.format, self.response_bytes, self.events);
+        let output = output_estimate(self.format, self.response_bytes);
         self.request_tokens.saturating_add(output)
     }
 
@@ -478,8 +471,7 @@ mod tests {
                         std::fs::read(format!("{stem}.json")).unwrap(),
                     ),
                 };
-                let events = memchr::memmem::find_iter(&body, b"data:").count() as u64;
-                let est = output_estimate(Some(format), body.len() as u64, events);
+                let est = output_estimate(Some(format), body.len() as u64);
                 ratios[usize::from(format == BodyFormat::Json)]
                     .push(est as f64 / output.max(1) as f64);
             }

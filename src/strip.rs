@@ -2,78 +2,174 @@
 //! layer asked for it on the client's behalf, SPEC 3.4): the client receives exactly the other
 //! events, byte for byte.
 
+use std::collections::VecDeque;
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
+use http::HeaderMap;
+use http_body::Frame;
+use memchr::memmem::{Finder, FinderRev};
 
 /// An event still incomplete past this size is passed on as it is and filtering stops.
 const MAX_PENDING: usize = 1 << 20;
 
-/// Holds back each SSE event until it is complete, then passes it on unless it is the
-/// usage-only chunk (`"choices": []` with a usage object).
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static LF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static CRLF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+static LF2_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
+static CRLF2_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\r\n\r\n"));
+
+/// Holds back the SSE event that is still incomplete at the end of each frame, and passes on
+/// every complete event unless it is the usage-only chunk (`"choices": []` with a usage
+/// object). Runs of complete events without a usage object go on as slices of the frame they
+/// came in (no copy); only the pieces of an event that spans frames are copied.
 #[derive(Debug, Default)]
 pub(crate) struct UsageChunkFilter {
+    /// The start of an event whose end has not arrived.
     pending: BytesMut,
+    /// What to send, in order.
+    ready: VecDeque<Bytes>,
+    /// The body's trailers, sent after `ready`.
+    trailers: Option<HeaderMap>,
     disabled: bool,
 }
 
 impl UsageChunkFilter {
-    /// Takes a frame; returns what to send now (possibly nothing).
-    pub(crate) fn push(&mut self, data: Bytes) -> Bytes {
+    /// Takes a frame's data; what to send is then read with [`pop`](Self::pop).
+    pub(crate) fn push(&mut self, mut data: Bytes) {
         if self.disabled {
-            return data;
+            self.ready.push_back(data);
+            return;
         }
-        // The usual frame: whole events, none with a usage object (`"usage":null` is fine).
-        // Passed on as it is.
-        if self.pending.is_empty()
-            && (data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n"))
-            && memmem::find(&data, b"\"usage\":{").is_none()
-            && memmem::find(&data, b"\"usage\": {").is_none()
-        {
-            return data;
+        if !self.pending.is_empty() {
+            let Some(n) = end_across(&self.pending, &data) else {
+                self.hold(&data);
+                return;
+            };
+            self.pending.extend_from_slice(&data[..n]);
+            let event = self.pending.split().freeze();
+            self.pass(event);
+            data = data.split_off(n);
         }
-        self.pending.extend_from_slice(&data);
-        let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end);
-            if !is_usage_chunk(&event) {
-                out.extend_from_slice(&event);
+        // `data` starts an event: pass the complete ones, hold the rest.
+        let cut = last_event_end(&data);
+        let tail = data.split_off(cut);
+        if !data.is_empty() {
+            if has_usage_object(&data) {
+                self.pass_events(data);
+            } else {
+                self.ready.push_back(data);
             }
         }
+        self.hold(&tail);
+    }
+
+    /// The end of the body: whatever is held back (an event without its blank line) is passed
+    /// on, unless it is the usage chunk.
+    pub(crate) fn finish(&mut self) {
+        let rest = self.pending.split().freeze();
+        self.pass(rest);
+    }
+
+    /// The end of the body with trailers, sent after the data.
+    pub(crate) fn finish_with_trailers(&mut self, trailers: HeaderMap) {
+        self.finish();
+        self.trailers = Some(trailers);
+    }
+
+    /// The next frame to send.
+    pub(crate) fn pop(&mut self) -> Option<Frame<Bytes>> {
+        match self.ready.pop_front() {
+            Some(data) => Some(Frame::data(data)),
+            None => self.trailers.take().map(Frame::trailers),
+        }
+    }
+
+    /// Whether bytes are held back or waiting to be sent.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.ready.is_empty() || self.trailers.is_some()
+    }
+
+    fn hold(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
         if self.pending.len() > MAX_PENDING {
             self.disabled = true;
-            out.extend_from_slice(&self.pending.split());
-        }
-        out.freeze()
-    }
-
-    /// At the end of the body: whatever is held back (an event without its blank line).
-    pub(crate) fn finish(&mut self) -> Bytes {
-        let rest = self.pending.split();
-        if is_usage_chunk(&rest) {
-            Bytes::new()
-        } else {
-            rest.freeze()
+            let held = self.pending.split().freeze();
+            self.ready.push_back(held);
         }
     }
 
-    /// Whether bytes are held back.
-    pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+    /// One event, passed on unless it is the usage chunk.
+    fn pass(&mut self, event: Bytes) {
+        if !event.is_empty() && !is_usage_chunk(&event) {
+            self.ready.push_back(event);
+        }
     }
+
+    /// Complete events, one of which may be the usage chunk: passed on as slices around it.
+    fn pass_events(&mut self, events: Bytes) {
+        let mut start = 0;
+        let mut at = 0;
+        while let Some(len) = event_end(&events[at..]) {
+            let end = at + len;
+            if is_usage_chunk(&events[at..end]) {
+                if at > start {
+                    self.ready.push_back(events.slice(start..at));
+                }
+                start = end;
+            }
+            at = end;
+        }
+        if events.len() > start {
+            self.ready.push_back(events.slice(start..));
+        }
+    }
+}
+
+/// Whether some `"usage"` key in `bytes` has an object for its value.
+fn has_usage_object(bytes: &[u8]) -> bool {
+    USAGE.find_iter(bytes).any(|at| {
+        let rest = &bytes[at + b"\"usage\"".len()..];
+        let mut value = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        value.next() == Some(&b':')
+            && value.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+    })
 }
 
 /// The end (after its blank line) of the first complete event.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    let lf = LF2.find(buf).map(|i| i + 2);
+    let crlf = CRLF2.find(buf).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
 }
 
+/// The end of the last complete event (0 if none).
+fn last_event_end(buf: &[u8]) -> usize {
+    let lf = LF2_REV.rfind(buf).map_or(0, |i| i + 2);
+    let crlf = CRLF2_REV.rfind(buf).map_or(0, |i| i + 4);
+    lf.max(crlf)
+}
+
+/// How many bytes of `next` complete the event begun in `held` (which holds no complete
+/// event), its blank line possibly starting in `held`.
+fn end_across(held: &[u8], next: &[u8]) -> Option<usize> {
+    let k = held.len().min(3);
+    let mut seam = [0; 6];
+    let n = next.len().min(3);
+    seam[..k].copy_from_slice(&held[held.len() - k..]);
+    seam[k..k + n].copy_from_slice(&next[..n]);
+    let across = event_end(&seam[..k + n]).map(|end| end - k);
+    match (across, event_end(next)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn is_usage_chunk(event: &[u8]) -> bool {
-    if memmem::find(event, b"\"usage\"").is_none() {
+    if !has_usage_object(event) {
         return false;
     }
     let mut data = Vec::new();
@@ -103,32 +199,89 @@ mod tests {
         data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n\
         data: [DONE]\n\n";
 
+    /// Pushes `chunks`, then ends the body; returns the bytes sent.
+    fn filtered<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> String {
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let drain = |f: &mut UsageChunkFilter, out: &mut Vec<u8>| {
+            while let Some(frame) = f.pop() {
+                out.extend_from_slice(frame.data_ref().expect("data"));
+            }
+        };
+        for c in chunks {
+            f.push(Bytes::copy_from_slice(c));
+            drain(&mut f, &mut out);
+        }
+        f.finish();
+        drain(&mut f, &mut out);
+        assert!(!f.has_pending());
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn drops_only_the_usage_chunk_in_any_chunking() {
         let want = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
-        for n in [1, 2, 5, 17, 1000] {
-            let mut f = UsageChunkFilter::default();
-            let mut out = Vec::new();
-            for c in STREAM.as_bytes().chunks(n) {
-                out.extend_from_slice(&f.push(Bytes::copy_from_slice(c)));
+        let crlf = STREAM.replace('\n', "\r\n");
+        let want_crlf = want.replace('\n', "\r\n");
+        for n in 1..=STREAM.len() {
+            let got = filtered(STREAM.as_bytes().chunks(n));
+            assert_eq!(got, want, "{n}-byte chunks");
+            let got = filtered(crlf.as_bytes().chunks(n));
+            assert_eq!(got, want_crlf, "{n}-byte chunks, CRLF");
+        }
+    }
+
+    #[test]
+    fn every_split_into_three_frames_gives_the_same_bytes() {
+        let want = filtered([STREAM.as_bytes()]);
+        let b = STREAM.as_bytes();
+        for i in 0..b.len() {
+            for j in i..b.len() {
+                assert_eq!(filtered([&b[..i], &b[i..j], &b[j..]]), want, "split at {i}, {j}");
             }
-            out.extend_from_slice(&f.finish());
-            assert_eq!(String::from_utf8(out).unwrap(), want, "{n}-byte chunks");
         }
     }
 
     #[test]
     fn usage_on_a_content_chunk_is_kept() {
         let s = "data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":3}}\n\n";
+        assert_eq!(filtered([s.as_bytes()]), s);
+    }
+
+    #[test]
+    fn complete_events_pass_as_the_frame_itself() {
+        let frame = Bytes::from_static(b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: {\"y\"");
         let mut f = UsageChunkFilter::default();
-        assert_eq!(&f.push(Bytes::from(s))[..], s.as_bytes());
+        f.push(frame.clone());
+        let sent = f.pop().unwrap().into_data().unwrap();
+        // The same memory, not a copy.
+        assert_eq!(sent.as_ptr(), frame.as_ptr());
+        assert_eq!(&sent[..], b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\n");
+        assert!(f.pop().is_none());
+        assert!(f.has_pending());
+    }
+
+    #[test]
+    fn trailers_follow_the_held_back_data() {
+        let mut f = UsageChunkFilter::default();
+        f.push(Bytes::from_static(b"data: partial"));
+        assert!(f.pop().is_none());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-t", "1".parse().unwrap());
+        f.finish_with_trailers(trailers);
+        assert_eq!(f.pop().unwrap().into_data().unwrap(), "data: partial");
+        assert_eq!(f.pop().unwrap().into_trailers().unwrap()["x-t"], "1");
+        assert!(f.pop().is_none());
+        assert!(!f.has_pending());
     }
 
     #[test]
     fn a_huge_event_stops_filtering() {
+        let big = vec![b'x'; MAX_PENDING + 1];
         let mut f = UsageChunkFilter::default();
-        let big = Bytes::from(vec![b'x'; MAX_PENDING + 1]);
-        assert_eq!(f.push(big.clone()).len(), big.len());
-        assert_eq!(f.push(Bytes::from_static(b"y")).len(), 1);
+        f.push(Bytes::from(big.clone()));
+        assert_eq!(f.pop().unwrap().data_ref().unwrap().len(), big.len());
+        f.push(Bytes::from_static(b"y"));
+        assert_eq!(f.pop().unwrap().data_ref().unwrap().len(), 1);
     }
 }

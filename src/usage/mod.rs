@@ -196,10 +196,10 @@ impl UsageScanner {
     /// A scanner for a body in `format`, with the default cap of 1 MiB.
     pub fn new(format: BodyFormat) -> Self {
         let body = match format {
-            BodyFormat::Sse => Body::Sse(sse::EventSplitter::new(
-                carries_usage,
-                DEFAULT_MAX_EVENT_BYTES,
-            )),
+            BodyFormat::Sse => Body::Sse(
+                sse::EventSplitter::new(carries_usage, DEFAULT_MAX_EVENT_BYTES)
+                    .with_candidates(usage_candidate),
+            ),
             BodyFormat::Json => Body::Json(json::JsonBody::new(DEFAULT_MAX_EVENT_BYTES)),
         };
         Self {
@@ -435,6 +435,21 @@ fn carries_usage(document: &[u8]) -> bool {
     USAGE_FINDER
         .find_iter(document)
         .any(|at| usage_value_at(document, at).is_some())
+}
+
+/// The first usage key in `bytes` that may carry a usage: every one but `"usage":null`
+/// (which OpenAI streams asked for usage put in every chunk).
+fn usage_candidate(bytes: &[u8]) -> Option<usize> {
+    USAGE_FINDER.find_iter(bytes).find(|&at| {
+        let rest = &bytes[at + USAGE_NEEDLE.len()..];
+        let blank = |b: &u8| matches!(b, b' ' | b'\t');
+        let null = rest.strip_prefix(b"\"").and_then(|r| {
+            let r = &r[r.iter().take_while(|b| blank(b)).count()..];
+            let r = r.strip_prefix(b":")?;
+            Some(r[r.iter().take_while(|b| blank(b)).count()..].starts_with(b"null"))
+        });
+        null != Some(true)
+    })
 }
 
 /// `extend_from_slice`, growing the capacity no further than `max` (callers never add past

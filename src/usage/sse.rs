@@ -14,7 +14,7 @@
 use std::mem;
 use std::ops::Range;
 
-use memchr::memchr2;
+use memchr::{memchr2, memrchr2};
 
 use super::extend_bounded;
 
@@ -30,6 +30,9 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 pub(crate) struct EventSplitter {
     /// Whether a data line makes its event worth handing over.
     wanted: fn(&[u8]) -> bool,
+    /// Where in some bytes the first wanted data line could be (`None`: nowhere); whole
+    /// events before it are skipped without reading their lines.
+    candidate: fn(&[u8]) -> Option<usize>,
     max_event: usize,
     /// Data of the current event copied from earlier chunks (its data lines joined with `\n`),
     /// possibly ending in the incomplete line described by `carry`.
@@ -68,6 +71,7 @@ impl EventSplitter {
     pub(crate) fn new(wanted: fn(&[u8]) -> bool, max_event: usize) -> Self {
         Self {
             wanted,
+            candidate: |_| Some(0),
             max_event,
             data: Vec::new(),
             ranges: Vec::new(),
@@ -78,6 +82,13 @@ impl EventSplitter {
             carry: Carry::LineStart,
             after_cr: false,
         }
+    }
+
+    /// Sets where a wanted line could first be: given the rest of a chunk, a position no wanted
+    /// data line lies wholly before (`None`: no wanted line in it).
+    pub(crate) fn with_candidates(mut self, candidate: fn(&[u8]) -> Option<usize>) -> Self {
+        self.candidate = candidate;
+        self
     }
 
     pub(crate) fn set_max_event(&mut self, max_event: usize) {
@@ -103,13 +114,49 @@ impl EventSplitter {
             self.end_carry();
             pos = self.after_line_end(chunk, pos + end);
         }
-        while let Some(end) = memchr2(b'\n', b'\r', &chunk[pos..]) {
-            let end = pos + end;
-            self.line(chunk, pos..end, &mut on_event);
-            pos = self.after_line_end(chunk, end);
+        loop {
+            if !self.hit {
+                pos = self.skip_events(chunk, pos);
+            }
+            // The lines of the next event, up to its blank line.
+            let mut event_ended = false;
+            while let Some(len) = memchr2(b'\n', b'\r', &chunk[pos..]) {
+                let end = pos + len;
+                self.line(chunk, pos..end, &mut on_event);
+                pos = self.after_line_end(chunk, end);
+                if len == 0 {
+                    event_ended = true;
+                    break;
+                }
+            }
+            if !event_ended {
+                break;
+            }
         }
         self.spill(chunk);
         self.extend_carry(&chunk[pos..]);
+    }
+
+    /// From the line start `pos`, with no wanted line in the current event: passes over the
+    /// whole events before the first candidate (their lines unread), and returns where
+    /// reading resumes.
+    fn skip_events(&mut self, chunk: &[u8], pos: usize) -> usize {
+        let rest = &chunk[pos..];
+        let limit = match (self.candidate)(rest) {
+            // Up to the start of the candidate's line.
+            Some(at) => memrchr2(b'\n', b'\r', &rest[..at]).map_or(0, |t| t + 1),
+            None => rest.len(),
+        };
+        let Some(end) = last_blank_line_end(&rest[..limit]) else {
+            return pos;
+        };
+        // The current event, and any after it up to `end`, had no wanted line.
+        self.reset_event();
+        self.skipping = false;
+        if pos + end == chunk.len() && chunk[chunk.len() - 1] == b'\r' {
+            self.after_cr = true;
+        }
+        pos + end
     }
 
     /// Ends the stream: an event cut off without its blank line still counts.
@@ -320,6 +367,26 @@ impl EventSplitter {
     }
 }
 
+/// In bytes that start at a line start: the end of the last empty line (its line end
+/// included), or `None` if there is none.
+fn last_blank_line_end(bytes: &[u8]) -> Option<usize> {
+    let mut end = bytes.len();
+    while let Some(t) = memrchr2(b'\n', b'\r', &bytes[..end]) {
+        // The line end's first byte (a CRLF is one line end).
+        let start = if bytes[t] == b'\n' && t > 0 && bytes[t - 1] == b'\r' {
+            t - 1
+        } else {
+            t
+        };
+        // The line it ends is empty if it starts right there.
+        if start == 0 || matches!(bytes[start - 1], b'\n' | b'\r') {
+            return Some(t + 1);
+        }
+        end = start;
+    }
+    None
+}
+
 /// Where the value of a data line starts, or `None` for any other line.
 fn data_value_offset(line: &[u8]) -> Option<usize> {
     match line.strip_prefix(b"data")? {
@@ -353,6 +420,47 @@ mod tests {
         }
         splitter.finish(|data| events.push(String::from_utf8(data.to_vec()).unwrap()));
         events
+    }
+
+    fn usage_at(bytes: &[u8]) -> Option<usize> {
+        memchr::memmem::find(bytes, b"\"usage")
+    }
+
+    #[test]
+    fn skipping_events_before_candidates_changes_nothing() {
+        // Line ends of every kind, an event whose usage is on its second data line, comments,
+        // a CR at what may be a chunk's end, and events of only blank lines.
+        let input: &[u8] = b"data: a\r\n\r\ndata: b\n\n: c\rdata: x\ndata: {\"usage\":1}\n\n\r\r\
+            data: d\r\rdata: {\"usage\"\r\n\ndata: e\n\rdata: \"usage\n\r\ndata: f";
+        let plain = |chunks: &[&[u8]]| split_with(usage, 1 << 20, chunks);
+        let skipping = |chunks: &[&[u8]]| {
+            let mut splitter = EventSplitter::new(usage, 1 << 20).with_candidates(usage_at);
+            let mut events = Vec::new();
+            for chunk in chunks {
+                splitter.feed(chunk, |d| events.push(String::from_utf8(d.to_vec()).unwrap()));
+            }
+            splitter.finish(|d| events.push(String::from_utf8(d.to_vec()).unwrap()));
+            events
+        };
+        let want = plain(&[input]);
+        assert_eq!(want.len(), 3, "{want:?}");
+        for i in 0..=input.len() {
+            for j in i..=input.len() {
+                let chunks = [&input[..i], &input[i..j], &input[j..]];
+                assert_eq!(skipping(&chunks), want, "chunks cut at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn last_blank_line_end_finds_every_kind_of_blank_line() {
+        assert_eq!(last_blank_line_end(b""), None);
+        assert_eq!(last_blank_line_end(b"\n"), Some(1));
+        assert_eq!(last_blank_line_end(b"a\n"), None);
+        assert_eq!(last_blank_line_end(b"a\n\nb\n"), Some(3));
+        assert_eq!(last_blank_line_end(b"a\r\n\r\nb"), Some(5));
+        assert_eq!(last_blank_line_end(b"a\r\rb\r\n"), Some(3));
+        assert_eq!(last_blank_line_end(b"a\n\r\nb"), Some(4));
     }
 
     fn split(chunks: &[&[u8]]) -> Vec<String> {
