@@ -5,6 +5,7 @@
 //! once (a short lock, never a wait); for any other store the meter hands a [`Settlement`] to an
 //! unbounded channel, which never blocks and never panics, and a worker task applies it.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -153,17 +154,12 @@ impl Settler {
     fn send(&self, settlement: Settlement) {
         self.stats.sent.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.tx.send(settlement) {
-            self.mark_done();
+            self.stats.done(1);
             tracing::error!(
                 tokens = e.0.tokens,
                 "token rate limit settlement worker is gone (its runtime shut down); debit lost"
             );
         }
-    }
-
-    fn mark_done(&self) {
-        self.stats.done.fetch_add(1, Ordering::AcqRel);
-        self.stats.notify.notify_waiters();
     }
 
     /// Settlements handed over but not yet applied.
@@ -187,64 +183,123 @@ impl Settler {
     }
 }
 
-/// Settlements written to the store at the same time (they pipeline on one Redis
-/// connection; order does not matter, additions commute).
+/// Reserve-mode settlements written to the store at the same time (they pipeline on one
+/// Redis connection; order does not matter, additions commute).
 const MAX_IN_FLIGHT: usize = 64;
+/// Most settlements taken off the queue at once.
+const MAX_BATCH: usize = 4096;
 
+impl Stats {
+    fn done(&self, settlements: u64) {
+        self.done.fetch_add(settlements, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Applies settlements in the background. Post-debit settlements are merged per counter and
+/// written as one [`Store::debit_many`] at a time: whatever arrives while one is being written
+/// goes into the next, so under load one write carries many requests' debits. Reserve-mode
+/// settlements (each corrects its own reservation) are written one by one, up to
+/// [`MAX_IN_FLIGHT`] at once.
 async fn work(
     store: Arc<dyn Store>,
     fallback: Option<MemoryStore>,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
     stats: Arc<Stats>,
 ) {
-    let mut in_flight = tokio::task::JoinSet::new();
-    let finished =
-        |joined: Result<(Result<(), crate::StoreError>, u64), tokio::task::JoinError>| {
-            match joined {
-                Ok((Err(e), tokens)) => {
-                    tracing::warn!(error = %e, tokens, "token settlement failed");
-                }
-                Err(e) => tracing::error!(error = %e, "token settlement task failed"),
-                Ok((Ok(()), _)) => {}
-            }
-            stats.done.fetch_add(1, Ordering::AcqRel);
-            stats.notify.notify_waiters();
-        };
+    type Written = (Result<(), crate::StoreError>, u64);
+    let report = |joined: Result<Written, tokio::task::JoinError>| match joined {
+        Ok((Err(e), tokens)) => tracing::warn!(error = %e, tokens, "token settlement failed"),
+        Err(e) => tracing::error!(error = %e, "token settlement task failed"),
+        Ok((Ok(()), _)) => {}
+    };
+    let mut queued = Queued::default();
+    // Settlements in the debit batch being written.
+    let mut batch_count = 0;
+    let mut batch = tokio::task::JoinSet::new();
+    let mut settling = tokio::task::JoinSet::new();
+    let mut open = true;
     loop {
+        if batch.is_empty() && queued.merged_count > 0 {
+            let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
+            let tokens = debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.1));
+            let write = store.debit_many(debits);
+            batch_count = std::mem::take(&mut queued.merged_count);
+            batch.spawn(async move { (write.await, tokens) });
+        }
+        while settling.len() < MAX_IN_FLIGHT
+            && let Some(s) = queued.held.pop_front()
+        {
+            let write = start(&store, fallback.as_ref(), &s);
+            settling.spawn(async move { (write.await, s.tokens) });
+        }
+        if !open && batch.is_empty() && settling.is_empty() {
+            break;
+        }
         tokio::select! {
             biased;
-            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => finished(joined),
-            next = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => match next {
+            Some(joined) = batch.join_next(), if !batch.is_empty() => {
+                report(joined);
+                stats.done(std::mem::take(&mut batch_count));
+            }
+            Some(joined) = settling.join_next(), if !settling.is_empty() => {
+                report(joined);
+                stats.done(1);
+            }
+            next = rx.recv(), if open && queued.held.len() < MAX_BATCH => match next {
                 Some(s) => {
-                    let write = start(&store, fallback.as_ref(), &s);
-                    in_flight.spawn(async move { (write.await, s.tokens) });
+                    queued.take(s, fallback.as_ref(), &stats);
+                    for _ in 0..MAX_BATCH {
+                        let Ok(s) = rx.try_recv() else { break };
+                        queued.take(s, fallback.as_ref(), &stats);
+                    }
                 }
-                None => break,
+                None => open = false,
             },
         }
     }
-    while let Some(joined) = in_flight.join_next().await {
-        finished(joined);
+}
+
+/// Settlements received and not yet being written.
+#[derive(Default)]
+struct Queued {
+    /// Post-debit settlements, merged: tokens per counter.
+    merged: HashMap<Counter, u64>,
+    /// How many settlements `merged` holds.
+    merged_count: u64,
+    /// Reserve-mode settlements.
+    held: VecDeque<Settlement>,
+}
+
+impl Queued {
+    fn take(&mut self, s: Settlement, fallback: Option<&MemoryStore>, stats: &Stats) {
+        if s.reservation.is_some() {
+            self.held.push_back(s);
+            return;
+        }
+        if let Some(local) = fallback {
+            local.debit_now(&s.counters, s.tokens);
+        }
+        if s.tokens == 0 {
+            stats.done(1);
+            return;
+        }
+        for c in s.counters.iter() {
+            let total = self.merged.entry(c.clone()).or_default();
+            *total = total.saturating_add(s.tokens);
+        }
+        self.merged_count += 1;
     }
 }
 
-/// Applies the local fallback's part of a settlement at once and returns the store's part.
+/// Applies the local fallback's part of a reserve-mode settlement at once and returns the
+/// store's part.
 fn start(
     store: &Arc<dyn Store>,
     fallback: Option<&MemoryStore>,
     s: &Settlement,
 ) -> StoreFuture<()> {
     match &s.reservation {
-        None => {
-            if let Some(local) = fallback {
-                local.debit_now(&s.counters, s.tokens);
-            }
-            if s.tokens > 0 {
-                store.debit(&s.counters, s.tokens)
-            } else {
-                Box::pin(std::future::ready(Ok(())))
-            }
-        }
         Some(r) if r.local => {
             if let Some(local) = fallback {
                 local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
@@ -258,6 +313,7 @@ fn start(
             }
             store.settle(&s.counters, &r.windows, r.amount, s.tokens)
         }
+        None => store.debit(&s.counters, s.tokens),
     }
 }
 

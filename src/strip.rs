@@ -131,8 +131,7 @@ fn has_usage_object(bytes: &[u8]) -> bool {
     USAGE.find_iter(bytes).any(|at| {
         let rest = &bytes[at + b"\"usage\"".len()..];
         let mut value = rest.iter().skip_while(|b| b.is_ascii_whitespace());
-        value.next() == Some(&b':')
-            && value.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        value.next() == Some(&b':') && value.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
     })
 }
 
@@ -237,7 +236,11 @@ mod tests {
         let b = STREAM.as_bytes();
         for i in 0..b.len() {
             for j in i..b.len() {
-                assert_eq!(filtered([&b[..i], &b[i..j], &b[j..]]), want, "split at {i}, {j}");
+                assert_eq!(
+                    filtered([&b[..i], &b[i..j], &b[j..]]),
+                    want,
+                    "split at {i}, {j}"
+                );
             }
         }
     }
@@ -250,7 +253,8 @@ mod tests {
 
     #[test]
     fn complete_events_pass_as_the_frame_itself() {
-        let frame = Bytes::from_static(b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: {\"y\"");
+        let frame =
+            Bytes::from_static(b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: {\"y\"");
         let mut f = UsageChunkFilter::default();
         f.push(frame.clone());
         let sent = f.pop().unwrap().into_data().unwrap();

@@ -1164,3 +1164,100 @@ async fn openai_and_ietf_headers_agree_with_the_store() {
     let r = send(app(plain).await, CHAT, &h, STREAM).await;
     assert_eq!(r.header("ratelimit"), None);
 }
+
+/// Keys and tokens of one `debit_many`, sorted.
+type Batch = Vec<(String, u64)>;
+
+/// Records each batch of debits; the first batch waits at a gate.
+#[derive(Clone)]
+struct GatedStore {
+    inner: MemoryStore,
+    batches: Arc<std::sync::Mutex<Vec<Batch>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Store for GatedStore {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        self.inner.check(counters)
+    }
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        self.inner.debit(counters, tokens)
+    }
+    fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
+        let mut batches = self.batches.lock().unwrap();
+        let first = batches.is_empty();
+        let mut seen: Vec<(String, u64)> = debits
+            .iter()
+            .map(|(c, t)| (c.key.to_string(), *t))
+            .collect();
+        seen.sort();
+        batches.push(seen);
+        let (inner, gate) = (self.inner.clone(), self.gate.clone());
+        Box::pin(async move {
+            if first {
+                let _ = gate.acquire().await;
+            }
+            for (c, t) in debits {
+                inner.debit(&[c], t).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn debits_that_queue_while_one_is_written_are_merged_per_counter() {
+    let store = GatedStore {
+        inner: MemoryStore::default(),
+        batches: Default::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(Rule::global().tokens_per_minute(1_000_000))
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        )
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    // The first debit is being written (held at the gate) ...
+    let h =
+        |user: &'static str, tokens: &'static str| [("x-user", user), ("x-mock-tokens", tokens)];
+    assert_eq!(
+        send(addr, CHAT, &h("a", "10"), STREAM).await.status,
+        StatusCode::OK
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.batches.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no debit written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ... while 30 more requests end.
+    for i in 0..30 {
+        let (user, tokens) = if i % 3 == 0 { ("a", "1") } else { ("b", "2") };
+        assert_eq!(
+            send(addr, CHAT, &h(user, tokens), STREAM).await.status,
+            StatusCode::OK
+        );
+    }
+    store.gate.add_permits(1);
+    limits.flush().await;
+    let batches = store.batches.lock().unwrap().clone();
+    let global = key("global_threshold:60");
+    let (a, b) = (
+        key("limit_by_per_header:60:x-user:a"),
+        key("limit_by_per_header:60:x-user:b"),
+    );
+    assert_eq!(
+        batches,
+        vec![
+            vec![(global.clone(), 10), (a.clone(), 10)],
+            // 10 requests of user a (1 token) and 20 of user b (2 tokens), one write.
+            vec![(global.clone(), 50), (a.clone(), 10), (b.clone(), 40)],
+        ]
+    );
+    assert_eq!(store.inner.used(&global), 60);
+}

@@ -116,6 +116,27 @@ pub trait Store: Send + Sync + 'static {
     /// none is running.
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()>;
 
+    /// Adds many debits at once (`tokens` to each `counter`): the settlements of several
+    /// requests, merged per counter by the layer's background task. A store that can write
+    /// them in fewer round trips overrides it (the Redis store: one script per hash slot). The
+    /// default makes one [`debit`](Self::debit) per counter, in turn, and returns the first
+    /// error after trying them all.
+    fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
+        let writes: Vec<StoreFuture<()>> = debits
+            .iter()
+            .map(|(counter, tokens)| self.debit(std::slice::from_ref(counter), *tokens))
+            .collect();
+        Box::pin(async move {
+            let mut result = Ok(());
+            for write in writes {
+                if let Err(e) = write.await {
+                    result = result.and(Err(e));
+                }
+            }
+            result
+        })
+    }
+
     /// Applies a debit at once when the store can do so without waiting (the in-memory store:
     /// a short lock), sparing the hand-over to the layer's background task; `false` when it
     /// cannot, and the debit then goes to the background task. The default is `false`.
@@ -172,6 +193,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
         (**self).debit(counters, tokens)
+    }
+
+    fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
+        (**self).debit_many(debits)
     }
 
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {

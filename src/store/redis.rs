@@ -1,7 +1,7 @@
 //! The Redis store: counters shared by every replica, in standalone Redis or Redis Cluster.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -96,12 +96,15 @@ enum Conn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
-/// A debit waiting for Redis: the tokens to add to one set of counters.
+/// A debit waiting for Redis: the tokens to add to one counter.
 struct PendingDebit {
-    /// Per key: algorithm, window, limit (the debit script's arguments).
-    params: Vec<u64>,
+    /// The debit script's arguments for the counter: algorithm, window, limit.
+    params: [u64; 3],
     tokens: u64,
 }
+
+/// A debit to write: the counter's key, its [`params`], the tokens.
+type Debit = (Arc<str>, [u64; 3], u64);
 
 struct Inner {
     target: Target,
@@ -112,8 +115,10 @@ struct Inner {
     failures: AtomicU32,
     open: AtomicBool,
     flushing: AtomicBool,
-    /// Failed debits by key set, merged so a long outage costs one entry per key set.
-    pending: Mutex<HashMap<Vec<Arc<str>>, PendingDebit>>,
+    /// Failed debits by key, merged so a long outage costs one entry per counter.
+    pending: Mutex<HashMap<Arc<str>, PendingDebit>>,
+    /// Buffered debits taken out of `pending` and being written.
+    rewriting: AtomicUsize,
     max_pending: usize,
     dropped: AtomicU64,
 }
@@ -188,8 +193,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Most failed debits kept for when Redis is back (default 100,000 distinct counter sets;
-    /// debits to the same counters are merged). Past it, debits are dropped, counted and logged.
+    /// Most failed debits kept for when Redis is back (default 100,000 distinct counters;
+    /// debits to the same counter are merged). Past it, debits are dropped, counted and logged.
     pub fn max_pending_debits(mut self, n: usize) -> Self {
         self.max_pending = Some(n);
         self
@@ -270,6 +275,7 @@ impl RedisStoreBuilder {
                 pending: Mutex::new(HashMap::new()),
                 max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
                 dropped: AtomicU64::new(0),
+                rewriting: AtomicUsize::new(0),
             }),
         })
     }
@@ -385,9 +391,9 @@ impl RedisStore {
         self.inner.open.load(Ordering::Acquire)
     }
 
-    /// Counter sets with debits waiting for Redis.
+    /// Counters with debits waiting for Redis (or being written to it after an outage).
     pub fn pending_debits(&self) -> usize {
-        lock(&self.inner.pending).len()
+        lock(&self.inner.pending).len() + self.inner.rewriting.load(Ordering::Acquire)
     }
 
     /// Debits dropped because the pending buffer was full.
@@ -501,26 +507,65 @@ impl Inner {
         Err(StoreError::new(error))
     }
 
-    fn buffer(&self, keys: Vec<Arc<str>>, params: Vec<u64>, tokens: u64) {
+    /// Keeps debits that could not be written for when Redis is back.
+    fn buffer(&self, debits: impl IntoIterator<Item = Debit>) {
         let mut pending = lock(&self.pending);
-        let full = pending.len() >= self.max_pending;
-        match pending.get_mut(&keys) {
-            Some(d) => d.tokens = d.tokens.saturating_add(tokens),
-            None if full => {
-                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if dropped == 1 || dropped.is_multiple_of(1000) {
-                    tracing::error!(
-                        dropped,
-                        max = self.max_pending,
-                        "redis debit buffer full: debits dropped"
-                    );
+        for (key, params, tokens) in debits {
+            let full = pending.len() >= self.max_pending;
+            match pending.get_mut(&key) {
+                Some(d) => d.tokens = d.tokens.saturating_add(tokens),
+                None if full => {
+                    let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if dropped == 1 || dropped.is_multiple_of(1000) {
+                        tracing::error!(
+                            dropped,
+                            max = self.max_pending,
+                            "redis debit buffer full: debits dropped"
+                        );
+                    }
                 }
-            }
-            None => {
-                pending.insert(keys, PendingDebit { params, tokens });
+                None => {
+                    pending.insert(key, PendingDebit { params, tokens });
+                }
             }
         }
         telemetry::pending_debits("redis", pending.len());
+    }
+
+    /// Writes debits (key, script parameters, tokens), one script per hash slot and at most
+    /// [`MAX_KEYS_PER_SCRIPT`] keys; what cannot be written is buffered. Returns how many
+    /// scripts failed.
+    async fn write_debits(self: &Arc<Self>, debits: Vec<Debit>) -> usize {
+        let mut groups: Vec<Vec<Debit>> = Vec::new();
+        match self.target {
+            Target::Single(_) => groups.push(debits),
+            Target::Cluster(_) => {
+                let mut by_tag: HashMap<&[u8], usize> = HashMap::new();
+                for d in &debits {
+                    let next = by_tag.len();
+                    let group = *by_tag.entry(hash_tag(&d.0)).or_insert(next);
+                    if group == groups.len() {
+                        groups.push(Vec::new());
+                    }
+                    groups[group].push(d.clone());
+                }
+            }
+        }
+        let mut failed = 0;
+        for group in groups {
+            for chunk in group.chunks(MAX_KEYS_PER_SCRIPT) {
+                let keys: Vec<Arc<str>> = chunk.iter().map(|d| d.0.clone()).collect();
+                let args: Vec<u64> = chunk
+                    .iter()
+                    .flat_map(|(_, p, tokens)| [(*tokens).min(i64::MAX as u64), p[0], p[1], p[2]])
+                    .collect();
+                if self.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
+                    failed += 1;
+                    self.buffer(chunk.iter().cloned());
+                }
+            }
+        }
+        failed
     }
 
     fn spawn_flush(self: &Arc<Self>) {
@@ -536,28 +581,26 @@ impl Inner {
 
     /// Writes the buffered debits; what fails goes back into the buffer.
     async fn flush_pending(self: &Arc<Self>) {
-        let batch: Vec<(Vec<Arc<str>>, PendingDebit)> = lock(&self.pending).drain().collect();
+        let batch: Vec<Debit> = {
+            let mut pending = lock(&self.pending);
+            self.rewriting.store(pending.len(), Ordering::Release);
+            pending
+                .drain()
+                .map(|(key, d)| (key, d.params, d.tokens))
+                .collect()
+        };
         telemetry::pending_debits("redis", 0);
         if batch.is_empty() {
             return;
         }
         let total = batch.len();
-        let mut written = 0;
-        let mut rest = batch.into_iter();
-        for (keys, d) in rest.by_ref() {
-            let args: Vec<u64> = std::iter::once(d.tokens)
-                .chain(d.params.iter().copied())
-                .collect();
-            if self.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
-                self.buffer(keys, d.params, d.tokens);
-                break;
-            }
-            written += 1;
-        }
-        for (keys, d) in rest {
-            self.buffer(keys, d.params, d.tokens);
-        }
-        tracing::info!(written, total, "buffered debits written to redis");
+        let failed = self.write_debits(batch).await;
+        self.rewriting.store(0, Ordering::Release);
+        tracing::info!(
+            total,
+            failed_scripts = failed,
+            "buffered debits written to redis"
+        );
     }
 }
 
@@ -641,20 +684,36 @@ fn parse_reserve(values: Vec<Value>, counters: &[Counter]) -> Result<Reservation
     })
 }
 
-/// The keys, and per key the algorithm, window (seconds) and limit the scripts take.
+/// The algorithm, window (seconds) and limit the scripts take for a counter.
+fn params(c: &Counter) -> [u64; 3] {
+    [
+        c.algorithm.code(),
+        c.window.as_secs().max(1),
+        c.limit.min(i64::MAX as u64),
+    ]
+}
+
+/// The keys, and per key its [`params`].
 fn keys_and_params(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
     let keys = counters.iter().map(|c| c.key.clone()).collect();
-    let params = counters
-        .iter()
-        .flat_map(|c| {
-            [
-                c.algorithm.code(),
-                c.window.as_secs().max(1),
-                c.limit.min(i64::MAX as u64),
-            ]
-        })
-        .collect();
+    let params = counters.iter().flat_map(params).collect();
     (keys, params)
+}
+
+/// Most keys one debit script writes (a longer script would hold Redis up).
+const MAX_KEYS_PER_SCRIPT: usize = 256;
+
+/// The part of a key Redis Cluster hashes: the first `{…}` with something inside, or the
+/// whole key.
+fn hash_tag(key: &str) -> &[u8] {
+    let key = key.as_bytes();
+    key.iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let len = key[open + 1..].iter().position(|&b| b == b'}')?;
+            (len > 0).then(|| &key[open + 1..open + 1 + len])
+        })
+        .unwrap_or(key)
 }
 
 impl Store for RedisStore {
@@ -689,13 +748,14 @@ impl Store for RedisStore {
         actual: u64,
     ) -> StoreFuture<()> {
         let inner = self.inner.clone();
-        let (keys, params) = keys_and_params(counters);
+        let keys: Vec<Arc<str>> = counters.iter().map(|c| c.key.clone()).collect();
+        let params: Vec<[u64; 3]> = counters.iter().map(params).collect();
         let (reserved, actual) = (reserved.min(i64::MAX as u64), actual.min(i64::MAX as u64));
         let args: Vec<u64> = [reserved, actual]
             .into_iter()
             .chain(
                 params
-                    .chunks_exact(3)
+                    .iter()
                     .zip(window_ids)
                     .flat_map(|(p, id)| [p[0], p[1], p[2], *id]),
             )
@@ -704,24 +764,32 @@ impl Store for RedisStore {
             if inner.invoke::<i64>(&SETTLE, &keys, &args).await.is_err() && actual > reserved {
                 // Extra usage is kept for when Redis is back; a refund is dropped (the
                 // conservative side).
-                inner.buffer(keys, params, actual - reserved);
+                let extra = actual - reserved;
+                inner.buffer(keys.into_iter().zip(params).map(|(k, p)| (k, p, extra)));
             }
             Ok(())
         })
     }
 
     fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        let debits = counters.iter().map(|c| (c.clone(), tokens)).collect();
+        self.debit_many(debits)
+    }
+
+    /// One script per hash slot (all of them at once on a single node), whatever the number
+    /// of requests merged into `debits`.
+    fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
-        let (keys, params) = keys_and_params(counters);
+        let debits = debits
+            .into_iter()
+            .map(|(c, tokens)| {
+                let p = params(&c);
+                (c.key, p, tokens)
+            })
+            .collect();
         Box::pin(async move {
-            let tokens = tokens.min(i64::MAX as u64);
-            let args: Vec<u64> = std::iter::once(tokens)
-                .chain(params.iter().copied())
-                .collect();
-            if inner.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
-                // Kept for when Redis is back; the breaker logs the outage once.
-                inner.buffer(keys, params, tokens);
-            }
+            // What fails is buffered for when Redis is back; the breaker logs the outage.
+            inner.write_debits(debits).await;
             Ok(())
         })
     }

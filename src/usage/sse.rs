@@ -437,7 +437,9 @@ mod tests {
             let mut splitter = EventSplitter::new(usage, 1 << 20).with_candidates(usage_at);
             let mut events = Vec::new();
             for chunk in chunks {
-                splitter.feed(chunk, |d| events.push(String::from_utf8(d.to_vec()).unwrap()));
+                splitter.feed(chunk, |d| {
+                    events.push(String::from_utf8(d.to_vec()).unwrap())
+                });
             }
             splitter.finish(|d| events.push(String::from_utf8(d.to_vec()).unwrap()));
             events
