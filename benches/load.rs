@@ -5,6 +5,11 @@
 //! cargo bench --bench load            # 7 rounds × 2 s per variant
 //! cargo bench --bench load -- --quick # 3 rounds × 1 s
 //! cargo bench --bench load -- --only memory  # bare and one variant (to profile one path)
+//! cargo bench --bench load -- --split 16      # the stream in 16 frames that cut events
+//! # instructions per request of one variant, whatever the machine's load: the difference
+//! # between two request counts, under callgrind
+//! valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+//!     target/release/deps/load-* --alone memory --requests 2000
 //! ```
 //!
 //! Prints a table (req/s, p50, p99, the median over rounds of the ratio to bare in the same
@@ -34,13 +39,35 @@ use tower_token_ratelimit::{Mode, Rule, TokenRateLimitLayer};
 
 const CONCURRENCY: usize = 32;
 
-/// A recorded OpenAI stream with usage, sent in ~16 frames.
+/// A recorded OpenAI-compatible stream with usage (Mistral), one frame per event as LLM servers
+/// flush them; with `--split N`, in N equal frames that cut events anywhere instead.
 fn fixture() -> Arc<Vec<Bytes>> {
     let dir = std::env::var("TTR_FIXTURES")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures").into());
     let bytes = std::fs::read(format!("{dir}/mistral/mistral-text.sse")).expect("fixtures");
-    let step = bytes.len().div_ceil(16);
-    Arc::new(bytes.chunks(step).map(Bytes::copy_from_slice).collect())
+    let split: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--split")
+        .nth(1)
+        .and_then(|n| n.parse().ok());
+    let frames = match split {
+        Some(n) => bytes
+            .chunks(bytes.len().div_ceil(n.max(1)))
+            .map(Bytes::copy_from_slice)
+            .collect(),
+        None => bytes
+            .split_inclusive(|&b| b == b'\n')
+            .fold(Vec::<Vec<u8>>::new(), |mut events, line| {
+                match events.last_mut() {
+                    Some(e) if !e.ends_with(b"\n\n") => e.extend_from_slice(line),
+                    _ => events.push(line.to_vec()),
+                }
+                events
+            })
+            .into_iter()
+            .map(Bytes::from)
+            .collect(),
+    };
+    Arc::new(frames)
 }
 
 fn app(frames: Arc<Vec<Bytes>>) -> Router {
@@ -143,18 +170,32 @@ fn redis_cpu(server: &RedisServer) -> Duration {
 /// drawn in turn from `keys` distinct values. Every request also carries `x-k0`..`x-k9` (for
 /// the 10-rule variant).
 async fn drive(addr: SocketAddr, duration: Duration, keys: usize) -> Sample {
+    drive_until(addr, Limit::Time(duration), keys).await
+}
+
+#[derive(Clone, Copy)]
+enum Limit {
+    Time(Duration),
+    /// Requests per client.
+    Count(usize),
+}
+
+async fn drive_until(addr: SocketAddr, limit: Limit, keys: usize) -> Sample {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
     let start = Instant::now();
-    let deadline = start + duration;
+    let (deadline, per_client) = match limit {
+        Limit::Time(d) => (start + d, usize::MAX),
+        Limit::Count(n) => (start + Duration::from_secs(3600), n),
+    };
     let mut tasks = Vec::new();
     for c in 0..CONCURRENCY {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut n = c;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && lat.len() < per_client {
                 let t = Instant::now();
                 let key = format!("sk-{}", n % keys);
                 n += CONCURRENCY;
@@ -280,6 +321,25 @@ async fn main() {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     if let Some(only) = &only {
         variants.retain(|(name, ..)| *name == "bare" || *name == only);
+    }
+    // `--alone NAME --requests N`: N requests to that variant only, then exit (to count its
+    // instructions per request under `valgrind --tool=callgrind`, whatever the machine's load).
+    if let Some(alone) = std::env::args().skip_while(|a| a != "--alone").nth(1) {
+        let n: usize = std::env::args()
+            .skip_while(|a| a != "--requests")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1000);
+        let (_, addr, layer, keys) = variants
+            .iter()
+            .find(|v| v.0 == alone)
+            .expect("no such variant");
+        let s = drive_until(*addr, Limit::Count(n.div_ceil(CONCURRENCY)), *keys).await;
+        if let Some(l) = layer {
+            l.flush().await;
+        }
+        println!("{alone}: {} requests", s.requests);
+        return;
     }
     // Warm-up.
     for (_, addr, _, keys) in &variants {

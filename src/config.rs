@@ -663,7 +663,11 @@ fn compile_item(
             &format!("key, {WINDOWS}, algorithm"),
         );
         if let Some(matcher) = matcher {
-            entries.push(Entry { matcher, limits });
+            entries.push(Entry {
+                matcher,
+                limits,
+                key_prefixes: Vec::new(),
+            });
         }
     }
     let mut methods = Vec::new();
@@ -694,6 +698,7 @@ fn compile_item(
         secret,
         paths,
         methods,
+        rule: Arc::from(""),
     })
 }
 
@@ -917,14 +922,14 @@ impl TokenRateLimitConfig {
         unknown_fields(&mut p, "response_headers", &headers.unknown, "openai, ietf");
 
         p.into_result(Compiled {
-            rules: Rules {
-                key_base: format!("{prefix}:{hash_tag}"),
-                rule_name: name.trim_matches(['{', '}']).to_owned(),
+            rules: Rules::new(
+                format!("{prefix}:{hash_tag}"),
+                name.trim_matches(['{', '}']).to_owned(),
                 global,
                 items,
                 consumer_header,
                 trusted_proxies,
-            },
+            ),
             rejected_code,
             rejected_msg: self.rejected_msg.as_deref().map(Arc::from),
             openai_headers: headers.openai,

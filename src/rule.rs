@@ -1,6 +1,7 @@
 //! Rules: which requests a limit applies to, how their keys are matched, and the counters a
 //! request maps to.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -331,7 +332,7 @@ pub(crate) struct Limit {
 impl Limit {
     /// The window part of a counter key: the seconds (Higress) for fixed windows; prefixed by
     /// the algorithm otherwise, so counters of different algorithms never share a key.
-    fn window_key(&self) -> String {
+    pub(crate) fn window_key(&self) -> String {
         match self.algorithm {
             Algorithm::FixedWindow => self.window_secs.to_string(),
             Algorithm::SlidingWindow => format!("sliding{}", self.window_secs),
@@ -365,6 +366,8 @@ impl Matcher {
 pub(crate) struct Entry {
     pub(crate) matcher: Matcher,
     pub(crate) limits: Vec<Limit>,
+    /// Per limit, its counter key up to the value (filled by [`Rules::new`]).
+    pub(crate) key_prefixes: Vec<Box<str>>,
 }
 
 /// A validated rule item.
@@ -381,6 +384,8 @@ pub(crate) struct Item {
     pub(crate) paths: Vec<String>,
     /// The item applies only to these methods; all if empty.
     pub(crate) methods: Vec<http::Method>,
+    /// `<rule_name>/rule_items[i]` (filled by [`Rules::new`]).
+    pub(crate) rule: Arc<str>,
 }
 
 impl Item {
@@ -398,14 +403,12 @@ impl Item {
 /// Everything needed to map a request to its counters.
 #[derive(Clone)]
 pub(crate) struct Rules {
-    /// `<prefix>:{<rule_name>}`, the start of every counter key.
-    pub(crate) key_base: String,
-    /// Names rules in logs and metrics: `<rule_name>/rule_items[i]`.
-    pub(crate) rule_name: String,
     pub(crate) global: Vec<Limit>,
     pub(crate) items: Vec<Item>,
     pub(crate) consumer_header: Option<HeaderName>,
     pub(crate) trusted_proxies: Vec<IpNet>,
+    /// The global threshold's counters, which every request has.
+    global_counters: Vec<Matched>,
 }
 
 /// A counter a request matched, with the rule it came from (for logs).
@@ -417,21 +420,55 @@ pub(crate) struct Matched {
 }
 
 impl Rules {
-    /// The counters this request is limited by: the global threshold's, then, for every rule
-    /// item whose source yields a value, those of its first matching entry. Duplicates (the
-    /// same counter key from two items) are kept once, with the smaller limit.
+    /// Rules, with what every request needs computed once: the global counters, the items'
+    /// names and their counter keys up to the value. Keys start with `key_base`
+    /// (`<prefix>:{<rule_name>}`); logs and metrics name rules `<rule_name>/rule_items[i]`.
+    pub(crate) fn new(
+        key_base: String,
+        rule_name: String,
+        global: Vec<Limit>,
+        mut items: Vec<Item>,
+        consumer_header: Option<HeaderName>,
+        trusted_proxies: Vec<IpNet>,
+    ) -> Self {
+        let mut global_counters = Vec::new();
+        let global_rule: Arc<str> = format!("{rule_name}/global_threshold").into();
+        for limit in &global {
+            let key = format!("{key_base}:global_threshold:{}", limit.window_key());
+            push(&mut global_counters, key, limit, global_rule.clone());
+        }
+        for (i, item) in items.iter_mut().enumerate() {
+            item.rule = format!("{rule_name}/rule_items[{i}]").into();
+            for entry in &mut item.entries {
+                entry.key_prefixes = entry
+                    .limits
+                    .iter()
+                    .map(|limit| {
+                        let window = limit.window_key();
+                        format!("{key_base}:{}:{window}:{}:", item.limit_type, item.key_name).into()
+                    })
+                    .collect();
+            }
+        }
+        Self {
+            global,
+            items,
+            consumer_header,
+            trusted_proxies,
+            global_counters,
+        }
+    }
+
     /// Whether a rule keys on the model, so the request body must be read before matching.
     pub(crate) fn needs_model(&self) -> bool {
         self.items.iter().any(|i| i.source.needs_model())
     }
 
+    /// The counters this request is limited by: the global threshold's, then, for every rule
+    /// item whose source yields a value, those of its first matching entry. Duplicates (the
+    /// same counter key from two items) are kept once, with the smaller limit.
     pub(crate) fn counters(&self, req: &RequestView<'_>, model: Option<&str>) -> Vec<Matched> {
-        let mut out: Vec<Matched> = Vec::new();
-        for limit in &self.global {
-            let key = format!("{}:global_threshold:{}", self.key_base, limit.window_key());
-            let rule = format!("{}/global_threshold", self.rule_name);
-            push(&mut out, key, limit, rule.into());
-        }
+        let mut out = self.global_counters.clone();
         if self.items.is_empty() {
             return out;
         }
@@ -440,7 +477,7 @@ impl Rules {
             trusted_proxies: &self.trusted_proxies,
             model,
         };
-        for (i, item) in self.items.iter().enumerate() {
+        for item in &self.items {
             if !item.applies(req) {
                 continue;
             }
@@ -451,17 +488,11 @@ impl Rules {
                 continue;
             };
             let stored = stored_value(&value, item.secret);
-            for limit in &entry.limits {
-                let key = format!(
-                    "{}:{}:{}:{}:{}",
-                    self.key_base,
-                    item.limit_type,
-                    limit.window_key(),
-                    item.key_name,
-                    stored
-                );
-                let rule = format!("{}/rule_items[{i}]", self.rule_name);
-                push(&mut out, key, limit, rule.into());
+            for (limit, prefix) in entry.limits.iter().zip(&entry.key_prefixes) {
+                let mut key = String::with_capacity(prefix.len() + stored.len());
+                key.push_str(prefix);
+                key.push_str(&stored);
+                push(&mut out, key, limit, item.rule.clone());
             }
         }
         out
@@ -487,11 +518,11 @@ fn push(out: &mut Vec<Matched>, key: String, limit: &Limit, rule: Arc<str>) {
 /// The value part of a counter key: the value itself when it is short and plain, otherwise a
 /// SHA-256 prefix (128 bits). The hashed form contains `:`, which a raw value never does, so a
 /// raw value can never address a hashed counter.
-fn stored_value(value: &KeyValue<'_>, secret: bool) -> String {
+fn stored_value<'a>(value: &'a KeyValue<'_>, secret: bool) -> Cow<'a, str> {
     match value {
         // A parsed, canonical address: safe as is (IPv6 colons included), as Higress stores it.
-        KeyValue::Ip(ip) => ip.to_string(),
-        KeyValue::Text { raw: Some(raw), .. } => hashed(raw),
+        KeyValue::Ip(ip) => ip.to_string().into(),
+        KeyValue::Text { raw: Some(raw), .. } => hashed(raw).into(),
         KeyValue::Text { text, raw: None } => {
             if secret
                 || text.len() > MAX_RAW_VALUE
@@ -499,21 +530,23 @@ fn stored_value(value: &KeyValue<'_>, secret: bool) -> String {
                     .chars()
                     .any(|c| matches!(c, '{' | '}' | ':') || c.is_control())
             {
-                hashed(text.as_bytes())
+                hashed(text.as_bytes()).into()
             } else {
-                text.to_string()
+                Cow::Borrowed(text)
             }
         }
     }
 }
 
+/// `sha256:` and the first 16 bytes of the value's SHA-256, in hex.
 fn hashed(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 32);
     out.push_str("sha256:");
     for b in &digest[..16] {
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
     }
     out
 }
@@ -521,7 +554,6 @@ fn hashed(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::borrow::Cow;
 
     fn text(s: &str) -> KeyValue<'_> {
         KeyValue::Text {

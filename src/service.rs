@@ -165,8 +165,16 @@ pub(crate) fn matched(
     if matched.is_empty() {
         return None;
     }
-    let mut names: Vec<&str> = matched.iter().map(|m| &*m.rule).collect();
+    let mut names: Vec<&Arc<str>> = matched.iter().map(|m| &m.rule).collect();
     names.dedup();
-    let names: Arc<str> = names.join(",").into();
+    let names: Arc<str> = match names[..] {
+        [one] => one.clone(),
+        _ => names
+            .iter()
+            .map(|n| &***n)
+            .collect::<Vec<_>>()
+            .join(",")
+            .into(),
+    };
     Some((matched.into_iter().map(|m| m.counter).collect(), names))
 }

@@ -8,16 +8,14 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::Frame;
-use memchr::memmem::{Finder, FinderRev};
+use memchr::memmem::Finder;
+use memchr::{memchr_iter, memrchr_iter};
 
 /// An event still incomplete past this size is passed on as it is and filtering stops.
 const MAX_PENDING: usize = 1 << 20;
 
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-static LF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static CRLF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
-static LF2_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
-static CRLF2_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\r\n\r\n"));
+static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
 
 /// Holds back the SSE event that is still incomplete at the end of each frame, and passes on
 /// every complete event unless it is the usage-only chunk (`"choices": []` with a usage
@@ -91,6 +89,13 @@ impl UsageChunkFilter {
     }
 
     fn hold(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.pending.capacity() == 0 {
+            // Room for a usual event at once, rather than growing by steps.
+            self.pending.reserve(bytes.len().max(1024));
+        }
         self.pending.extend_from_slice(bytes);
         if self.pending.len() > MAX_PENDING {
             self.disabled = true;
@@ -110,7 +115,7 @@ impl UsageChunkFilter {
     fn pass_events(&mut self, events: Bytes) {
         let mut start = 0;
         let mut at = 0;
-        while let Some(len) = event_end(&events[at..]) {
+        while let Some(len) = event_end(&[], &events[at..]) {
             let end = at + len;
             if is_usage_chunk(&events[at..end]) {
                 if at > start {
@@ -135,40 +140,54 @@ fn has_usage_object(bytes: &[u8]) -> bool {
     })
 }
 
-/// The end (after its blank line) of the first complete event.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = LF2.find(buf).map(|i| i + 2);
-    let crlf = CRLF2.find(buf).map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Whether some `"choices"` key in `bytes` has `[]` for its value: the usage chunk's mark, so
+/// that a content chunk carrying usage is not parsed.
+fn has_empty_choices(bytes: &[u8]) -> bool {
+    CHOICES.find_iter(bytes).any(|at| {
+        let mut rest = bytes[at + b"\"choices\"".len()..]
+            .iter()
+            .filter(|b| !b.is_ascii_whitespace());
+        rest.next() == Some(&b':') && rest.next() == Some(&b'[') && rest.next() == Some(&b']')
+    })
+}
+
+/// Whether the `\n` at `buf[at]` ends an empty line (`\n\n`, `\n\r\n`), which ends an event.
+/// `before` holds the bytes (up to two) that come before `buf`.
+fn closes_event(before: &[u8], buf: &[u8], at: usize) -> bool {
+    let back = |n: usize| match at.checked_sub(n) {
+        Some(i) => Some(buf[i]),
+        None => before.len().checked_sub(n - at).map(|i| before[i]),
+    };
+    match back(1) {
+        Some(b'\n') => true,
+        Some(b'\r') => back(2) == Some(b'\n'),
+        _ => false,
     }
 }
 
-/// The end of the last complete event (0 if none).
+/// The end (after its blank line) of the first complete event in `buf`, which follows
+/// `before`.
+fn event_end(before: &[u8], buf: &[u8]) -> Option<usize> {
+    memchr_iter(b'\n', buf)
+        .find(|&at| closes_event(before, buf, at))
+        .map(|at| at + 1)
+}
+
+/// The end of the last complete event in `buf`, which starts an event (0 if none).
 fn last_event_end(buf: &[u8]) -> usize {
-    let lf = LF2_REV.rfind(buf).map_or(0, |i| i + 2);
-    let crlf = CRLF2_REV.rfind(buf).map_or(0, |i| i + 4);
-    lf.max(crlf)
+    memrchr_iter(b'\n', buf)
+        .find(|&at| closes_event(&[], buf, at))
+        .map_or(0, |at| at + 1)
 }
 
 /// How many bytes of `next` complete the event begun in `held` (which holds no complete
 /// event), its blank line possibly starting in `held`.
 fn end_across(held: &[u8], next: &[u8]) -> Option<usize> {
-    let k = held.len().min(3);
-    let mut seam = [0; 6];
-    let n = next.len().min(3);
-    seam[..k].copy_from_slice(&held[held.len() - k..]);
-    seam[k..k + n].copy_from_slice(&next[..n]);
-    let across = event_end(&seam[..k + n]).map(|end| end - k);
-    match (across, event_end(next)) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    event_end(&held[held.len().saturating_sub(2)..], next)
 }
 
 fn is_usage_chunk(event: &[u8]) -> bool {
-    if !has_usage_object(event) {
+    if !has_usage_object(event) || !has_empty_choices(event) {
         return false;
     }
     let mut data = Vec::new();
@@ -181,13 +200,45 @@ fn is_usage_chunk(event: &[u8]) -> bool {
             data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
         }
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) else {
-        return false;
-    };
-    v.get("choices")
-        .and_then(serde_json::Value::as_array)
-        .is_some_and(Vec::is_empty)
-        && v.get("usage").is_some_and(serde_json::Value::is_object)
+    serde_json::from_slice::<Chunk>(&data)
+        .is_ok_and(|c| c.choices.is_some_and(|choices| choices.is_empty()) && c.usage.is_some())
+}
+
+/// What tells the usage chunk, read without building a tree (a content chunk carrying usage is
+/// read whole on every stream).
+#[derive(serde::Deserialize)]
+struct Chunk {
+    /// Zero-sized elements: counted, not stored.
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    usage: Option<Object>,
+}
+
+/// Any JSON object, contents skipped; anything else is an error.
+struct Object;
+
+impl<'de> serde::Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Object, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Object)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +293,33 @@ mod tests {
                     "split at {i}, {j}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn only_empty_choices_with_a_usage_object_is_the_usage_chunk() {
+        let event = |json: &str| format!("data: {json}\n\n");
+        for (json, usage_chunk) in [
+            (r#"{"choices":[],"usage":{"total_tokens":3}}"#, true),
+            (
+                r#"{"choices": [ ], "usage" : {}, "x": [1, {"y": null}]}"#,
+                true,
+            ),
+            (
+                r#"{"choices":[{"delta":{}}],"usage":{"total_tokens":3}}"#,
+                false,
+            ),
+            (r#"{"choices":[],"usage":null}"#, false),
+            (r#"{"choices":[],"usage":3}"#, false),
+            (r#"{"choices":{},"usage":{}}"#, false),
+            (r#"{"usage":{"total_tokens":3}}"#, false),
+            (r#"{"choices":[],"usage":{"#, false),
+        ] {
+            assert_eq!(
+                is_usage_chunk(event(json).as_bytes()),
+                usage_chunk,
+                "{json}"
+            );
         }
     }
 
