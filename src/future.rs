@@ -58,6 +58,8 @@ pin_project! {
 
 /// The store call of one admission.
 enum Check {
+    /// Post-debit, read at once (the store did not need to wait).
+    Done(Vec<CounterStatus>),
     /// Post-debit: read the counters.
     Read(StoreFuture<Vec<CounterStatus>>),
     /// Reserve: reserve this amount on all of them.
@@ -192,7 +194,10 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
     fn check(&self) -> Check {
         let store = &self.shared.store;
         match self.settings.mode {
-            Mode::PostDebit => Check::Read(store.check(&self.counters)),
+            Mode::PostDebit => match store.try_check_now(&self.counters) {
+                Some(statuses) => Check::Done(statuses),
+                None => Check::Read(store.check(&self.counters)),
+            },
             Mode::Reserve => {
                 let output = self
                     .max_output
@@ -261,6 +266,7 @@ where
                     }
                     let check = check.get_or_insert_with(|| p.check());
                     let decision = match check {
+                        Check::Done(statuses) => decide(p, Some(std::mem::take(statuses)), None, 0),
                         Check::Read(f) => match ready!(f.as_mut().poll(cx)) {
                             Ok(statuses) => decide(p, Some(statuses), None, 0),
                             Err(e) => {

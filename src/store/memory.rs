@@ -1,9 +1,10 @@
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use foldhash::quality::RandomState;
 use tokio::time::Instant;
 
 use super::{Algorithm, Counter, CounterStatus, Reservation, Store, StoreFuture, reservation_fits};
@@ -58,7 +59,9 @@ struct Inner {
     epoch: Instant,
 }
 
-type Shard = HashMap<Arc<str>, Entry>;
+/// foldhash rather than SipHash: keys are long (70+ bytes) and hashed twice per request
+/// (shard, then map); randomly seeded per store, it still resists chosen-key collisions.
+type Shard = HashMap<Arc<str>, Entry, RandomState>;
 
 /// The shards of one multi-counter operation, locked.
 struct Locked<'a> {
@@ -140,9 +143,11 @@ impl MemoryStore {
     pub fn with_max_counters(max: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                hasher: RandomState::new(),
+                hasher: RandomState::default(),
                 max_per_shard: max.div_ceil(SHARDS).max(1),
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                shards: (0..SHARDS)
+                    .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                    .collect(),
                 sweeper_running: AtomicBool::new(false),
                 epoch: Instant::now(),
             }),
@@ -509,6 +514,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn try_check_now(&self, counters: &[Counter]) -> Option<Vec<CounterStatus>> {
+        Some(self.check_now(counters))
+    }
+
     fn try_debit_now(&self, counters: &[Counter], tokens: u64) -> bool {
         self.debit_now(counters, tokens);
         true

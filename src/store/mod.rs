@@ -137,6 +137,14 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
+    /// Reads the counters at once when the store can do so without waiting (the in-memory
+    /// store), sparing a boxed future per request; `None` (the default) when it cannot, and
+    /// [`check`](Self::check) is called instead.
+    fn try_check_now(&self, counters: &[Counter]) -> Option<Vec<CounterStatus>> {
+        let _ = counters;
+        None
+    }
+
     /// Applies a debit at once when the store can do so without waiting (the in-memory store:
     /// a short lock), sparing the hand-over to the layer's background task; `false` when it
     /// cannot, and the debit then goes to the background task. The default is `false`.
@@ -201,6 +209,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
         (**self).reserve(counters, amount)
+    }
+
+    fn try_check_now(&self, counters: &[Counter]) -> Option<Vec<CounterStatus>> {
+        (**self).try_check_now(counters)
     }
 
     fn try_debit_now(&self, counters: &[Counter], tokens: u64) -> bool {

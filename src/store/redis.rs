@@ -9,6 +9,7 @@ use deadpool_redis::redis::{self, FromRedisValue, Script, Value};
 use deadpool_redis::{
     ConnectionAddr, ConnectionInfo, ProtocolVersion, RedisConnectionInfo, Runtime,
 };
+use tokio::sync::watch;
 
 use super::{Counter, CounterStatus, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
@@ -106,6 +107,10 @@ struct PendingDebit {
 /// A debit to write: the counter's key, its [`params`], the tokens.
 type Debit = (Arc<str>, [u64; 3], u64);
 
+/// What a check script is called with: the keys and their [`params`].
+type CheckId = (Vec<Arc<str>>, Vec<u64>);
+type CheckAnswer = Result<Arc<Vec<Value>>, StoreError>;
+
 struct Inner {
     target: Target,
     conn: Mutex<Option<Conn>>,
@@ -119,6 +124,9 @@ struct Inner {
     pending: Mutex<HashMap<Arc<str>, PendingDebit>>,
     /// Buffered debits taken out of `pending` and being written.
     rewriting: AtomicUsize,
+    /// Checks on their way to Redis, by keys and parameters: a check of the same counters
+    /// meanwhile waits for that answer instead of sending its own.
+    checks: Mutex<HashMap<CheckId, watch::Receiver<Option<CheckAnswer>>>>,
     max_pending: usize,
     dropped: AtomicU64,
 }
@@ -276,6 +284,7 @@ impl RedisStoreBuilder {
                 max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
                 dropped: AtomicU64::new(0),
                 rewriting: AtomicUsize::new(0),
+                checks: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -507,6 +516,41 @@ impl Inner {
         Err(StoreError::new(error))
     }
 
+    /// The check script's answer for `id`, from a call already on its way or from a new one.
+    async fn check_shared(self: &Arc<Self>, id: CheckId) -> CheckAnswer {
+        loop {
+            let waiting = {
+                let mut checks = lock(&self.checks);
+                match checks.get(&id) {
+                    Some(answer) => Ok(answer.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        checks.insert(id.clone(), rx);
+                        Err(tx)
+                    }
+                }
+            };
+            match waiting {
+                Ok(mut answer) => match answer.wait_for(Option::is_some).await {
+                    Ok(answer) => return answer.clone().expect("waited for an answer"),
+                    // The caller making the call went away before the answer: try again.
+                    Err(_) => continue,
+                },
+                Err(tx) => {
+                    // Whatever happens to this caller, the next check makes its own call.
+                    let leave = Leave(self, &id);
+                    let answer = self
+                        .invoke::<Vec<Value>>(&CHECK, &id.0, &id.1)
+                        .await
+                        .map(Arc::new);
+                    drop(leave);
+                    let _ = tx.send(Some(answer.clone()));
+                    return answer;
+                }
+            }
+        }
+    }
+
     /// Keeps debits that could not be written for when Redis is back.
     fn buffer(&self, debits: impl IntoIterator<Item = Debit>) {
         let mut pending = lock(&self.pending);
@@ -604,6 +648,15 @@ impl Inner {
     }
 }
 
+/// Takes a check off the list of those on their way to Redis.
+struct Leave<'a>(&'a Inner, &'a CheckId);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.checks).remove(self.1);
+    }
+}
+
 /// While the breaker is open: PING on a fresh connection every probe interval; on an answer,
 /// close the breaker and write what was buffered.
 async fn probe(inner: Weak<Inner>) {
@@ -634,7 +687,7 @@ async fn probe(inner: Weak<Inner>) {
     }
 }
 
-fn parse_check(values: Vec<Value>, counters: &[Counter]) -> Result<Vec<CounterStatus>, StoreError> {
+fn parse_check(values: &[Value], counters: &[Counter]) -> Result<Vec<CounterStatus>, StoreError> {
     if values.len() != counters.len() * 2 {
         return Err(StoreError::new(format!(
             "check script answered {} values for {} counters",
@@ -717,13 +770,17 @@ fn hash_tag(key: &str) -> &[u8] {
 }
 
 impl Store for RedisStore {
+    /// Concurrent checks of the same counters share one script call: a check that finds one
+    /// on its way to Redis waits for its answer instead of sending another. That answer is
+    /// read at most one round trip earlier than the check's own would be; post-debit admission
+    /// reads usage that is only debited when streams end, so the difference is of the same
+    /// kind (SPEC 4), and it takes one script per hot counter set per round trip.
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
         let inner = self.inner.clone();
         let counters = counters.to_vec();
         Box::pin(async move {
-            let (keys, params) = keys_and_params(&counters);
-            let values: Vec<Value> = inner.invoke(&CHECK, &keys, &params).await?;
-            parse_check(values, &counters)
+            let values = inner.check_shared(keys_and_params(&counters)).await?;
+            parse_check(&values, &counters)
         })
     }
 

@@ -44,6 +44,9 @@ fn base_args(port: &str, dir: &std::path::Path) -> Vec<String> {
         "",
         "--appendonly",
         "no",
+        // DEBUG SLEEP makes Redis slow on purpose in tests.
+        "--enable-debug-command",
+        "local",
         "--dir",
     ]
     .map(String::from)
