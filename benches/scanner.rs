@@ -1,6 +1,6 @@
 //! Throughput of the usage scanner over recorded streams of each provider format, next to a
-//! plain memchr count of line ends over the same bytes (the ceiling for a scan that must find
-//! every line end).
+//! plain memchr count of line ends over the same bytes (the issue's ceiling) and a plain memmem
+//! count of the `"usage` key (what finding the usage alone costs).
 //!
 //! Each format's `.sse` fixtures (from `$TTR_FIXTURES` or `../shared/fixtures`) are
 //! concatenated and repeated to about 1 MB, then fed in 16 KiB chunks.
@@ -90,6 +90,11 @@ fn scanner(c: &mut Criterion) {
         });
         group.bench_function("memchr_newlines", |b| {
             b.iter(|| memchr::memchr_iter(b'\n', black_box(&bytes)).count())
+        });
+        // What any scanner that looks for the usage key pays at least: finding each one.
+        let usage_key = memchr::memmem::Finder::new(b"\"usage");
+        group.bench_function("memmem_usage_key", |b| {
+            b.iter(|| usage_key.find_iter(black_box(&bytes)).count())
         });
         group.finish();
     }

@@ -30,7 +30,7 @@ pin_project! {
         Inner {
             #[pin]
             body: B,
-            meter: Option<Meter>,
+            meter: Option<Box<Meter>>,
             // Removes the usage chunk the layer asked for on the client's behalf.
             filter: Option<UsageChunkFilter>,
             ended: bool,
@@ -42,7 +42,11 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B, mut meter: Option<Meter>, filter: Option<UsageChunkFilter>) -> Self
+    pub(crate) fn inner(
+        body: B,
+        mut meter: Option<Box<Meter>>,
+        filter: Option<UsageChunkFilter>,
+    ) -> Self
     where
         B: Body,
     {

@@ -94,7 +94,8 @@ pub(crate) struct Pending<S, ReqBody> {
 
 /// An admitted request: its meter and the headers to put on its response.
 pub(crate) struct Admitted {
-    meter: Meter,
+    /// Boxed: the response and its futures move through several layers by value.
+    meter: Box<Meter>,
     /// The tightest counter, and which header families to describe it in (OpenAI, IETF).
     headers: Option<(Counter, CounterStatus, bool, bool)>,
     /// The layer asked for usage the client did not: remove the usage chunk from the stream.
@@ -343,14 +344,14 @@ where
                         model: p.model.as_deref().map(Arc::from),
                         span: p.span,
                     };
-                    let meter = Meter::new(
+                    let meter = Box::new(Meter::new(
                         p.shared.clone(),
                         settings.cost,
                         p.counters,
                         origin,
                         reservation,
                         p.request_bytes,
-                    );
+                    ));
                     let mut inner = p.inner;
                     let request =
                         Request::from_parts(p.head, p.body.expect("body back from the reader"));

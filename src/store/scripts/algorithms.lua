@@ -5,23 +5,29 @@
 --                    used = prev * (1 - elapsed fraction) + cur. Window id: the index.
 --   3 token_bucket   a hash {used, at}: tokens used drain continuously at limit per window;
 --                    used may exceed the limit (debt). Window id: 0 (no windows).
--- Times are Redis's (TIME), in milliseconds.
+-- Times are Redis's (TIME), in milliseconds, read once per script and only when needed (fixed
+-- windows never need it).
 
+local time_ms
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if time_ms == nil then
+    local t = redis.call('TIME')
+    time_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return time_ms
 end
 
 -- Tokens used, milliseconds until the budget frees (the whole window when nothing runs), and
--- the window id.
-local function state(key, algo, window, limit, now)
+-- (when `with_id`) the window id.
+local function state(key, algo, window, limit, with_id)
   local w = window * 1000
   if algo == 1 then
     local used = tonumber(redis.call('GET', key) or '0') or 0
     local ttl = redis.call('PTTL', key)
     if ttl < 0 then ttl = w end
-    return used, ttl, redis.call('PEXPIRETIME', key)
+    return used, ttl, with_id and redis.call('PEXPIRETIME', key) or 0
   end
+  local now = now_ms()
   if algo == 2 then
     local h = redis.call('HMGET', key, 'idx', 'cur', 'prev')
     local idx_now = math.floor(now / w)
@@ -45,7 +51,7 @@ end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund
 -- from a window that has ended is dropped and extra usage goes to the current window.
-local function add(key, algo, window, limit, now, amount, wid)
+local function add(key, algo, window, limit, amount, wid)
   local w = window * 1000
   if algo == 1 then
     local same = wid == nil or redis.call('PEXPIRETIME', key) == wid
@@ -59,11 +65,11 @@ local function add(key, algo, window, limit, now, amount, wid)
     if amount > 0 then
       redis.call('INCRBY', key, amount)
     end
-    if redis.call('TTL', key) == -1 then
-      redis.call('EXPIRE', key, window)
-    end
+    -- Only where no expiry is set: a new key, or one left without (a repair).
+    redis.call('EXPIRE', key, window, 'NX')
     return
   end
+  local now = now_ms()
   if algo == 2 then
     local idx_now = math.floor(now / w)
     if amount < 0 and wid ~= nil and wid ~= idx_now then return end

@@ -2,10 +2,9 @@
 -- KEYS: the request's counters (one hash slot: they share the {rule_name} tag).
 -- ARGV[3i - 2 .. 3i]: the algorithm (1 fixed, 2 sliding, 3 bucket), window (s) and limit of KEYS[i].
 -- Returns, per key: tokens used, and milliseconds until its budget frees.
-local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
-  local used, reset = state(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), now)
+  local used, reset = state(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), false)
   out[2 * i - 1] = used
   out[2 * i] = reset
 end

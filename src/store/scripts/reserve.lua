@@ -4,13 +4,12 @@
 -- request gets one turn per window) or has room for it.
 -- Returns {1 if reserved else 0, then per key: tokens used before, milliseconds until its
 -- budget frees, and the window id the reservation went into (0 when refused)}.
-local now = now_ms()
 local amount = tonumber(ARGV[1])
 local used, reset = {}, {}
 local fits = true
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[3 * i + 1])
-  used[i], reset[i] = state(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), limit, now)
+  used[i], reset[i] = state(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), limit, false)
   if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
     fits = false
   end
@@ -20,8 +19,8 @@ for i, key in ipairs(KEYS) do
   local wid = 0
   if fits then
     local algo, window, limit = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-    add(key, algo, window, limit, now, amount, nil)
-    local _, _, id = state(key, algo, window, limit, now)
+    add(key, algo, window, limit, amount, nil)
+    local _, _, id = state(key, algo, window, limit, true)
     wid = id
   end
   out[#out + 1] = used[i]
