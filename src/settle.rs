@@ -183,8 +183,8 @@ impl Settler {
     }
 }
 
-/// Reserve-mode settlements written to the store at the same time (they pipeline on one
-/// Redis connection; order does not matter, additions commute).
+/// Settlements of local reservations written to the store at the same time (they pipeline
+/// on one Redis connection; order does not matter, additions commute).
 const MAX_IN_FLIGHT: usize = 64;
 /// Most settlements taken off the queue at once.
 const MAX_BATCH: usize = 4096;
@@ -196,11 +196,12 @@ impl Stats {
     }
 }
 
-/// Applies settlements in the background. Post-debit settlements are merged per counter and
-/// written as one [`Store::debit_many`] at a time: whatever arrives while one is being written
-/// goes into the next, so under load one write carries many requests' debits. Reserve-mode
-/// settlements (each corrects its own reservation) are written one by one, up to
-/// [`MAX_IN_FLIGHT`] at once.
+/// Applies settlements in the background, merged: post-debit settlements per counter,
+/// reserve-mode ones per counter and window, written as one [`Store::debit_many`] and one
+/// [`Store::settle_many`] at a time. Whatever arrives while they are being written goes into the
+/// next ones, so under load one write carries many requests' settlements. Settlements of
+/// reservations taken in the local fallback store go one by one, up to [`MAX_IN_FLIGHT`] at
+/// once.
 async fn work(
     store: Arc<dyn Store>,
     fallback: Option<MemoryStore>,
@@ -222,10 +223,22 @@ async fn work(
     loop {
         if batch.is_empty() && queued.merged_count > 0 {
             let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
+            let settles: Vec<(Counter, u64, i64)> = queued
+                .settles
+                .drain()
+                .map(|((counter, window), tokens)| (counter, window, tokens))
+                .collect();
             let tokens = debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.1));
-            let write = store.debit_many(debits);
+            let debits = (!debits.is_empty()).then(|| store.debit_many(debits));
+            let settles = (!settles.is_empty()).then(|| store.settle_many(settles));
             batch_count = std::mem::take(&mut queued.merged_count);
-            batch.spawn(async move { (write.await, tokens) });
+            batch.spawn(async move {
+                let mut result = Ok(());
+                for write in [debits, settles].into_iter().flatten() {
+                    result = result.and(write.await);
+                }
+                (result, tokens)
+            });
         }
         while settling.len() < MAX_IN_FLIGHT
             && let Some(s) = queued.held.pop_front()
@@ -265,20 +278,39 @@ async fn work(
 struct Queued {
     /// Post-debit settlements, merged: tokens per counter.
     merged: HashMap<Counter, u64>,
-    /// How many settlements `merged` holds.
+    /// Reserve-mode settlements, merged: tokens used minus reserved, per counter and window.
+    settles: HashMap<(Counter, u64), i64>,
+    /// How many settlements `merged` and `settles` hold.
     merged_count: u64,
-    /// Reserve-mode settlements.
+    /// Settlements of reservations taken in the local fallback store (Redis was down).
     held: VecDeque<Settlement>,
 }
 
 impl Queued {
     fn take(&mut self, s: Settlement, fallback: Option<&MemoryStore>, stats: &Stats) {
-        if s.reservation.is_some() {
-            self.held.push_back(s);
-            return;
-        }
-        if let Some(local) = fallback {
+        if let Some(local) = fallback
+            && !s.reservation.as_ref().is_some_and(|r| r.local)
+        {
             local.debit_now(&s.counters, s.tokens);
+        }
+        if let Some(r) = &s.reservation {
+            if r.local {
+                self.held.push_back(s);
+                return;
+            }
+            let delta = i64::try_from(i128::from(s.tokens) - i128::from(r.amount)).unwrap_or(
+                if s.tokens > r.amount {
+                    i64::MAX
+                } else {
+                    i64::MIN
+                },
+            );
+            for (c, window) in s.counters.iter().zip(&r.windows) {
+                let total = self.settles.entry((c.clone(), *window)).or_default();
+                *total = total.saturating_add(delta);
+            }
+            self.merged_count += 1;
+            return;
         }
         if s.tokens == 0 {
             stats.done(1);
@@ -292,29 +324,17 @@ impl Queued {
     }
 }
 
-/// Applies the local fallback's part of a reserve-mode settlement at once and returns the
-/// store's part.
+/// The settlement of a reservation taken in the local fallback store (Redis was down):
+/// corrected there at once; the main store learns the usage once it is back.
 fn start(
     store: &Arc<dyn Store>,
     fallback: Option<&MemoryStore>,
     s: &Settlement,
 ) -> StoreFuture<()> {
-    match &s.reservation {
-        Some(r) if r.local => {
-            if let Some(local) = fallback {
-                local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
-            }
-            // The main store learns the usage once it is back.
-            store.debit(&s.counters, s.tokens)
-        }
-        Some(r) => {
-            if let Some(local) = fallback {
-                local.debit_now(&s.counters, s.tokens);
-            }
-            store.settle(&s.counters, &r.windows, r.amount, s.tokens)
-        }
-        None => store.debit(&s.counters, s.tokens),
+    if let (Some(local), Some(r)) = (fallback, &s.reservation) {
+        local.settle_now(&s.counters, &r.windows, r.amount, s.tokens);
     }
+    store.debit(&s.counters, s.tokens)
 }
 
 /// Follows one admitted request to its end and settles it exactly once: with the usage the

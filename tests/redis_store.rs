@@ -916,3 +916,36 @@ async fn concurrent_checks_of_the_same_counters_share_one_call() {
     // The abandoned call, one more for the checks that waited on it, the other limit's.
     assert!(evalsha <= 3, "{evalsha} check scripts for 22 checks");
 }
+
+#[tokio::test]
+async fn merged_reserve_settlements_correct_each_window_once() {
+    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
+    let server = RedisServer::start();
+    let store = RedisStore::builder().url(server.url()).build().unwrap();
+    let c = |key: &str| Counter {
+        key: key.into(),
+        limit: 10_000,
+        window: Duration::from_secs(60),
+        algorithm: Algorithm::FixedWindow,
+    };
+    // Two requests reserved 100 each on both counters, in the same windows.
+    let mut windows = Vec::new();
+    for _ in 0..2 {
+        let r = store.reserve(&[c("{s}:a"), c("{s}:b")], 100).await.unwrap();
+        windows = r.windows.expect("reserved");
+    }
+    // One used 30, the other 150: merged, -70 + 50 = -20 per counter. A refund for a window
+    // that has ended is dropped; extra usage there goes to the current window.
+    store
+        .settle_many(vec![
+            (c("{s}:a"), windows[0], -20),
+            (c("{s}:b"), windows[1], -20),
+            (c("{s}:b"), windows[1] - 1, -500),
+            (c("{s}:b"), windows[1] - 1, 7),
+        ])
+        .await
+        .unwrap();
+    let mut con = server.client();
+    assert_eq!(con.get::<_, u64>("{s}:a").unwrap(), 180);
+    assert_eq!(con.get::<_, u64>("{s}:b").unwrap(), 187);
+}

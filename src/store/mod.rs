@@ -192,9 +192,47 @@ pub trait Store: Send + Sync + 'static {
             "this store does not support reserve mode",
         ))))
     }
+
+    /// Reserve mode: many settlements at once, `(counter, window id, tokens)` adding `tokens`
+    /// (a refund when negative) to the counter as [`settle`](Self::settle) does: the
+    /// settlements of several requests, merged per counter and window by the layer's
+    /// background task. A store that can write them in fewer round trips overrides it (the
+    /// Redis store: one script per hash slot). The default makes one `settle` per entry, in
+    /// turn, and returns the first error after trying them all.
+    fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
+        let writes: Vec<StoreFuture<()>> = settlements
+            .iter()
+            .map(|(counter, window, tokens)| {
+                let (reserved, actual) = if *tokens < 0 {
+                    (tokens.unsigned_abs(), 0)
+                } else {
+                    (0, tokens.unsigned_abs())
+                };
+                self.settle(
+                    std::slice::from_ref(counter),
+                    std::slice::from_ref(window),
+                    reserved,
+                    actual,
+                )
+            })
+            .collect();
+        Box::pin(async move {
+            let mut result = Ok(());
+            for write in writes {
+                if let Err(e) = write.await {
+                    result = result.and(Err(e));
+                }
+            }
+            result
+        })
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
+    fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
+        (**self).settle_many(settlements)
+    }
+
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
         (**self).check(counters)
     }

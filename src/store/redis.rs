@@ -107,6 +107,10 @@ struct PendingDebit {
 /// A debit to write: the counter's key, its [`params`], the tokens.
 type Debit = (Arc<str>, [u64; 3], u64);
 
+/// One key's part of a batched script: the key, its [`params`], its arguments, and the tokens
+/// kept as a pending debit if the script fails.
+type KeyWrite = (Arc<str>, [u64; 3], Vec<u64>, u64);
+
 /// What a check script is called with: the keys and their [`params`].
 type CheckId = (Vec<Arc<str>>, Vec<u64>);
 type CheckAnswer = Result<Arc<Vec<Value>>, StoreError>;
@@ -576,36 +580,50 @@ impl Inner {
         telemetry::pending_debits("redis", pending.len());
     }
 
-    /// Writes debits (key, script parameters, tokens), one script per hash slot and at most
-    /// [`MAX_KEYS_PER_SCRIPT`] keys; what cannot be written is buffered. Returns how many
-    /// scripts failed.
+    /// Writes debits (key, script parameters, tokens); see [`write`](Self::write).
     async fn write_debits(self: &Arc<Self>, debits: Vec<Debit>) -> usize {
-        let mut groups: Vec<Vec<Debit>> = Vec::new();
+        let writes = debits
+            .into_iter()
+            .map(|(key, p, tokens)| {
+                let args = vec![tokens.min(i64::MAX as u64), p[0], p[1], p[2]];
+                (key, p, args, tokens)
+            })
+            .collect();
+        self.write(&DEBIT, writes).await
+    }
+
+    /// Runs `script` over many keys: one call per hash slot and at most
+    /// [`MAX_KEYS_PER_SCRIPT`] keys. Each key comes with its [`params`], its arguments, and
+    /// the tokens kept as a pending debit if its call fails. Returns how many calls failed.
+    async fn write(self: &Arc<Self>, script: &Script, writes: Vec<KeyWrite>) -> usize {
+        let mut groups: Vec<Vec<KeyWrite>> = Vec::new();
         match self.target {
-            Target::Single(_) => groups.push(debits),
+            Target::Single(_) => groups.push(writes),
             Target::Cluster(_) => {
-                let mut by_tag: HashMap<&[u8], usize> = HashMap::new();
-                for d in &debits {
+                let mut by_tag: HashMap<Vec<u8>, usize> = HashMap::new();
+                for w in writes {
                     let next = by_tag.len();
-                    let group = *by_tag.entry(hash_tag(&d.0)).or_insert(next);
+                    let group = *by_tag.entry(hash_tag(&w.0).to_vec()).or_insert(next);
                     if group == groups.len() {
                         groups.push(Vec::new());
                     }
-                    groups[group].push(d.clone());
+                    groups[group].push(w);
                 }
             }
         }
         let mut failed = 0;
         for group in groups {
             for chunk in group.chunks(MAX_KEYS_PER_SCRIPT) {
-                let keys: Vec<Arc<str>> = chunk.iter().map(|d| d.0.clone()).collect();
-                let args: Vec<u64> = chunk
-                    .iter()
-                    .flat_map(|(_, p, tokens)| [(*tokens).min(i64::MAX as u64), p[0], p[1], p[2]])
-                    .collect();
-                if self.invoke::<i64>(&DEBIT, &keys, &args).await.is_err() {
+                let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
+                let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
+                if self.invoke::<i64>(script, &keys, &args).await.is_err() {
                     failed += 1;
-                    self.buffer(chunk.iter().cloned());
+                    self.buffer(
+                        chunk
+                            .iter()
+                            .filter(|w| w.3 > 0)
+                            .map(|w| (w.0.clone(), w.1, w.3)),
+                    );
                 }
             }
         }
@@ -804,26 +822,36 @@ impl Store for RedisStore {
         reserved: u64,
         actual: u64,
     ) -> StoreFuture<()> {
+        let delta = i64::try_from(i128::from(actual) - i128::from(reserved)).unwrap_or(
+            if actual > reserved {
+                i64::MAX
+            } else {
+                i64::MIN
+            },
+        );
+        let settlements = counters
+            .iter()
+            .zip(window_ids)
+            .map(|(c, w)| (c.clone(), *w, delta))
+            .collect();
+        self.settle_many(settlements)
+    }
+
+    /// One script per hash slot (all of them at once on a single node). Where it fails, extra
+    /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
+    fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
-        let keys: Vec<Arc<str>> = counters.iter().map(|c| c.key.clone()).collect();
-        let params: Vec<[u64; 3]> = counters.iter().map(params).collect();
-        let (reserved, actual) = (reserved.min(i64::MAX as u64), actual.min(i64::MAX as u64));
-        let args: Vec<u64> = [reserved, actual]
+        let writes = settlements
             .into_iter()
-            .chain(
-                params
-                    .iter()
-                    .zip(window_ids)
-                    .flat_map(|(p, id)| [p[0], p[1], p[2], *id]),
-            )
+            .map(|(c, window_id, delta)| {
+                let p = params(&c);
+                let (refund, extra) = (delta.min(0).unsigned_abs(), delta.max(0).unsigned_abs());
+                let args = vec![p[0], p[1], p[2], window_id, refund, extra];
+                (c.key, p, args, extra)
+            })
             .collect();
         Box::pin(async move {
-            if inner.invoke::<i64>(&SETTLE, &keys, &args).await.is_err() && actual > reserved {
-                // Extra usage is kept for when Redis is back; a refund is dropped (the
-                // conservative side).
-                let extra = actual - reserved;
-                inner.buffer(keys.into_iter().zip(params).map(|(k, p)| (k, p, extra)));
-            }
+            inner.write(&SETTLE, writes).await;
             Ok(())
         })
     }

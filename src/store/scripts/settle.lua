@@ -1,10 +1,12 @@
--- Reserve mode, at the end of a response: correct each counter by actual - reserved, in the
--- window the reservation went into (a refund from a window that has ended is dropped; extra
--- usage goes to the current window).
--- ARGV[1]: tokens reserved; ARGV[2]: tokens used; ARGV[4i - 1 .. 4i + 2]: the algorithm,
--- window (s), limit and reservation's window id of KEYS[i].
-local delta = tonumber(ARGV[2]) - tonumber(ARGV[1])
+-- Reserve mode, at the end of responses: correct counters by the tokens used minus the tokens
+-- reserved, in the window the reservation went into (a refund from a window that has ended is
+-- dropped; extra usage goes to the current window). KEYS: the counters (one hash slot; a key
+-- may repeat, for reservations in different windows). ARGV[6i - 5 .. 6i]: the algorithm,
+-- window (s), limit and reservation window id of KEYS[i], then the tokens to refund and the
+-- tokens to add (one of them 0): one request's settlement, or many merged per counter and
+-- window.
 for i, key in ipairs(KEYS) do
-  add(key, tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i + 1]), delta, tonumber(ARGV[4 * i + 2]))
+  local a = 6 * i
+  add(key, tonumber(ARGV[a - 5]), tonumber(ARGV[a - 4]), tonumber(ARGV[a - 3]), tonumber(ARGV[a]) - tonumber(ARGV[a - 1]), tonumber(ARGV[a - 2]))
 end
 return #KEYS
