@@ -49,10 +49,12 @@ const DEFAULT_MAX_PENDING: usize = 100_000;
 
 /// Counters in Redis (standalone or Cluster), shared by every replica of a service.
 ///
-/// Each admission is one `EVALSHA` of a script that reads every counter of the request, and each
-/// settlement one `EVALSHA` that adds the tokens to all of them (scripts reloaded on
-/// `NOSCRIPT`); windows are Redis TTLs, so no clock but Redis's matters. Keys follow the Higress
-/// layout and share the `{rule_name}` hash tag, so one request's keys live in one Cluster slot.
+/// Each admission is one `EVALSHA` of a script that reads every counter of the request
+/// (concurrent admissions of the same counters share one), and settlements are `EVALSHA`s that
+/// add the tokens, many requests' settlements merged into one script per hash slot (scripts
+/// reloaded on `NOSCRIPT`); windows are Redis TTLs, so no clock but Redis's matters. Keys follow
+/// the Higress layout and share the `{rule_name}` hash tag, so one rule's keys live in one
+/// Cluster slot.
 ///
 /// The store connects lazily: building it needs no Redis. It keeps one multiplexed connection
 /// (no `PING` per request) and replaces it when it breaks. Every call is bounded by a timeout
