@@ -437,25 +437,37 @@ impl Conn {
         keys: &[Arc<str>],
         args: &[u64],
     ) -> redis::RedisResult<T> {
-        let mut inv = script.prepare_invoke();
+        // The command built directly (one buffer), rather than through `ScriptInvocation`,
+        // which copies every key and argument into a vector of its own first.
+        let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + 24 * args.len());
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
         for k in keys {
-            inv.key(&**k);
+            cmd.arg(&**k);
         }
         for a in args {
-            inv.arg(*a);
+            cmd.arg(*a);
         }
-        match self {
-            Conn::Single(c) => inv.invoke_async(c).await,
-            Conn::Cluster(c) => inv.invoke_async(c).await,
+        match self.query(&cmd).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                match self {
+                    Conn::Single(c) => script.load_async(c).await?,
+                    Conn::Cluster(c) => script.load_async(c).await?,
+                };
+                self.query(&cmd).await
+            }
+            other => other,
         }
     }
 
-    async fn ping(&mut self) -> redis::RedisResult<()> {
-        let cmd = redis::cmd("PING");
+    async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => cmd.query_async(c).await,
         }
+    }
+
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        self.query(&redis::cmd("PING")).await
     }
 }
 
