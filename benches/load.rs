@@ -9,7 +9,7 @@
 //! # instructions per request of one variant, whatever the machine's load: the difference
 //! # between two request counts, under callgrind
 //! valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-//!     target/release/deps/load-* --alone memory --requests 2000
+//!     target/release/deps/load-<hash> --alone memory --requests 2000
 //! ```
 //!
 //! Prints a table (req/s, p50, p99, the median over rounds of the ratio to bare in the same
