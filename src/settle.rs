@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
-use crate::store::{Counter, MemoryStore, Store, StoreFuture};
+use crate::store::{self, Counter, MemoryStore, Store, StoreFuture};
 use crate::telemetry;
 use crate::usage::{BodyFormat, Usage, UsageScanner};
 
@@ -231,14 +231,9 @@ async fn work(
             let tokens = debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.1));
             let debits = (!debits.is_empty()).then(|| store.debit_many(debits));
             let settles = (!settles.is_empty()).then(|| store.settle_many(settles));
+            let write = store::in_turn([debits, settles].into_iter().flatten().collect());
             batch_count = std::mem::take(&mut queued.merged_count);
-            batch.spawn(async move {
-                let mut result = Ok(());
-                for write in [debits, settles].into_iter().flatten() {
-                    result = result.and(write.await);
-                }
-                (result, tokens)
-            });
+            batch.spawn(async move { (write.await, tokens) });
         }
         while settling.len() < MAX_IN_FLIGHT
             && let Some(s) = queued.held.pop_front()
@@ -298,13 +293,7 @@ impl Queued {
                 self.held.push_back(s);
                 return;
             }
-            let delta = i64::try_from(i128::from(s.tokens) - i128::from(r.amount)).unwrap_or(
-                if s.tokens > r.amount {
-                    i64::MAX
-                } else {
-                    i64::MIN
-                },
-            );
+            let delta = store::settlement_delta(r.amount, s.tokens);
             for (c, window) in s.counters.iter().zip(&r.windows) {
                 let total = self.settles.entry((c.clone(), *window)).or_default();
                 *total = total.saturating_add(delta);

@@ -122,19 +122,12 @@ pub trait Store: Send + Sync + 'static {
     /// default makes one [`debit`](Self::debit) per counter, in turn, and returns the first
     /// error after trying them all.
     fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
-        let writes: Vec<StoreFuture<()>> = debits
-            .iter()
-            .map(|(counter, tokens)| self.debit(std::slice::from_ref(counter), *tokens))
-            .collect();
-        Box::pin(async move {
-            let mut result = Ok(());
-            for write in writes {
-                if let Err(e) = write.await {
-                    result = result.and(Err(e));
-                }
-            }
-            result
-        })
+        in_turn(
+            debits
+                .iter()
+                .map(|(counter, tokens)| self.debit(std::slice::from_ref(counter), *tokens))
+                .collect(),
+        )
     }
 
     /// Reads the counters at once when the store can do so without waiting (the in-memory
@@ -200,39 +193,47 @@ pub trait Store: Send + Sync + 'static {
     /// Redis store: one script per hash slot). The default makes one `settle` per entry, in
     /// turn, and returns the first error after trying them all.
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
-        let writes: Vec<StoreFuture<()>> = settlements
-            .iter()
-            .map(|(counter, window, tokens)| {
-                let (reserved, actual) = if *tokens < 0 {
-                    (tokens.unsigned_abs(), 0)
-                } else {
-                    (0, tokens.unsigned_abs())
-                };
-                self.settle(
-                    std::slice::from_ref(counter),
-                    std::slice::from_ref(window),
-                    reserved,
-                    actual,
-                )
-            })
-            .collect();
-        Box::pin(async move {
-            let mut result = Ok(());
-            for write in writes {
-                if let Err(e) = write.await {
-                    result = result.and(Err(e));
-                }
-            }
-            result
-        })
+        in_turn(
+            settlements
+                .iter()
+                .map(|(counter, window, tokens)| {
+                    let (refund, extra) = refund_and_extra(*tokens);
+                    self.settle(
+                        std::slice::from_ref(counter),
+                        std::slice::from_ref(window),
+                        refund,
+                        extra,
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
-impl<S: Store + ?Sized> Store for Arc<S> {
-    fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
-        (**self).settle_many(settlements)
-    }
+/// Awaits `writes` one after the other; the first error, after trying them all.
+pub(crate) fn in_turn(writes: Vec<StoreFuture<()>>) -> StoreFuture<()> {
+    Box::pin(async move {
+        let mut result = Ok(());
+        for write in writes {
+            result = result.and(write.await);
+        }
+        result
+    })
+}
 
+/// The tokens a settlement adds to its counters, `actual - reserved` (negative: a refund),
+/// saturating.
+pub(crate) fn settlement_delta(reserved: u64, actual: u64) -> i64 {
+    let delta = i128::from(actual) - i128::from(reserved);
+    i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN })
+}
+
+/// A settlement's tokens as `(refund, extra)`, one of them 0.
+pub(crate) fn refund_and_extra(delta: i64) -> (u64, u64) {
+    (delta.min(0).unsigned_abs(), delta.max(0).unsigned_abs())
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
         (**self).check(counters)
     }
@@ -275,5 +276,24 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         actual: u64,
     ) -> StoreFuture<()> {
         (**self).settle(counters, windows, reserved, actual)
+    }
+
+    fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
+        (**self).settle_many(settlements)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settlement_deltas_saturate_and_split_back() {
+        assert_eq!(settlement_delta(100, 30), -70);
+        assert_eq!(settlement_delta(0, u64::MAX), i64::MAX);
+        assert_eq!(settlement_delta(u64::MAX, 0), i64::MIN);
+        assert_eq!(refund_and_extra(-70), (70, 0));
+        assert_eq!(refund_and_extra(50), (0, 50));
+        assert_eq!(refund_and_extra(i64::MIN), (1 << 63, 0));
     }
 }

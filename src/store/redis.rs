@@ -836,13 +836,7 @@ impl Store for RedisStore {
         reserved: u64,
         actual: u64,
     ) -> StoreFuture<()> {
-        let delta = i64::try_from(i128::from(actual) - i128::from(reserved)).unwrap_or(
-            if actual > reserved {
-                i64::MAX
-            } else {
-                i64::MIN
-            },
-        );
+        let delta = super::settlement_delta(reserved, actual);
         let settlements = counters
             .iter()
             .zip(window_ids)
@@ -859,7 +853,7 @@ impl Store for RedisStore {
             .into_iter()
             .map(|(c, window_id, delta)| {
                 let p = params(&c);
-                let (refund, extra) = (delta.min(0).unsigned_abs(), delta.max(0).unsigned_abs());
+                let (refund, extra) = super::refund_and_extra(delta);
                 let args = vec![p[0], p[1], p[2], window_id, refund, extra];
                 (c.key, p, args, extra)
             })
