@@ -133,21 +133,24 @@ impl UsageChunkFilter {
 
 /// Whether some `"usage"` key in `bytes` has an object for its value.
 fn has_usage_object(bytes: &[u8]) -> bool {
-    USAGE.find_iter(bytes).any(|at| {
-        let rest = &bytes[at + b"\"usage\"".len()..];
-        let mut value = rest.iter().skip_while(|b| b.is_ascii_whitespace());
-        value.next() == Some(&b':') && value.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-    })
+    key_followed_by(bytes, &USAGE, b":{")
 }
 
 /// Whether some `"choices"` key in `bytes` has `[]` for its value: the usage chunk's mark, so
 /// that a content chunk carrying usage is not parsed.
 fn has_empty_choices(bytes: &[u8]) -> bool {
-    CHOICES.find_iter(bytes).any(|at| {
-        let mut rest = bytes[at + b"\"choices\"".len()..]
+    key_followed_by(bytes, &CHOICES, b":[]")
+}
+
+/// Whether some occurrence of `key` in `bytes` is followed by `tokens`, whitespace allowed
+/// around each.
+fn key_followed_by(bytes: &[u8], key: &Finder<'_>, tokens: &[u8]) -> bool {
+    key.find_iter(bytes).any(|at| {
+        bytes[at + key.needle().len()..]
             .iter()
-            .filter(|b| !b.is_ascii_whitespace());
-        rest.next() == Some(&b':') && rest.next() == Some(&b'[') && rest.next() == Some(&b']')
+            .filter(|b| !b.is_ascii_whitespace())
+            .take(tokens.len())
+            .eq(tokens)
     })
 }
 
