@@ -12,11 +12,21 @@ use axum::routing::post;
 use common::redis::{RedisCluster, RedisServer};
 use common::{mock_chat, send, serve};
 use deadpool_redis::redis::{self, Commands};
-use tower_token_ratelimit::store::RedisStore;
+use tower_token_ratelimit::store::{Algorithm, Counter, RedisStore, Store};
 use tower_token_ratelimit::{FailureMode, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
 
 const CHAT: &str = "/v1/chat/completions";
 const STREAM: &str = r#"{"model":"m","stream":true,"messages":[]}"#;
+
+/// A fixed-window counter, for tests that call the store directly.
+fn fixed_window(key: &str, limit: u64, window_secs: u64) -> Counter {
+    Counter {
+        key: key.into(),
+        limit,
+        window: Duration::from_secs(window_secs),
+        algorithm: Algorithm::FixedWindow,
+    }
+}
 
 async fn app(layer: TokenRateLimitLayer) -> SocketAddr {
     serve(Router::new().route(CHAT, post(mock_chat)).layer(layer)).await
@@ -321,17 +331,11 @@ async fn the_same_on_a_three_master_cluster() {
         300
     );
     // Debits merged from many requests span hash slots: one script per slot.
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let store = RedisStore::builder()
         .cluster_nodes(cluster.node_addrs())
         .build()
         .unwrap();
-    let c = |key: &str| Counter {
-        key: key.into(),
-        limit: 100,
-        window: Duration::from_secs(60),
-        algorithm: Algorithm::FixedWindow,
-    };
+    let c = |key: &str| fixed_window(key, 100, 60);
     let keys = ["{r1}:x", "{r2}:y", "{r3}:z", "{r1}:w", "untagged"];
     let debits = keys.iter().zip(1..).map(|(k, t)| (c(k), t)).collect();
     store.debit_many(debits).await.unwrap();
@@ -628,19 +632,13 @@ async fn rediss_urls_connect_over_tls() {
 
 #[tokio::test]
 async fn reservations_settle_in_the_window_they_were_taken_in() {
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let server = RedisServer::start();
     let store = RedisStore::builder()
         .url(server.url())
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
-    let c = |k: &str| Counter {
-        key: format!("{{t}}:{k}").into(),
-        limit: 100,
-        window: Duration::from_secs(1),
-        algorithm: Algorithm::FixedWindow,
-    };
+    let c = |k: &str| fixed_window(&format!("{{t}}:{k}"), 100, 1);
     let both = [c("a"), c("b")];
     let mut con = server.client();
     let used = |con: &mut redis::Connection, k: &str| -> u64 {
@@ -685,7 +683,6 @@ async fn reservations_settle_in_the_window_they_were_taken_in() {
 
 #[tokio::test]
 async fn sliding_window_and_token_bucket_in_redis() {
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let server = RedisServer::start();
     let store = RedisStore::builder()
         .url(server.url())
@@ -817,7 +814,6 @@ async fn an_existing_deadpool_pool_can_be_used() {
 
 #[tokio::test]
 async fn debits_past_the_buffer_bound_are_counted_not_silently_lost() {
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let mut server = RedisServer::start();
     let store = RedisStore::builder()
         .url(server.url())
@@ -827,12 +823,7 @@ async fn debits_past_the_buffer_bound_are_counted_not_silently_lost() {
         .build()
         .unwrap();
     server.kill();
-    let c = |k: &str| Counter {
-        key: format!("{{o}}:{k}").into(),
-        limit: 100,
-        window: Duration::from_secs(60),
-        algorithm: Algorithm::FixedWindow,
-    };
+    let c = |k: &str| fixed_window(&format!("{{o}}:{k}"), 100, 60);
     for k in ["a", "b", "a", "c", "d"] {
         store.debit(&[c(k)], 5).await.unwrap();
     }
@@ -853,21 +844,13 @@ async fn debits_past_the_buffer_bound_are_counted_not_silently_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_of_the_same_counters_share_one_call() {
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let server = RedisServer::start();
     let store = RedisStore::builder()
         .url(server.url())
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let counters = |limit: u64| {
-        vec![Counter {
-            key: "{c}:k".into(),
-            limit,
-            window: Duration::from_secs(60),
-            algorithm: Algorithm::FixedWindow,
-        }]
-    };
+    let counters = |limit: u64| vec![fixed_window("{c}:k", limit, 60)];
     store.debit(&counters(100), 7).await.unwrap();
     // Loads the check script.
     store.check(&counters(100)).await.unwrap();
@@ -919,15 +902,9 @@ async fn concurrent_checks_of_the_same_counters_share_one_call() {
 
 #[tokio::test]
 async fn merged_reserve_settlements_correct_each_window_once() {
-    use tower_token_ratelimit::store::{Algorithm, Counter, Store};
     let server = RedisServer::start();
     let store = RedisStore::builder().url(server.url()).build().unwrap();
-    let c = |key: &str| Counter {
-        key: key.into(),
-        limit: 10_000,
-        window: Duration::from_secs(60),
-        algorithm: Algorithm::FixedWindow,
-    };
+    let c = |key: &str| fixed_window(key, 10_000, 60);
     // Two requests reserved 100 each on both counters, in the same windows.
     let mut windows = Vec::new();
     for _ in 0..2 {
