@@ -115,11 +115,12 @@ where
                     Some(Ok(_)) => body.is_end_stream(),
                     Some(Err(_)) => false,
                 };
+                let mut usage_free = false;
                 if let Some(m) = meter.as_mut() {
                     match &frame {
                         Some(Ok(f)) => {
                             if let Some(data) = f.data_ref() {
-                                m.on_data(data);
+                                usage_free = m.on_data(data);
                             } else if let Some(trailers) = f.trailers_ref() {
                                 m.on_trailers(trailers);
                             }
@@ -137,7 +138,7 @@ where
                 };
                 match frame {
                     Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => f.push(data),
+                        Ok(data) => f.push(data, usage_free),
                         Err(frame) => match frame.into_trailers() {
                             // Trailers end the body: what is held back goes first.
                             Ok(trailers) => {

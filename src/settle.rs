@@ -399,7 +399,9 @@ impl Meter {
         self.scanner = Some(UsageScanner::new(format));
     }
 
-    pub(crate) fn on_data(&mut self, data: &[u8]) {
+    /// Reads a frame of the response. Returns whether the frame is known to hold no usage key
+    /// other than `"usage": null` (`false`: not known, or the body is encoded).
+    pub(crate) fn on_data(&mut self, data: &[u8]) -> bool {
         let Self {
             scanner,
             decoder,
@@ -408,12 +410,15 @@ impl Meter {
         } = self;
         let mut scan = |plain: &[u8]| {
             *response_bytes += plain.len() as u64;
-            if let Some(s) = scanner.as_mut() {
-                s.feed(plain);
-            }
+            scanner.as_mut().is_some_and(|s| s.feed_checked(plain))
         };
         match decoder {
-            Some(d) => d.feed(data, &mut scan),
+            Some(d) => {
+                d.feed(data, &mut |plain| {
+                    scan(plain);
+                });
+                false
+            }
             None => scan(data),
         }
     }

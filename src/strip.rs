@@ -33,8 +33,10 @@ pub(crate) struct UsageChunkFilter {
 }
 
 impl UsageChunkFilter {
-    /// Takes a frame's data; what to send is then read with [`pop`](Self::pop).
-    pub(crate) fn push(&mut self, mut data: Bytes) {
+    /// Takes a frame's data; what to send is then read with [`pop`](Self::pop). `usage_free`:
+    /// the frame is known to hold no `"usage` key but `"usage": null` ones, so the events
+    /// wholly inside it are passed on unsearched.
+    pub(crate) fn push(&mut self, mut data: Bytes, usage_free: bool) {
         if self.disabled {
             self.ready.push_back(data);
             return;
@@ -53,7 +55,7 @@ impl UsageChunkFilter {
         let cut = last_event_end(&data);
         let tail = data.split_off(cut);
         if !data.is_empty() {
-            if has_usage_object(&data) {
+            if !usage_free && has_usage_object(&data) {
                 self.pass_events(data);
             } else {
                 self.ready.push_back(data);
@@ -262,7 +264,7 @@ mod tests {
             }
         };
         for c in chunks {
-            f.push(Bytes::copy_from_slice(c));
+            f.push(Bytes::copy_from_slice(c), false);
             drain(&mut f, &mut out);
         }
         f.finish();
@@ -337,7 +339,7 @@ mod tests {
         let frame =
             Bytes::from_static(b"data: {\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: {\"y\"");
         let mut f = UsageChunkFilter::default();
-        f.push(frame.clone());
+        f.push(frame.clone(), false);
         let sent = f.pop().unwrap().into_data().unwrap();
         // The same memory, not a copy.
         assert_eq!(sent.as_ptr(), frame.as_ptr());
@@ -349,7 +351,7 @@ mod tests {
     #[test]
     fn trailers_follow_the_held_back_data() {
         let mut f = UsageChunkFilter::default();
-        f.push(Bytes::from_static(b"data: partial"));
+        f.push(Bytes::from_static(b"data: partial"), false);
         assert!(f.pop().is_none());
         let mut trailers = HeaderMap::new();
         trailers.insert("x-t", "1".parse().unwrap());
@@ -364,9 +366,9 @@ mod tests {
     fn a_huge_event_stops_filtering() {
         let big = vec![b'x'; MAX_PENDING + 1];
         let mut f = UsageChunkFilter::default();
-        f.push(Bytes::from(big.clone()));
+        f.push(Bytes::from(big.clone()), false);
         assert_eq!(f.pop().unwrap().data_ref().unwrap().len(), big.len());
-        f.push(Bytes::from_static(b"y"));
+        f.push(Bytes::from_static(b"y"), false);
         assert_eq!(f.pop().unwrap().data_ref().unwrap().len(), 1);
     }
 }

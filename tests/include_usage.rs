@@ -23,7 +23,8 @@ const CHAT: &str = "/v1/chat/completions";
 struct Seen(Arc<Mutex<Vec<(Bytes, Bytes)>>>);
 
 /// Like OpenAI: the usage chunk (and `"usage":null` on the others) only when asked for.
-async fn openai_like(State(seen): State<Seen>, _h: HeaderMap, body: Bytes) -> Response<Body> {
+/// `x-frames`: the frame size, or `event` for one event per frame (default 37).
+async fn openai_like(State(seen): State<Seen>, h: HeaderMap, body: Bytes) -> Response<Body> {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let with_usage = v["stream_options"]["include_usage"] == true;
     let null = if with_usage { r#","usage":null"# } else { "" };
@@ -39,11 +40,20 @@ async fn openai_like(State(seen): State<Seen>, _h: HeaderMap, body: Bytes) -> Re
     out.push_str("data: [DONE]\n\n");
     let bytes = Bytes::from(out);
     seen.0.lock().unwrap().push((body, bytes.clone()));
-    // Frames that split events anywhere.
-    let frames: Vec<Result<Bytes, Infallible>> = bytes
-        .chunks(37)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
+    let framing = h.get("x-frames").map(|v| v.to_str().unwrap().to_owned());
+    let frames: Vec<Result<Bytes, Infallible>> = match framing.as_deref() {
+        Some("event") => bytes
+            .split_inclusive(|&b| b == b'\n')
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .map(|lines| Ok(Bytes::from(lines.concat())))
+            .collect(),
+        // Frames that split events anywhere.
+        size => bytes
+            .chunks(size.map_or(37, |s| s.parse().unwrap()))
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect(),
+    };
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(futures_util::stream::iter(frames)))
@@ -118,6 +128,42 @@ async fn a_client_that_did_not_ask_gets_no_usage_chunk_and_is_charged_exactly() 
         24,
         "charged the reported usage, not an estimate"
     );
+}
+
+/// However the upstream frames its stream (one event per frame, as LLM servers flush, or
+/// pieces of any size), the client gets it byte for byte minus the usage chunk.
+#[tokio::test]
+async fn the_usage_chunk_is_removed_at_any_framing() {
+    let (addr, seen, store, limits) = setup(true, None).await;
+    let request = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let framings = ["event", "1", "2", "5", "13", "64", "130", "100000"];
+    for (i, framing) in framings.into_iter().enumerate() {
+        let r = send(
+            addr,
+            CHAT,
+            &[
+                ("x-user", "a"),
+                ("x-frames", framing),
+                ("content-type", "application/json"),
+            ],
+            request,
+        )
+        .await;
+        let upstream_sent = seen.0.lock().unwrap()[i].1.clone();
+        let sent = String::from_utf8(upstream_sent.to_vec()).unwrap();
+        let usage_at = sent
+            .find("data: {\"object\":\"chat.completion.chunk\",\"choices\":[],")
+            .unwrap();
+        let usage_end = usage_at + sent[usage_at..].find("\n\n").unwrap() + 2;
+        let expected = format!("{}{}", &sent[..usage_at], &sent[usage_end..]);
+        assert_eq!(
+            String::from_utf8(r.body.to_vec()).unwrap(),
+            expected,
+            "frames: {framing}"
+        );
+        limits.flush().await;
+        assert_eq!(used(&store, "a"), 24 * (i as u64 + 1), "frames: {framing}");
+    }
 }
 
 #[tokio::test]

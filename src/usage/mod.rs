@@ -36,7 +36,7 @@ use std::sync::LazyLock;
 use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 mod anthropic;
 mod extractor;
@@ -222,15 +222,24 @@ impl UsageScanner {
 
     /// Reads the next frame of the body. Ignored after [`finish`](Self::finish).
     pub fn feed(&mut self, chunk: &[u8]) {
+        self.feed_checked(chunk);
+    }
+
+    /// [`feed`](Self::feed), returning whether the frame is known to hold no `"usage` key
+    /// other than `"usage": null` (`false`: not known).
+    pub(crate) fn feed_checked(&mut self, chunk: &[u8]) -> bool {
         if self.finished {
-            return;
+            return false;
         }
         match &mut self.body {
             Body::Sse(splitter) => {
                 let seen = &mut self.seen;
-                splitter.feed(chunk, |data| parse_json(data, seen));
+                splitter.feed(chunk, |data| parse_json(data, seen))
             }
-            Body::Json(body) => body.feed(chunk),
+            Body::Json(body) => {
+                body.feed(chunk);
+                false
+            }
         }
     }
 
@@ -350,10 +359,78 @@ fn scan_json(document: &[u8], seen: &mut Accumulator) {
 /// report; an array (Gemini's stream without `alt=sse`) one per element, in order.
 /// Malformed documents report nothing.
 fn parse_json(document: &[u8], seen: &mut Accumulator) {
+    if let Some(report) = top_level_usage(document) {
+        if let Some(report) = report {
+            seen.apply(report);
+        }
+        return;
+    }
+    parse_whole(document, seen);
+}
+
+/// [`parse_json`] by parsing the whole document.
+fn parse_whole(document: &[u8], seen: &mut Accumulator) {
     let mut deserializer = serde_json::Deserializer::from_slice(document);
     // A document that turns out malformed reports what was complete before the error
     // (elements of an array), nothing else.
     let _ = Apply(seen).deserialize(&mut deserializer);
+}
+
+/// The report of `document` read from its usage key alone, the bytes before the key (an
+/// event's content) not looked into, when that is what parsing the whole document reports:
+/// the key is the document's only usage key, there is no `type` key anywhere (which changes how
+/// usage is read), and it is a member of the object that makes up the document: the document
+/// starts with `{`, and after the key's value come only `, "key": value` members and the
+/// closing `}`. In valid JSON that leaves the key no other place; a document broken before its
+/// usage key may have that usage read where a full parse would give up. `None` when not sure.
+fn top_level_usage(document: &[u8]) -> Option<Option<Report>> {
+    static TYPE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
+    let at = USAGE_FINDER.find(document)?;
+    if !skip_whitespace(document).starts_with(b"{")
+        || !matches!(
+            skip_whitespace_back(&document[..at]).last(),
+            Some(b'{' | b',')
+        )
+        || USAGE_FINDER.find(&document[at + 1..]).is_some()
+        || TYPE_FINDER.find(document).is_some()
+    {
+        return None;
+    }
+    let (report, mut rest) = match usage_value_at(document, at)? {
+        (UsageKey::Usage, start) => {
+            let (usage, rest) = read_value::<Obj<WireUsage>>(&document[start..])?;
+            (usage.0.map(|u| usage_report(Kind::Other, &u)), rest)
+        }
+        (UsageKey::Metadata, start) => {
+            let (meta, rest) = read_value::<Obj<gemini::UsageMetadata>>(&document[start..])?;
+            (meta.0.map(|m| gemini::report(&m)), rest)
+        }
+    };
+    loop {
+        match skip_whitespace(rest).split_first()? {
+            (b'}', after) => return skip_whitespace(after).is_empty().then_some(report),
+            (b',', after) => rest = skip_member(after)?,
+            _ => return None,
+        }
+    }
+}
+
+/// Past one `"key": value` member at the start of `bytes` (after whitespace).
+fn skip_member(bytes: &[u8]) -> Option<&[u8]> {
+    let bytes = skip_whitespace(bytes);
+    if !bytes.starts_with(b"\"") {
+        return None;
+    }
+    let (IgnoredAny, rest) = read_value::<IgnoredAny>(bytes)?;
+    let (IgnoredAny, rest) = read_value::<IgnoredAny>(skip_whitespace(rest).strip_prefix(b":")?)?;
+    Some(rest)
+}
+
+/// One JSON value at the start of `bytes` (after whitespace), and the bytes after it.
+fn read_value<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Option<(T, &'de [u8])> {
+    let mut values = serde_json::Deserializer::from_slice(bytes).into_iter::<T>();
+    let value = values.next()?.ok()?;
+    Some((value, &bytes[values.byte_offset()..]))
 }
 
 struct Apply<'a>(&'a mut Accumulator);
@@ -419,6 +496,14 @@ fn usage_value_at(document: &[u8], at: usize) -> Option<(UsageKey, usize)> {
         return None;
     }
     Some((key, document.len() - rest.len()))
+}
+
+fn skip_whitespace_back(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .map_or(0, |i| i + 1);
+    &bytes[..end]
 }
 
 fn skip_whitespace(bytes: &[u8]) -> &[u8] {
@@ -734,5 +819,189 @@ mod tests {
             merge: Merge::Replace,
         });
         assert_eq!(seen.usage, Some(second));
+    }
+
+    /// What a document reports after `before`: by the shortcut (`None` when it does not
+    /// answer) and by parsing the whole document.
+    fn shortcut_and_whole(
+        before: Option<Usage>,
+        doc: &[u8],
+    ) -> (Option<Option<Usage>>, Option<Usage>) {
+        let shortcut = top_level_usage(doc).map(|report| {
+            let mut seen = Accumulator { usage: before };
+            if let Some(report) = report {
+                seen.apply(report);
+            }
+            seen.usage
+        });
+        let mut seen = Accumulator { usage: before };
+        parse_whole(doc, &mut seen);
+        (shortcut, seen.usage)
+    }
+
+    /// Something seen before, so that a report that merges differently shows.
+    const BEFORE: Usage = Usage {
+        input_tokens: Some(1),
+        output_tokens: Some(2),
+        total_tokens: Some(3),
+        cached_input_tokens: Some(4),
+        cache_creation_input_tokens: Some(5),
+        reasoning_tokens: Some(6),
+    };
+
+    #[test]
+    fn the_usage_key_shortcut_agrees_with_parsing_on_the_fixtures() {
+        let dir = std::env::var_os("TTR_FIXTURES").map_or_else(
+            || std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures")),
+            std::path::PathBuf::from,
+        );
+        let (mut answered, mut documents) = (0, 0);
+        for folder in std::fs::read_dir(&dir).expect("fixtures").flatten() {
+            for file in std::fs::read_dir(folder.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = file.path();
+                let name = path.to_string_lossy().into_owned();
+                let bytes = std::fs::read(&path).unwrap();
+                let docs: Vec<&[u8]> = if name.ends_with(".sse") {
+                    bytes
+                        .split(|&b| b == b'\n')
+                        .filter_map(|line| line.strip_prefix(b"data:"))
+                        .collect()
+                } else if name.ends_with(".nonstream.json") {
+                    vec![&bytes[..]]
+                } else {
+                    continue;
+                };
+                for doc in docs.into_iter().filter(|d| carries_usage(d)) {
+                    documents += 1;
+                    for before in [None, Some(BEFORE)] {
+                        let (shortcut, whole) = shortcut_and_whole(before, doc);
+                        if let Some(shortcut) = shortcut {
+                            assert_eq!(shortcut, whole, "{name}: {}", String::from_utf8_lossy(doc));
+                            answered += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // OpenAI-style chunks and Gemini events take the shortcut; Anthropic and Responses
+        // events (with a `type`) are parsed whole.
+        assert!(
+            documents > 20 && answered > documents / 2,
+            "{answered} of {documents}"
+        );
+    }
+
+    #[test]
+    fn the_usage_key_shortcut_declines_what_it_cannot_be_sure_of() {
+        let usage = br#"{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}"#;
+        let with = |doc: &str| doc.replace("U", std::str::from_utf8(usage).unwrap());
+        for doc in [
+            // Nested, not the document's own key.
+            r#"{"a":{"usage":U}}"#,
+            r#"[{"usage":U}]"#,
+            r#"{"a":[{"x":1},{"usage":U,"b":2}]}"#,
+            // A second usage key, or a `type`.
+            r#"{"usage":U,"usageMetadata":{"totalTokenCount":5}}"#,
+            r#"{"type":"message_delta","usage":U}"#,
+            r#"{"usage":U,"x":{"type":"function"}}"#,
+            // Not a JSON object around it.
+            r#"{"usage":U} {"#,
+            r#"{"usage":U,}"#,
+            r#"{"usage":U"#,
+            r#"{"usage":"#,
+            r#"x"usage":U}"#,
+            r#"{"usage":U,"a"}"#,
+            r#"{"usage":U,1:2}"#,
+            r#"[[{"usage":U}"#,
+            r#"{"a":"\"usage\": 1","usage":U}"#,
+        ] {
+            let doc = with(doc);
+            assert!(top_level_usage(doc.as_bytes()).is_none(), "{doc}");
+        }
+        // Broken before the usage key: read all the same (the bytes there are not looked into).
+        for doc in [r#"{{"usage":U}"#, r#"{"a" "b","usage":U}"#] {
+            let doc = with(doc);
+            let report = top_level_usage(doc.as_bytes()).flatten();
+            assert_eq!(report.map(|r| r.usage.input_tokens), Some(Some(1)), "{doc}");
+        }
+        for doc in [
+            r#"{"usage":U}"#,
+            r#" { "id" : "x", "choices":[{"delta":{"content":"a"}}] , "usage" : U , "a" : [1, {"b": null}] } "#,
+            r#"{"usage":[1,2],"b":"c"}"#,
+            r#"{"usageMetadata":{"promptTokenCount":3,"totalTokenCount":7},"modelVersion":"g"}"#,
+        ] {
+            let doc = with(doc);
+            let (shortcut, whole) = shortcut_and_whole(None, doc.as_bytes());
+            assert_eq!(shortcut, Some(whole), "{doc}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Over JSON documents built from the keys that matter, nested anyhow: whenever the
+        /// shortcut answers, parsing the whole document says the same.
+        #[test]
+        fn the_usage_key_shortcut_agrees_with_parsing(doc in json_document(), pretty in proptest::bool::ANY) {
+            let text = if pretty {
+                serde_json::to_string_pretty(&doc).unwrap()
+            } else {
+                serde_json::to_string(&doc).unwrap()
+            };
+            for before in [None, Some(BEFORE)] {
+                let (shortcut, whole) = shortcut_and_whole(before, text.as_bytes());
+                if let Some(shortcut) = shortcut {
+                    proptest::prop_assert_eq!(shortcut, whole, "{}", text);
+                }
+            }
+        }
+    }
+
+    fn json_document() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let key = prop::sample::select(vec![
+            "usage",
+            "usageMetadata",
+            "type",
+            "message",
+            "response",
+            "choices",
+            "id",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "input_tokens",
+            "output_tokens",
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "totalTokenCount",
+        ]);
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            (0u64..100).prop_map(serde_json::Value::from),
+            prop::sample::select(vec!["message_start", "message_delta", "x", "\"usage\":{}"])
+                .prop_map(serde_json::Value::from),
+        ];
+        let value = leaf.prop_recursive(4, 40, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| {
+                    serde_json::Value::Object(
+                        m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    )
+                }),
+            ]
+        });
+        prop_oneof![
+            1 => value.clone(),
+            4 => prop::collection::btree_map(
+                prop::sample::select(vec!["usage", "usageMetadata", "type", "message", "id", "choices"]),
+                value,
+                1..5,
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+        ]
     }
 }

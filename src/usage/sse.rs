@@ -96,9 +96,13 @@ impl EventSplitter {
     }
 
     /// Reads `chunk`, calling `on_event` with the data of every event it completes that has a
-    /// wanted data line.
-    pub(crate) fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) {
+    /// wanted data line. Returns whether `chunk` is known to hold no candidate for one: it
+    /// began at a line start outside any wanted event, and the candidate search over all of it
+    /// found none.
+    pub(crate) fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) -> bool {
         let mut pos = 0;
+        let mut clean = self.carry == Carry::LineStart && !self.hit;
+        let mut searched = false;
         if self.after_cr && !chunk.is_empty() {
             self.after_cr = false;
             if chunk[0] == b'\n' {
@@ -108,7 +112,7 @@ impl EventSplitter {
         if self.carry != Carry::LineStart {
             let Some(end) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
                 self.extend_carry(&chunk[pos..]);
-                return;
+                return false;
             };
             self.extend_carry(&chunk[pos..pos + end]);
             self.end_carry();
@@ -116,8 +120,11 @@ impl EventSplitter {
         }
         loop {
             if !self.hit {
-                pos = self.skip_events(chunk, pos);
+                let found;
+                (pos, found) = self.skip_events(chunk, pos);
+                clean &= searched || !found;
             }
+            searched = true;
             // The lines of the next event, up to its blank line.
             let mut event_ended = false;
             while let Some(len) = memchr2(b'\n', b'\r', &chunk[pos..]) {
@@ -135,20 +142,22 @@ impl EventSplitter {
         }
         self.spill(chunk);
         self.extend_carry(&chunk[pos..]);
+        clean
     }
 
     /// From the line start `pos`, with no wanted line in the current event: passes over the
     /// whole events before the first candidate (their lines unread), and returns where
-    /// reading resumes.
-    fn skip_events(&mut self, chunk: &[u8], pos: usize) -> usize {
+    /// reading resumes and whether there was a candidate.
+    fn skip_events(&mut self, chunk: &[u8], pos: usize) -> (usize, bool) {
         let rest = &chunk[pos..];
-        let limit = match (self.candidate)(rest) {
+        let candidate = (self.candidate)(rest);
+        let limit = match candidate {
             // Up to the start of the candidate's line.
             Some(at) => memrchr2(b'\n', b'\r', &rest[..at]).map_or(0, |t| t + 1),
             None => rest.len(),
         };
         let Some(end) = last_blank_line_end(&rest[..limit]) else {
-            return pos;
+            return (pos, candidate.is_some());
         };
         // The current event, and any after it up to `end`, had no wanted line.
         self.reset_event();
@@ -156,7 +165,7 @@ impl EventSplitter {
         if pos + end == chunk.len() && chunk[chunk.len() - 1] == b'\r' {
             self.after_cr = true;
         }
-        pos + end
+        (pos + end, candidate.is_some())
     }
 
     /// Ends the stream: an event cut off without its blank line still counts.
@@ -437,9 +446,10 @@ mod tests {
             let mut splitter = EventSplitter::new(usage, 1 << 20).with_candidates(usage_at);
             let mut events = Vec::new();
             for chunk in chunks {
-                splitter.feed(chunk, |d| {
+                let clean = splitter.feed(chunk, |d| {
                     events.push(String::from_utf8(d.to_vec()).unwrap())
                 });
+                assert!(!clean || usage_at(chunk).is_none(), "{chunk:?}");
             }
             splitter.finish(|d| events.push(String::from_utf8(d.to_vec()).unwrap()));
             events
@@ -452,6 +462,23 @@ mod tests {
                 assert_eq!(skipping(&chunks), want, "chunks cut at {i} and {j}");
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_is_clean_when_searched_whole_without_a_candidate() {
+        let mut splitter = EventSplitter::new(usage, 1 << 20).with_candidates(usage_at);
+        let mut events = 0;
+        let mut feed = |chunk: &[u8]| splitter.feed(chunk, |_| events += 1);
+        assert!(feed(b"data: a\n\ndata: b\n\n"));
+        assert!(!feed(b"data: {\"usage\":1}\n\n"));
+        // Then one that starts inside a line (its start was not searched with it).
+        assert!(feed(b"data: c"));
+        assert!(!feed(b"d\n\n"));
+        assert!(feed(b"data: e\n"));
+        // Inside an event with a wanted line.
+        assert!(!feed(b"data: {\"usage\":2}\n"));
+        assert!(!feed(b"data: f\n\n"));
+        assert_eq!(events, 2);
     }
 
     #[test]
