@@ -5,7 +5,7 @@
 //! once (a short lock, never a wait); for any other store the meter hands a [`Settlement`] to an
 //! unbounded channel, which never blocks and never panics, and a worker task applies it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
-use crate::store::{self, Counter, MemoryStore, Store, StoreFuture};
+use crate::store::{self, Counter, KeyMap, MemoryStore, Store, StoreFuture};
 use crate::telemetry;
 use crate::usage::{BodyFormat, Usage, UsageScanner};
 
@@ -272,9 +272,9 @@ async fn work(
 #[derive(Default)]
 struct Queued {
     /// Post-debit settlements, merged: tokens per counter.
-    merged: HashMap<Counter, u64>,
+    merged: KeyMap<Counter, u64>,
     /// Reserve-mode settlements, merged: tokens used minus reserved, per counter and window.
-    settles: HashMap<(Counter, u64), i64>,
+    settles: KeyMap<(Counter, u64), i64>,
     /// How many settlements `merged` and `settles` hold.
     merged_count: u64,
     /// Settlements of reservations taken in the local fallback store (Redis was down).

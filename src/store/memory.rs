@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -7,7 +6,9 @@ use std::time::Duration;
 use foldhash::quality::RandomState;
 use tokio::time::Instant;
 
-use super::{Algorithm, Counter, CounterStatus, Reservation, Store, StoreFuture, reservation_fits};
+use super::{
+    Algorithm, Counter, CounterStatus, KeyMap, Reservation, Store, StoreFuture, reservation_fits,
+};
 
 /// How many independently locked shards the map is split into.
 const SHARDS: usize = 64;
@@ -59,9 +60,8 @@ struct Inner {
     epoch: Instant,
 }
 
-/// foldhash rather than SipHash: keys are long (70+ bytes) and hashed twice per request
-/// (shard, then map); randomly seeded per store, it still resists chosen-key collisions.
-type Shard = HashMap<Arc<str>, Entry, RandomState>;
+/// Keys are hashed twice per request (shard, then map), both with foldhash.
+type Shard = KeyMap<Arc<str>, Entry>;
 
 /// The shards of one multi-counter operation, locked.
 struct Locked<'a> {
@@ -145,9 +145,7 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 hasher: RandomState::default(),
                 max_per_shard: max.div_ceil(SHARDS).max(1),
-                shards: (0..SHARDS)
-                    .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
-                    .collect(),
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 sweeper_running: AtomicBool::new(false),
                 epoch: Instant::now(),
             }),

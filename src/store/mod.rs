@@ -22,6 +22,11 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
 
+/// A map keyed by counter keys (70+ bytes, partly chosen by clients): foldhash rather than
+/// SipHash, which costs several times as much on keys that long; randomly seeded per map, it
+/// still resists chosen-key collisions.
+pub(crate) type KeyMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+
 /// The future a [`Store`] returns. It owns what it needs (`'static`), so the service can hold it
 /// across polls.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;

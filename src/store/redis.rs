@@ -11,7 +11,7 @@ use deadpool_redis::{
 };
 use tokio::sync::watch;
 
-use super::{Counter, CounterStatus, Reservation, Store, StoreFuture};
+use super::{Counter, CounterStatus, KeyMap, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
 use crate::error::{ConfigError, Problems, StoreError};
 use crate::telemetry;
@@ -127,12 +127,12 @@ struct Inner {
     open: AtomicBool,
     flushing: AtomicBool,
     /// Failed debits by key, merged so a long outage costs one entry per counter.
-    pending: Mutex<HashMap<Arc<str>, PendingDebit>>,
+    pending: Mutex<KeyMap<Arc<str>, PendingDebit>>,
     /// Buffered debits taken out of `pending` and being written.
     rewriting: AtomicUsize,
     /// Checks on their way to Redis, by keys and parameters: a check of the same counters
     /// meanwhile waits for that answer instead of sending its own.
-    checks: Mutex<HashMap<CheckId, watch::Receiver<Option<CheckAnswer>>>>,
+    checks: Mutex<KeyMap<CheckId, watch::Receiver<Option<CheckAnswer>>>>,
     max_pending: usize,
     dropped: AtomicU64,
 }
@@ -286,11 +286,11 @@ impl RedisStoreBuilder {
                 failures: AtomicU32::new(0),
                 open: AtomicBool::new(false),
                 flushing: AtomicBool::new(false),
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::default(),
                 max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
                 dropped: AtomicU64::new(0),
                 rewriting: AtomicUsize::new(0),
-                checks: Mutex::new(HashMap::new()),
+                checks: Mutex::default(),
             }),
         })
     }
