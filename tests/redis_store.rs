@@ -12,7 +12,7 @@ use axum::routing::post;
 use common::redis::{RedisCluster, RedisServer};
 use common::{mock_chat, send, serve};
 use deadpool_redis::redis::{self, Commands};
-use tower_token_ratelimit::store::{Algorithm, Counter, RedisStore, Store};
+use tower_token_ratelimit::store::{Algorithm, Counter, DEFAULT_CHECK_REUSE, RedisStore, Store};
 use tower_token_ratelimit::{FailureMode, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -123,9 +123,11 @@ async fn two_replicas_sharing_redis_enforce_one_budget() {
     let (l1, l2) = (replica(), replica());
     let (a1, a2) = (app(l1.clone()).await, app(l2.clone()).await);
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
-    // 5 × 100 tokens across both replicas spend the budget.
+    // 5 × 100 tokens across both replicas spend the budget. A replica reuses the answer to
+    // its last check for `check_reuse` (adding its own debits): past that, it sees the other's.
     for i in 0..5 {
         let (addr, l) = if i % 2 == 0 { (a1, &l1) } else { (a2, &l2) };
+        tokio::time::sleep(DEFAULT_CHECK_REUSE).await;
         assert_eq!(
             send(addr, CHAT, &h, STREAM).await.status,
             StatusCode::OK,
@@ -311,6 +313,8 @@ async fn the_same_on_a_three_master_cluster() {
         .enumerate()
         {
             let (addr, l) = if i % 2 == 0 { (a1, &l1) } else { (a2, &l2) };
+            // Past the other replica's answer reuse.
+            tokio::time::sleep(DEFAULT_CHECK_REUSE).await;
             assert_eq!(
                 send(addr, CHAT, &h, STREAM).await.status,
                 expected,
@@ -373,6 +377,8 @@ async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
     limits.flush().await;
 
     server.kill();
+    // Answers read before are reused for `check_reuse` (unless a call fails first).
+    tokio::time::sleep(DEFAULT_CHECK_REUSE).await;
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let t = Instant::now();
@@ -448,6 +454,7 @@ async fn redis_down_fail_closed_answers_503() {
         StatusCode::OK
     );
     server.kill();
+    tokio::time::sleep(DEFAULT_CHECK_REUSE).await;
     let r = send(addr, CHAT, &[("x-user", "u")], STREAM).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.json()["error"]["type"], "rate_limit_store_unavailable");
@@ -925,4 +932,101 @@ async fn merged_reserve_settlements_correct_each_window_once() {
     let mut con = server.client();
     assert_eq!(con.get::<_, u64>("{s}:a").unwrap(), 180);
     assert_eq!(con.get::<_, u64>("{s}:b").unwrap(), 187);
+}
+
+/// A check's answer is reused for `check_reuse` without a Redis call, with this store's own
+/// debits, reservations and refunds added; another store's debits show once it is older than
+/// that, and a failed call ends the reuse at once.
+#[tokio::test]
+async fn check_answers_are_reused_with_this_stores_debits_added() {
+    let mut server = RedisServer::start();
+    let reuse = Duration::from_secs(1);
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .check_reuse(reuse)
+        .build()
+        .unwrap();
+    let other = RedisStore::builder()
+        .url(server.url())
+        .check_reuse(Duration::ZERO)
+        .build()
+        .unwrap();
+    let c = vec![fixed_window("{r}:k", 1000, 60)];
+    other.debit(&c, 5).await.unwrap();
+    // Loads the reserve and settle scripts.
+    let warm = vec![fixed_window("{r}:warm", 1000, 60)];
+    let r = store.reserve(&warm, 1).await.unwrap();
+    store
+        .settle(&warm, &r.windows.unwrap(), 1, 1)
+        .await
+        .unwrap();
+    let read = Instant::now();
+    assert_eq!(store.check(&c).await.unwrap()[0].used, 5);
+    let mut con = server.client();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut con)
+        .unwrap();
+
+    store.debit(&c, 100).await.unwrap();
+    let reservation = store.reserve(&c, 50).await.unwrap();
+    let windows = reservation.windows.expect("fits");
+    store.settle(&c, &windows, 50, 20).await.unwrap();
+    other.debit(&c, 300).await.unwrap();
+    // 5 read + 100 + 50 reserved - 30 refunded; not the other store's 300.
+    let reused = store.check(&c).await.unwrap()[0];
+    assert_eq!(reused.used, 125);
+    assert!(reused.reset <= Duration::from_secs(60));
+    assert_eq!(store.try_check_now(&c).unwrap()[0].used, 125);
+    assert!(
+        read.elapsed() < reuse,
+        "the steps above took {:?}",
+        read.elapsed()
+    );
+    assert_eq!(
+        common::redis::client_commands(&server).0,
+        4,
+        "debit, reserve, settle, the other debit: no check"
+    );
+
+    tokio::time::sleep_until((read + reuse).into()).await;
+    assert_eq!(store.try_check_now(&c), None);
+    assert_eq!(store.check(&c).await.unwrap()[0].used, 425);
+    assert_eq!(common::redis::client_commands(&server).0, 5);
+
+    // Redis gone: the first failed call ends the reuse, and checks fail.
+    server.kill();
+    assert_eq!(store.try_check_now(&c).unwrap()[0].used, 425);
+    store.debit(&c, 1).await.unwrap();
+    assert_eq!(store.try_check_now(&c), None);
+    assert!(store.check(&c).await.is_err());
+}
+
+#[tokio::test]
+async fn check_reuse_from_the_config() {
+    let server = RedisServer::start();
+    for (reuse, calls) in [(0, 3), (60_000, 0)] {
+        let cfg: tower_token_ratelimit::RedisConfig = serde_yaml::from_str(&format!(
+            "{{url: \"{}\", check_reuse: {reuse}}}",
+            server.url()
+        ))
+        .unwrap();
+        let store = RedisStore::from_config(&cfg).unwrap();
+        let c = vec![fixed_window(&format!("{{q}}:{reuse}"), 10, 60)];
+        store.check(&c).await.unwrap();
+        let mut con = server.client();
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut con)
+            .unwrap();
+        for _ in 0..3 {
+            store.check(&c).await.unwrap();
+        }
+        assert_eq!(
+            common::redis::client_commands(&server).0,
+            calls,
+            "check_reuse: {reuse}"
+        );
+    }
 }

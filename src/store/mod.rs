@@ -20,7 +20,7 @@ mod redis;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+pub use redis::{DEFAULT_CHECK_REUSE, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
 
 /// A map keyed by counter keys (70+ bytes, partly chosen by clients): foldhash rather than
 /// SipHash, which costs several times as much on keys that long; randomly seeded per map, it

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, FromRedisValue, Script, Value};
 use deadpool_redis::{
@@ -46,6 +46,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 const DEFAULT_BREAKER_FAILURES: u32 = 3;
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 const DEFAULT_MAX_PENDING: usize = 100_000;
+/// How long a check's answer is reused by default.
+pub const DEFAULT_CHECK_REUSE: Duration = Duration::from_millis(10);
 
 /// Counters in Redis (standalone or Cluster), shared by every replica of a service.
 ///
@@ -133,8 +135,54 @@ struct Inner {
     /// Checks on their way to Redis, by keys and parameters: a check of the same counters
     /// meanwhile waits for that answer instead of sending its own.
     checks: Mutex<KeyMap<CheckId, watch::Receiver<Option<CheckAnswer>>>>,
+    /// How long a check's answer is reused (zero: never).
+    reuse: Duration,
+    recent: Mutex<Recent>,
     max_pending: usize,
     dropped: AtomicU64,
+}
+
+/// Check answers kept for reuse, with what this store debited since: all of it is dropped
+/// every reuse period, so that both stay small.
+#[derive(Default)]
+struct Recent {
+    /// When the current period started, and its number.
+    since: Option<Instant>,
+    period: u64,
+    answers: KeyMap<CheckId, Answered>,
+    /// Tokens debited (refunds negative) per key during the period: what this store sent
+    /// Redis.
+    debited: KeyMap<Arc<str>, i64>,
+}
+
+struct Answered {
+    /// When the check was sent: the answer's resets are counted from then.
+    sent: Instant,
+    statuses: Vec<CounterStatus>,
+    /// What `debited` held for each key when the check was sent.
+    debited: Vec<i64>,
+}
+
+impl Recent {
+    /// Starts a new period if the current one is over.
+    fn rotate(&mut self, now: Instant, reuse: Duration) {
+        if self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= reuse)
+        {
+            self.answers.clear();
+            self.debited.clear();
+            self.since = Some(now);
+            self.period += 1;
+        }
+    }
+
+    /// `debited` for each key.
+    fn debited(&self, keys: &[Arc<str>]) -> Vec<i64> {
+        keys.iter()
+            .map(|k| self.debited.get(k).copied().unwrap_or(0))
+            .collect()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +201,7 @@ pub struct RedisStoreBuilder {
     breaker_failures: Option<u32>,
     probe_interval: Option<Duration>,
     max_pending: Option<usize>,
+    check_reuse: Option<Duration>,
 }
 
 impl std::fmt::Debug for RedisStoreBuilder {
@@ -211,6 +260,16 @@ impl RedisStoreBuilder {
     /// debits to the same counter are merged). Past it, debits are dropped, counted and logged.
     pub fn max_pending_debits(mut self, n: usize) -> Self {
         self.max_pending = Some(n);
+        self
+    }
+
+    /// How long the answer to a check is reused by later checks of the same counters, with
+    /// the tokens this store has debited since added (default 10 ms; zero: every check asks
+    /// Redis). Post-debit admission reads usage that is debited when streams end, seconds
+    /// later; reuse adds at most this long to how late one replica sees another's debits, and
+    /// spares Redis a round trip per check. Reservations always go to Redis.
+    pub fn check_reuse(mut self, reuse: Duration) -> Self {
+        self.check_reuse = Some(reuse);
         self
     }
 
@@ -291,6 +350,8 @@ impl RedisStoreBuilder {
                 dropped: AtomicU64::new(0),
                 rewriting: AtomicUsize::new(0),
                 checks: Mutex::default(),
+                reuse: self.check_reuse.unwrap_or(DEFAULT_CHECK_REUSE),
+                recent: Mutex::default(),
             }),
         })
     }
@@ -344,13 +405,16 @@ impl RedisStore {
 
     /// The store a configuration's `redis:` block describes: the Higress fields
     /// (`service_name`, `service_port`, `username`, `password`, `timeout` in ms, `database`), or
-    /// `url`, or `cluster_nodes`.
+    /// `url`, or `cluster_nodes`; and `check_reuse` in ms.
     pub fn from_config(config: &RedisConfig) -> Result<Self, ConfigError> {
         let mut p = Problems::default();
         config.check_unknown(&mut p);
         let mut b = Self::builder();
         if let Some(ms) = config.timeout {
             b = b.timeout(Duration::from_millis(ms));
+        }
+        if let Some(ms) = config.check_reuse {
+            b = b.check_reuse(Duration::from_millis(ms));
         }
         let given = [
             config.service_name.is_some(),
@@ -523,8 +587,9 @@ impl Inner {
             Ok(Err(e)) => e,
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
-        // Start over with a fresh connection next time.
+        // Start over with a fresh connection next time, and reuse no answer read before.
         lock(&self.conn).take();
+        *lock(&self.recent) = Recent::default();
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= self.breaker_failures && !self.open.swap(true, Ordering::AcqRel) {
             telemetry::breaker_open("redis", true);
@@ -534,12 +599,13 @@ impl Inner {
         Err(StoreError::new(error))
     }
 
-    /// The check script's answer for `id`, from a call already on its way or from a new one.
-    async fn check_shared(self: &Arc<Self>, id: CheckId) -> CheckAnswer {
+    /// The check script's answer for `id`, from a call already on its way or from a new one,
+    /// and whether this call sent it.
+    async fn check_shared(self: &Arc<Self>, id: &CheckId) -> (CheckAnswer, bool) {
         loop {
             let waiting = {
                 let mut checks = lock(&self.checks);
-                match checks.get(&id) {
+                match checks.get(id) {
                     Some(answer) => Ok(answer.clone()),
                     None => {
                         let (tx, rx) = watch::channel(None);
@@ -550,20 +616,95 @@ impl Inner {
             };
             match waiting {
                 Ok(mut answer) => match answer.wait_for(Option::is_some).await {
-                    Ok(answer) => return answer.clone().expect("waited for an answer"),
+                    Ok(answer) => return (answer.clone().expect("waited for an answer"), false),
                     // The caller making the call went away before the answer: try again.
                     Err(_) => continue,
                 },
                 Err(tx) => {
                     // Whatever happens to this caller, the next check makes its own call.
-                    let leave = Leave(self, &id);
+                    let leave = Leave(self, id);
                     let answer = self
                         .invoke::<Vec<Value>>(&CHECK, &id.0, &id.1)
                         .await
                         .map(Arc::new);
                     drop(leave);
                     let _ = tx.send(Some(answer.clone()));
-                    return answer;
+                    return (answer, true);
+                }
+            }
+        }
+    }
+
+    /// A recent answer to a check of `id`, with the tokens debited since added; `None` when
+    /// there is none to reuse (reuse off, breaker open, too old, or a window over since).
+    fn reused(&self, id: &CheckId) -> Option<Vec<CounterStatus>> {
+        if self.reuse.is_zero() || self.open.load(Ordering::Acquire) {
+            return None;
+        }
+        let now = Instant::now();
+        let mut recent = lock(&self.recent);
+        recent.rotate(now, self.reuse);
+        let answered = recent.answers.get(id)?;
+        let age = now.saturating_duration_since(answered.sent);
+        answered
+            .statuses
+            .iter()
+            .zip(&id.0)
+            .zip(&answered.debited)
+            .map(|((status, key), before)| {
+                let reset = status.reset.checked_sub(age).filter(|r| !r.is_zero())?;
+                let since = recent
+                    .debited
+                    .get(key)
+                    .map_or(0, |now| now.saturating_sub(*before));
+                Some(CounterStatus {
+                    used: status.used.saturating_add_signed(since),
+                    reset,
+                })
+            })
+            .collect()
+    }
+
+    /// Before sending a check of `id` that may be reused: the period and what was debited.
+    fn before_check(&self, id: &CheckId) -> Option<(Instant, u64, Vec<i64>)> {
+        if self.reuse.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut recent = lock(&self.recent);
+        recent.rotate(now, self.reuse);
+        Some((now, recent.period, recent.debited(&id.0)))
+    }
+
+    /// Keeps an answer for reuse, unless its period is over.
+    fn remember(&self, id: CheckId, before: (Instant, u64, Vec<i64>), statuses: &[CounterStatus]) {
+        let (sent, period, debited) = before;
+        let mut recent = lock(&self.recent);
+        if recent.period == period {
+            let statuses = statuses.to_vec();
+            recent.answers.insert(
+                id,
+                Answered {
+                    sent,
+                    statuses,
+                    debited,
+                },
+            );
+        }
+    }
+
+    /// Counts debits (refunds negative) about to be written into what reused answers add.
+    fn note_debits<'a>(&self, debits: impl Iterator<Item = (&'a Arc<str>, i64)>) {
+        if self.reuse.is_zero() {
+            return;
+        }
+        let mut recent = lock(&self.recent);
+        recent.rotate(Instant::now(), self.reuse);
+        for (key, tokens) in debits.filter(|(_, t)| *t != 0) {
+            match recent.debited.get_mut(key) {
+                Some(total) => *total = total.saturating_add(tokens),
+                None => {
+                    recent.debited.insert(key.clone(), tokens);
                 }
             }
         }
@@ -769,6 +910,11 @@ fn parse_reserve(values: Vec<Value>, counters: &[Counter]) -> Result<Reservation
     })
 }
 
+/// Tokens as a signed count, saturating.
+fn clamp(tokens: u64) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
+}
+
 /// The algorithm, window (seconds) and limit the scripts take for a counter.
 fn params(c: &Counter) -> [u64; 3] {
     [
@@ -807,13 +953,29 @@ impl Store for RedisStore {
     /// read at most one round trip earlier than the check's own would be; post-debit admission
     /// reads usage that is only debited when streams end, so the difference is of the same
     /// kind (SPEC 4), and it takes one script per hot counter set per round trip.
+    ///
+    /// An answer is then reused for [`check_reuse`](RedisStoreBuilder::check_reuse) (10 ms by
+    /// default), with the tokens this store debited since added.
     fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        let id = keys_and_params(counters);
+        if let Some(statuses) = self.inner.reused(&id) {
+            return Box::pin(std::future::ready(Ok(statuses)));
+        }
         let inner = self.inner.clone();
         let counters = counters.to_vec();
         Box::pin(async move {
-            let values = inner.check_shared(keys_and_params(&counters)).await?;
-            parse_check(&values, &counters)
+            let before = inner.before_check(&id);
+            let (values, sent) = inner.check_shared(&id).await;
+            let statuses = parse_check(&values?, &counters)?;
+            if let Some(before) = before.filter(|_| sent) {
+                inner.remember(id, before, &statuses);
+            }
+            Ok(statuses)
         })
+    }
+
+    fn try_check_now(&self, counters: &[Counter]) -> Option<Vec<CounterStatus>> {
+        self.inner.reused(&keys_and_params(counters))
     }
 
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
@@ -825,7 +987,11 @@ impl Store for RedisStore {
                 .chain(params)
                 .collect();
             let values: Vec<Value> = inner.invoke(&RESERVE, &keys, &args).await?;
-            parse_reserve(values, &counters)
+            let reservation = parse_reserve(values, &counters)?;
+            if reservation.windows.is_some() {
+                inner.note_debits(keys.iter().map(|key| (key, clamp(amount))));
+            }
+            Ok(reservation)
         })
     }
 
@@ -849,6 +1015,7 @@ impl Store for RedisStore {
     /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
+        inner.note_debits(settlements.iter().map(|(c, _, delta)| (&c.key, *delta)));
         let writes = settlements
             .into_iter()
             .map(|(c, window_id, delta)| {
@@ -873,6 +1040,7 @@ impl Store for RedisStore {
     /// of requests merged into `debits`.
     fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
+        inner.note_debits(debits.iter().map(|(c, tokens)| (&c.key, clamp(*tokens))));
         let debits = debits
             .into_iter()
             .map(|(c, tokens)| {
