@@ -1,9 +1,10 @@
 //! What a client sees: the rejection (HTTP 429 or gRPC `RESOURCE_EXHAUSTED`) and the token
 //! headers on admitted responses.
 
+use std::fmt;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
@@ -33,19 +34,19 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
-/// OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
-pub(crate) fn openai_duration(d: Duration) -> String {
+/// Writes OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
+fn write_openai_duration(out: &mut impl fmt::Write, d: Duration) -> fmt::Result {
     if d < Duration::from_secs(1) {
-        return format!("{}ms", d.as_millis());
+        return write!(out, "{}ms", d.as_millis());
     }
     let s = ceil_secs(d);
     let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
     if h > 0 {
-        format!("{h}h{m}m{s}s")
+        write!(out, "{h}h{m}m{s}s")
     } else if m > 0 {
-        format!("{m}m{s}s")
+        write!(out, "{m}m{s}s")
     } else {
-        format!("{s}s")
+        write!(out, "{s}s")
     }
 }
 
@@ -92,15 +93,24 @@ pub(crate) fn insert_ietf_headers(headers: &mut HeaderMap, c: &Counter, s: &Coun
     }
 }
 
-/// Adds the OpenAI-style token headers for one counter.
+/// Adds the OpenAI-style token headers for one counter (their values share one allocation).
 pub(crate) fn insert_token_headers(headers: &mut HeaderMap, c: &Counter, s: &CounterStatus) {
-    headers.insert(X_RATELIMIT_LIMIT_TOKENS, HeaderValue::from(c.limit));
-    headers.insert(
-        X_RATELIMIT_REMAINING_TOKENS,
-        HeaderValue::from(s.remaining(c.limit)),
-    );
-    if let Ok(v) = HeaderValue::from_str(&openai_duration(s.reset)) {
-        headers.insert(X_RATELIMIT_RESET_TOKENS, v);
+    use fmt::Write;
+    let mut values = BytesMut::with_capacity(48);
+    let _ = write!(values, "{}", c.limit);
+    let limit_end = values.len();
+    let _ = write!(values, "{}", s.remaining(c.limit));
+    let remaining_end = values.len();
+    let _ = write_openai_duration(&mut values, s.reset);
+    let values = values.freeze();
+    for (name, range) in [
+        (X_RATELIMIT_LIMIT_TOKENS, 0..limit_end),
+        (X_RATELIMIT_REMAINING_TOKENS, limit_end..remaining_end),
+        (X_RATELIMIT_RESET_TOKENS, remaining_end..values.len()),
+    ] {
+        if let Ok(v) = HeaderValue::from_maybe_shared(values.slice(range)) {
+            headers.insert(name, v);
+        }
     }
 }
 
@@ -228,6 +238,12 @@ fn percent_encode_grpc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn openai_duration(d: Duration) -> String {
+        let mut out = String::new();
+        write_openai_duration(&mut out, d).unwrap();
+        out
+    }
 
     #[test]
     fn openai_format() {

@@ -147,7 +147,7 @@ fn has_empty_choices(bytes: &[u8]) -> bool {
 /// Whether some occurrence of `key` in `bytes` is followed by `tokens`, whitespace allowed
 /// around each.
 fn key_followed_by(bytes: &[u8], key: &Finder<'_>, tokens: &[u8]) -> bool {
-    key.find_iter(bytes).any(|at| {
+    crate::usage::positions(key, bytes).any(|at| {
         bytes[at + key.needle().len()..]
             .iter()
             .filter(|b| !b.is_ascii_whitespace())

@@ -517,15 +517,13 @@ fn skip_whitespace(bytes: &[u8]) -> &[u8] {
 /// Whether `document` (a body, or one SSE data line) has a usage key whose value is not
 /// `null`: only those are parsed.
 fn carries_usage(document: &[u8]) -> bool {
-    USAGE_FINDER
-        .find_iter(document)
-        .any(|at| usage_value_at(document, at).is_some())
+    positions(&USAGE_FINDER, document).any(|at| usage_value_at(document, at).is_some())
 }
 
 /// The first usage key in `bytes` that may carry a usage: every one but `"usage":null`
 /// (which OpenAI streams asked for usage put in every chunk).
 fn usage_candidate(bytes: &[u8]) -> Option<usize> {
-    USAGE_FINDER.find_iter(bytes).find(|&at| {
+    positions(&USAGE_FINDER, bytes).find(|&at| {
         let rest = &bytes[at + USAGE_NEEDLE.len()..];
         let blank = |b: &u8| matches!(b, b' ' | b'\t');
         let null = rest.strip_prefix(b"\"").and_then(|r| {
@@ -534,6 +532,20 @@ fn usage_candidate(bytes: &[u8]) -> Option<usize> {
             Some(r[r.iter().take_while(|b| blank(b)).count()..].starts_with(b"null"))
         });
         null != Some(true)
+    })
+}
+
+/// Where `finder`'s needle starts in `bytes`, in order: `Finder::find_iter` without the copy
+/// of the finder (a few hundred bytes) it makes on every call.
+pub(crate) fn positions<'a>(
+    finder: &'a Finder<'_>,
+    bytes: &'a [u8],
+) -> impl Iterator<Item = usize> + 'a {
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let at = from + finder.find(bytes.get(from..)?)?;
+        from = at + finder.needle().len().max(1);
+        Some(at)
     })
 }
 
