@@ -17,15 +17,21 @@ local function now_ms()
   return time_ms
 end
 
--- Tokens used, milliseconds until the budget frees (the whole window when nothing runs), and
--- (when `with_id`) the window id.
-local function state(key, algo, window, limit, with_id)
+-- The id of the key's current window.
+local function window_id(key, algo, window)
+  if algo == 1 then return redis.call('PEXPIRETIME', key) end
+  if algo == 2 then return math.floor(now_ms() / (window * 1000)) end
+  return 0
+end
+
+-- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs).
+local function state(key, algo, window, limit)
   local w = window * 1000
   if algo == 1 then
     local used = tonumber(redis.call('GET', key) or '0') or 0
     local ttl = redis.call('PTTL', key)
     if ttl < 0 then ttl = w end
-    return used, ttl, with_id and redis.call('PEXPIRETIME', key) or 0
+    return used, ttl
   end
   local now = now_ms()
   if algo == 2 then
@@ -38,7 +44,7 @@ local function state(key, algo, window, limit, with_id)
       prev, cur = 0, 0
     end
     local into = now % w
-    return math.floor(prev * (w - into) / w + cur), w - into, idx_now
+    return math.floor(prev * (w - into) / w + cur), w - into
   end
   local h = redis.call('HMGET', key, 'used', 'at')
   local used = tonumber(h[1]) or 0
@@ -46,7 +52,7 @@ local function state(key, algo, window, limit, with_id)
   used = math.max(0, used - (now - at) * limit / w)
   local drain = w
   if used > 0 then drain = math.ceil(used * w / limit) end
-  return math.floor(used), drain, 0
+  return math.floor(used), drain
 end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund

@@ -4,7 +4,7 @@
 -- Returns, per key: tokens used, and milliseconds until its budget frees.
 local out = {}
 for i, key in ipairs(KEYS) do
-  local used, reset = state(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), false)
+  local used, reset = state(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]))
   out[2 * i - 1] = used
   out[2 * i] = reset
 end

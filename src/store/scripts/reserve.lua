@@ -9,7 +9,7 @@ local used, reset = {}, {}
 local fits = true
 for i, key in ipairs(KEYS) do
   local limit = tonumber(ARGV[3 * i + 1])
-  used[i], reset[i] = state(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), limit, false)
+  used[i], reset[i] = state(key, tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), limit)
   if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
     fits = false
   end
@@ -20,8 +20,7 @@ for i, key in ipairs(KEYS) do
   if fits then
     local algo, window, limit = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
     add(key, algo, window, limit, amount, nil)
-    local _, _, id = state(key, algo, window, limit, true)
-    wid = id
+    wid = window_id(key, algo, window)
   end
   out[#out + 1] = used[i]
   out[#out + 1] = reset[i]
