@@ -138,6 +138,10 @@ where
                 };
                 match frame {
                     Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if f.passes_whole(&data, usage_free) => {
+                            *ended |= end;
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
                         Ok(data) => f.push(data, usage_free),
                         Err(frame) => match frame.into_trailers() {
                             // Trailers end the body: what is held back goes first.

@@ -33,6 +33,17 @@ pub(crate) struct UsageChunkFilter {
 }
 
 impl UsageChunkFilter {
+    /// Whether a frame can go on as it is, without [`push`](Self::push): nothing is held back
+    /// or waiting, and it is whole events without a usage key (`usage_free`, as for `push`), or
+    /// filtering has stopped.
+    pub(crate) fn passes_whole(&self, data: &[u8], usage_free: bool) -> bool {
+        !self.has_pending()
+            && (self.disabled
+                || (usage_free
+                    && data.last() == Some(&b'\n')
+                    && closes_event(&[], data, data.len() - 1)))
+    }
+
     /// Takes a frame's data; what to send is then read with [`pop`](Self::pop). `usage_free`:
     /// the frame is known to hold no `"usage` key but `"usage": null` ones, so the events
     /// wholly inside it are passed on unsearched.
