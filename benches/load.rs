@@ -2,8 +2,8 @@
 //! layer (in-memory store, Redis store), driven alternately so machine drift hits all alike.
 //!
 //! ```sh
-//! cargo bench --bench load            # 7 rounds × 2 s per variant
-//! cargo bench --bench load -- --quick # 3 rounds × 1 s
+//! cargo bench --bench load            # 7 rounds × (1 s bare, then 1.5 s per variant)
+//! cargo bench --bench load -- --quick # 3 rounds × (0.5 s bare, 0.8 s per variant)
 //! cargo bench --bench load -- --only memory  # bare and one variant (to profile one path)
 //! cargo bench --bench load -- --split 16      # the stream in 16 frames that cut events
 //! # instructions per request of one variant, whatever the machine's load: the difference
@@ -12,9 +12,9 @@
 //!     target/release/deps/load-<hash> --alone memory --requests 2000
 //! ```
 //!
-//! Prints a table (req/s, p50, p99, the median over rounds of the ratio to bare in the same
-//! round, Redis commands per request) and, last, one JSON line with the same figures. The order
-//! of the variants rotates every round.
+//! Prints a table (req/s, p50, p99, the median over rounds of the ratio to the bare run just
+//! before the variant's, Redis commands per request) and, last, one JSON line with the same
+//! figures. The order of the variants rotates every round.
 
 #[path = "../tests/common/redis.rs"]
 #[allow(dead_code)]
@@ -253,10 +253,12 @@ async fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
-    let (rounds, duration) = if quick {
-        (3, Duration::from_secs(1))
+    // Each variant runs right after a run of bare (`bare_duration`), and its ratio in a round
+    // is to that run: machine drift between the two is at most a second or two.
+    let (rounds, duration, bare_duration) = if quick {
+        (3, Duration::from_millis(800), Duration::from_millis(500))
     } else {
-        (7, Duration::from_secs(2))
+        (7, Duration::from_millis(1500), Duration::from_secs(1))
     };
     let frames = fixture();
     let redis = tokio::task::spawn_blocking(RedisServer::start)
@@ -348,33 +350,38 @@ async fn main() {
     let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
     let mut redis_cmds = 0;
     let mut redis_reqs = 0;
-    // Requests per second of each variant in each round; the order rotates every round.
-    let mut per_round: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    // Per variant, its ratio to the bare run just before it, one per round; the order of the
+    // variants rotates every round.
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let n = variants.len();
     for round in 0..rounds {
-        let n = variants.len();
-        for i in (0..n).map(|k| (k + round) % n) {
-            let (name, addr, layer, keys) = &variants[i];
-            let before = name
-                .starts_with("redis")
-                .then(|| redis_support::client_commands(&redis).1);
-            let (cpu, rcpu) = (process_cpu(), redis_cpu(&redis));
-            let mut s = drive(*addr, duration, *keys).await;
-            if let Some(l) = layer {
-                l.flush().await;
+        for i in (1..n).map(|k| 1 + (k - 1 + round) % (n - 1)) {
+            let mut rps = [0.0; 2];
+            for (j, v, d) in [(0, 0, bare_duration), (1, i, duration)] {
+                let (name, addr, layer, keys) = &variants[v];
+                let before = name
+                    .starts_with("redis")
+                    .then(|| redis_support::client_commands(&redis).1);
+                let (cpu, rcpu) = (process_cpu(), redis_cpu(&redis));
+                let mut s = drive(*addr, d, *keys).await;
+                if let Some(l) = layer {
+                    l.flush().await;
+                }
+                s.cpu = process_cpu().saturating_sub(cpu);
+                s.redis_cpu = redis_cpu(&redis).saturating_sub(rcpu);
+                if let Some(b) = before {
+                    redis_cmds += redis_support::client_commands(&redis).1 - b;
+                    redis_reqs += s.requests;
+                }
+                rps[j] = s.requests as f64 / s.elapsed.as_secs_f64();
+                let acc = &mut samples[v];
+                acc.requests += s.requests;
+                acc.elapsed += s.elapsed;
+                acc.latencies.extend(s.latencies);
+                acc.cpu += s.cpu;
+                acc.redis_cpu += s.redis_cpu;
             }
-            s.cpu = process_cpu().saturating_sub(cpu);
-            s.redis_cpu = redis_cpu(&redis).saturating_sub(rcpu);
-            if let Some(b) = before {
-                redis_cmds += redis_support::client_commands(&redis).1 - b;
-                redis_reqs += s.requests;
-            }
-            per_round[i].push(s.requests as f64 / s.elapsed.as_secs_f64());
-            let acc = &mut samples[i];
-            acc.requests += s.requests;
-            acc.elapsed += s.elapsed;
-            acc.latencies.extend(s.latencies);
-            acc.cpu += s.cpu;
-            acc.redis_cpu += s.redis_cpu;
+            ratios[i].push(rps[1] / rps[0]);
         }
     }
 
@@ -382,13 +389,12 @@ async fn main() {
         "\n{:<16} {:>9} {:>9} {:>9} {:>14} {:>13} {:>11}",
         "variant", "req/s", "p50", "p99", "median ratio", "cpu µs/req", "redis µs/req"
     );
-    // Ratio to bare: the median over rounds of (variant / bare in the same round).
+    // Ratio to bare: the median over rounds of (variant / the bare run just before it).
     let median_ratio = |i: usize| {
-        let mut r: Vec<f64> = per_round[i]
-            .iter()
-            .zip(&per_round[0])
-            .map(|(v, b)| v / b)
-            .collect();
+        if i == 0 {
+            return 1.0;
+        }
+        let mut r = ratios[i].clone();
         r.sort_by(f64::total_cmp);
         r[r.len() / 2]
     };
