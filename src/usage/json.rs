@@ -7,13 +7,8 @@
 use std::mem;
 
 use memchr::memmem;
-use serde::Deserialize;
 
-use super::wire::{Kind, Obj, WireUsage};
-use super::{
-    Accumulator, USAGE_NEEDLE, UsageKey, extend_bounded, gemini, scan_json, usage_report,
-    usage_value_at,
-};
+use super::{Accumulator, USAGE_NEEDLE, extend_bounded, read_usage, scan_json, usage_value_at};
 
 /// Bytes of the body kept past the cap.
 const TAIL: usize = 64 * 1024;
@@ -88,29 +83,12 @@ fn scan_tail(tail: &[u8], seen: &mut Accumulator) {
         let Some((key, start)) = usage_value_at(tail, at) else {
             continue;
         };
-        let value = &tail[start..];
-        let report = match key {
-            UsageKey::Usage => {
-                first_object::<WireUsage>(value).map(|u| usage_report(Kind::Other, &u))
-            }
-            UsageKey::Metadata => {
-                first_object::<gemini::UsageMetadata>(value).map(|m| gemini::report(&m))
-            }
-        };
+        let report = read_usage(key, &tail[start..]).and_then(|(report, _)| report);
         if let Some(report) = report.filter(|r| !r.usage.is_empty()) {
             seen.apply(report);
             return;
         }
     }
-}
-
-/// The object at the start of `bytes`, ignoring what follows it.
-fn first_object<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Option<T> {
-    serde_json::Deserializer::from_slice(bytes)
-        .into_iter::<Obj<T>>()
-        .next()?
-        .ok()?
-        .0
 }
 
 #[cfg(test)]

@@ -396,16 +396,8 @@ fn top_level_usage(document: &[u8]) -> Option<Option<Report>> {
     {
         return None;
     }
-    let (report, mut rest) = match usage_value_at(document, at)? {
-        (UsageKey::Usage, start) => {
-            let (usage, rest) = read_value::<Obj<WireUsage>>(&document[start..])?;
-            (usage.0.map(|u| usage_report(Kind::Other, &u)), rest)
-        }
-        (UsageKey::Metadata, start) => {
-            let (meta, rest) = read_value::<Obj<gemini::UsageMetadata>>(&document[start..])?;
-            (meta.0.map(|m| gemini::report(&m)), rest)
-        }
-    };
+    let (key, start) = usage_value_at(document, at)?;
+    let (report, mut rest) = read_usage(key, &document[start..])?;
     loop {
         match skip_whitespace(rest).split_first()? {
             (b'}', after) => return skip_whitespace(after).is_empty().then_some(report),
@@ -424,6 +416,22 @@ fn skip_member(bytes: &[u8]) -> Option<&[u8]> {
     let (IgnoredAny, rest) = read_value::<IgnoredAny>(bytes)?;
     let (IgnoredAny, rest) = read_value::<IgnoredAny>(skip_whitespace(rest).strip_prefix(b":")?)?;
     Some(rest)
+}
+
+/// The value of a usage key (`key`) at the start of `bytes`, as its own report (`None` when it
+/// is not an object), and the bytes after it; `None` when it is not JSON. Outside an envelope,
+/// a `usage` reads in its own vocabulary (OpenAI, or Anthropic's by its fields).
+fn read_usage(key: UsageKey, bytes: &[u8]) -> Option<(Option<Report>, &[u8])> {
+    Some(match key {
+        UsageKey::Usage => {
+            let (usage, rest) = read_value::<Obj<WireUsage>>(bytes)?;
+            (usage.0.map(|u| usage_report(Kind::Other, &u)), rest)
+        }
+        UsageKey::Metadata => {
+            let (meta, rest) = read_value::<Obj<gemini::UsageMetadata>>(bytes)?;
+            (meta.0.map(|m| gemini::report(&m)), rest)
+        }
+    })
 }
 
 /// One JSON value at the start of `bytes` (after whitespace), and the bytes after it.
