@@ -170,11 +170,17 @@ impl Recent {
             .since
             .is_none_or(|since| now.saturating_duration_since(since) >= reuse)
         {
-            self.answers.clear();
-            self.debited.clear();
+            self.end_period();
             self.since = Some(now);
-            self.period += 1;
         }
+    }
+
+    /// Drops every answer, and any answer on its way (its period is over).
+    fn end_period(&mut self) {
+        self.answers.clear();
+        self.debited.clear();
+        self.since = None;
+        self.period += 1;
     }
 
     /// `debited` for each key.
@@ -589,7 +595,7 @@ impl Inner {
         };
         // Start over with a fresh connection next time, and reuse no answer read before.
         lock(&self.conn).take();
-        *lock(&self.recent) = Recent::default();
+        lock(&self.recent).end_period();
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= self.breaker_failures && !self.open.swap(true, Ordering::AcqRel) {
             telemetry::breaker_open("redis", true);
