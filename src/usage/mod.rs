@@ -357,7 +357,8 @@ fn scan_json(document: &[u8], seen: &mut Accumulator) {
 
 /// Applies the usage in a JSON document: an SSE event's data or a whole body. An object is one
 /// report; an array (Gemini's stream without `alt=sse`) one per element, in order.
-/// Malformed documents report nothing.
+/// Malformed documents report nothing, unless what is broken lies before a usage key that
+/// [`top_level_usage`] reads on its own.
 fn parse_json(document: &[u8], seen: &mut Accumulator) {
     if let Some(report) = top_level_usage(document) {
         if let Some(report) = report {
