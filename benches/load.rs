@@ -348,8 +348,8 @@ async fn main() {
         drive(*addr, Duration::from_millis(300), *keys).await;
     }
     let mut samples: Vec<Sample> = variants.iter().map(|_| Sample::default()).collect();
-    let mut redis_cmds = 0;
-    let mut redis_reqs = 0;
+    // Redis commands and requests, per variant.
+    let mut redis_cmds = vec![(0, 0); variants.len()];
     // Per variant, its ratio to the bare run just before it, one per round; the order of the
     // variants rotates every round.
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -359,8 +359,7 @@ async fn main() {
             let mut rps = [0.0; 2];
             for (j, v, d) in [(0, 0, bare_duration), (1, i, duration)] {
                 let (name, addr, layer, keys) = &variants[v];
-                let before = name
-                    .starts_with("redis")
+                let before = matches!(*name, "redis" | "reserve")
                     .then(|| redis_support::client_commands(&redis).1);
                 let (cpu, rcpu) = (process_cpu(), redis_cpu(&redis));
                 let mut s = drive(*addr, d, *keys).await;
@@ -370,8 +369,8 @@ async fn main() {
                 s.cpu = process_cpu().saturating_sub(cpu);
                 s.redis_cpu = redis_cpu(&redis).saturating_sub(rcpu);
                 if let Some(b) = before {
-                    redis_cmds += redis_support::client_commands(&redis).1 - b;
-                    redis_reqs += s.requests;
+                    redis_cmds[v].0 += redis_support::client_commands(&redis).1 - b;
+                    redis_cmds[v].1 += s.requests;
                 }
                 rps[j] = s.requests as f64 / s.elapsed.as_secs_f64();
                 let acc = &mut samples[v];
@@ -435,12 +434,20 @@ async fn main() {
             );
         }
     }
-    let per_req = redis_cmds as f64 / redis_reqs.max(1) as f64;
-    println!("redis commands per request: {per_req:.3}");
-    json.insert(
-        "redis_cmds_per_req".into(),
-        ((per_req * 1000.0).round() / 1000.0).into(),
-    );
+    for (i, (name, ..)) in variants.iter().enumerate() {
+        let (cmds, reqs) = redis_cmds[i];
+        if reqs == 0 {
+            continue;
+        }
+        let per_req = cmds as f64 / reqs as f64;
+        println!("redis commands per request, {name}: {per_req:.3}");
+        let field = if *name == "redis" {
+            "redis_cmds_per_req".into()
+        } else {
+            format!("{name}_cmds_per_req")
+        };
+        json.insert(field, ((per_req * 1000.0).round() / 1000.0).into());
+    }
     json.insert("concurrency".into(), CONCURRENCY.into());
     if only.is_some() {
         println!("{}", serde_json::Value::Object(json));

@@ -347,6 +347,22 @@ async fn the_same_on_a_three_master_cluster() {
     for (k, t) in keys.iter().zip(1..) {
         assert_eq!(con.get::<_, u64>(*k).unwrap(), t, "{k}");
     }
+    // Concurrent reservations in several hash slots: batched per slot, each on its own keys.
+    let reservations = keys.iter().map(|k| {
+        let store = store.clone();
+        let counters = vec![c(k)];
+        tokio::spawn(async move { store.reserve(&counters, 10).await })
+    });
+    for (r, (k, t)) in futures_util::future::join_all(reservations)
+        .await
+        .into_iter()
+        .zip(keys.iter().zip(1..))
+    {
+        let r = r.unwrap().unwrap();
+        assert_eq!(r.statuses[0].used, t, "{k}");
+        assert!(r.windows.is_some(), "{k}");
+        assert_eq!(con.get::<_, u64>(*k).unwrap(), t + 10, "{k}");
+    }
     println!(
         "cluster setup {setup:?}, whole test {:?}",
         started.elapsed()
@@ -1029,4 +1045,74 @@ async fn check_reuse_from_the_config() {
             "check_reuse: {reuse}"
         );
     }
+}
+
+/// Reservations that arrive while one reservation script is on its way go together in the
+/// next: fewer script calls than reservations, each still all or none on its own counters, in
+/// the order they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_share_scripts_and_stay_exact() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let shared = fixed_window("{b}:shared", 100, 60);
+    // Loads the script.
+    store
+        .reserve(&[fixed_window("{b}:warm", 10, 60)], 1)
+        .await
+        .unwrap();
+    let mut con = server.client();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut con)
+        .unwrap();
+    // Redis busy for 300 ms: the reservations below queue behind the first.
+    let url = server.url();
+    let sleeper = std::thread::spawn(move || {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(0.3)
+            .query::<()>(&mut con)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // 20 requests, each on its own counter and the shared one (100 tokens): 30 each, so the
+    // shared budget takes exactly 3 (0, 30, 60 used before them; at 90, 30 more do not fit).
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        let counters = vec![
+            fixed_window(&format!("{{b}}:own{i}"), 1000, 60),
+            shared.clone(),
+        ];
+        tasks.push(tokio::spawn(
+            async move { store.reserve(&counters, 30).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut seen_by_granted = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap();
+        let own: Option<u64> = con.get(format!("{{b}}:own{i}")).unwrap();
+        if r.windows.is_some() {
+            seen_by_granted.push(r.statuses[1].used);
+            assert_eq!(own, Some(30), "own{i}");
+        } else {
+            assert_eq!(r.statuses[1].used, 90, "own{i}");
+            assert_eq!(own, None, "all or none: own{i}");
+        }
+    }
+    sleeper.join().unwrap();
+    seen_by_granted.sort_unstable();
+    assert_eq!(seen_by_granted, [0, 30, 60], "one after another");
+    assert_eq!(con.get::<_, u64>("{b}:shared").unwrap(), 90);
+    let (scripts, _) = common::redis::client_commands(&server);
+    assert!(
+        (2..=5).contains(&scripts),
+        "{scripts} scripts for 20 reservations"
+    );
 }

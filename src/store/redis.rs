@@ -9,7 +9,7 @@ use deadpool_redis::redis::{self, FromRedisValue, Script, Value};
 use deadpool_redis::{
     ConnectionAddr, ConnectionInfo, ProtocolVersion, RedisConnectionInfo, Runtime,
 };
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::{Counter, CounterStatus, KeyMap, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
@@ -119,6 +119,18 @@ type KeyWrite = (Arc<str>, [u64; 3], Vec<u64>, u64);
 type CheckId = (Vec<Arc<str>>, Vec<u64>);
 type CheckAnswer = Result<Arc<Vec<Value>>, StoreError>;
 
+/// A reservation waiting for its script: its keys and their [`params`], its amount, and where
+/// its part of the answer goes.
+struct Waiting {
+    keys: Vec<Arc<str>>,
+    params: Vec<u64>,
+    amount: u64,
+    answer: oneshot::Sender<Result<Vec<Value>, StoreError>>,
+}
+
+/// Most reservations one script makes (a longer script would hold Redis up).
+const MAX_RESERVATIONS_PER_SCRIPT: usize = 64;
+
 struct Inner {
     target: Target,
     conn: Mutex<Option<Conn>>,
@@ -135,6 +147,10 @@ struct Inner {
     /// Checks on their way to Redis, by keys and parameters: a check of the same counters
     /// meanwhile waits for that answer instead of sending its own.
     checks: Mutex<KeyMap<CheckId, watch::Receiver<Option<CheckAnswer>>>>,
+    /// Reservations waiting to be sent, by hash slot group (one group on a single node):
+    /// while one reservation script of a group is on its way, the next reservations wait here
+    /// and go together in the next script.
+    reserving: Mutex<KeyMap<Vec<u8>, Vec<Waiting>>>,
     /// How long a check's answer is reused (zero: never).
     reuse: Duration,
     recent: Mutex<Recent>,
@@ -356,6 +372,7 @@ impl RedisStoreBuilder {
                 dropped: AtomicU64::new(0),
                 rewriting: AtomicUsize::new(0),
                 checks: Mutex::default(),
+                reserving: Mutex::default(),
                 reuse: self.check_reuse.unwrap_or(DEFAULT_CHECK_REUSE),
                 recent: Mutex::default(),
             }),
@@ -836,6 +853,70 @@ impl Drop for Leave<'_> {
     }
 }
 
+/// Sends the reservations waiting in `group`, as many at once as are waiting (up to the
+/// script's limits), until none is left; each caller gets its part of the answer.
+async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
+    loop {
+        let batch: Vec<Waiting> = {
+            let mut queues = lock(&inner.reserving);
+            let Some(queue) = queues.get_mut(&group) else {
+                return;
+            };
+            let (mut n, mut keys) = (0, 0);
+            while n < queue.len().min(MAX_RESERVATIONS_PER_SCRIPT)
+                && (n == 0 || keys + queue[n].keys.len() <= MAX_KEYS_PER_SCRIPT)
+            {
+                keys += queue[n].keys.len();
+                n += 1;
+            }
+            if n == 0 {
+                queues.remove(&group);
+                return;
+            }
+            queue.drain(..n).collect()
+        };
+        let keys: Vec<Arc<str>> = batch.iter().flat_map(|w| w.keys.iter().cloned()).collect();
+        let mut args = Vec::with_capacity(1 + batch.len() * 2 + keys.len() * 3);
+        args.push(batch.len() as u64);
+        for w in &batch {
+            args.extend([w.amount.min(i64::MAX as u64), w.keys.len() as u64]);
+            args.extend_from_slice(&w.params);
+        }
+        let expected = batch.len() + 3 * keys.len();
+        let answer = inner
+            .invoke::<Vec<Value>>(&RESERVE, &keys, &args)
+            .await
+            .and_then(|values| {
+                if values.len() == expected {
+                    return Ok(values);
+                }
+                Err(StoreError::new(format!(
+                    "reserve script answered {} values for {} reservations of {} counters",
+                    values.len(),
+                    batch.len(),
+                    keys.len()
+                )))
+            });
+        match answer {
+            Ok(values) => {
+                let mut values = values.into_iter();
+                for w in batch {
+                    let part: Vec<Value> = values.by_ref().take(1 + 3 * w.keys.len()).collect();
+                    if matches!(part[0], Value::Int(1)) {
+                        inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
+                    }
+                    let _ = w.answer.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 /// While the breaker is open: PING on a fresh connection every probe interval; on an answer,
 /// close the breaker and write what was buffered.
 async fn probe(inner: Weak<Inner>) {
@@ -984,20 +1065,45 @@ impl Store for RedisStore {
         self.inner.reused(&keys_and_params(counters))
     }
 
+    /// Reservations that arrive while a reservation script is on its way (to the same hash
+    /// slot, on a cluster) go together, in order, in the next script; each is still all or
+    /// none on its own counters.
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
         let inner = self.inner.clone();
         let counters = counters.to_vec();
         Box::pin(async move {
             let (keys, params) = keys_and_params(&counters);
-            let args: Vec<u64> = std::iter::once(amount.min(i64::MAX as u64))
-                .chain(params)
-                .collect();
-            let values: Vec<Value> = inner.invoke(&RESERVE, &keys, &args).await?;
-            let reservation = parse_reserve(values, &counters)?;
-            if reservation.windows.is_some() {
-                inner.note_debits(keys.iter().map(|key| (key, clamp(amount))));
+            let group = match (&inner.target, keys.first()) {
+                (Target::Cluster(_), Some(key)) => hash_tag(key).to_vec(),
+                _ => Vec::new(),
+            };
+            let (tx, rx) = oneshot::channel();
+            let waiting = Waiting {
+                keys,
+                params,
+                amount,
+                answer: tx,
+            };
+            let first = {
+                let mut queues = lock(&inner.reserving);
+                match queues.get_mut(&group) {
+                    Some(queue) => {
+                        queue.push(waiting);
+                        false
+                    }
+                    None => {
+                        queues.insert(group.clone(), vec![waiting]);
+                        true
+                    }
+                }
+            };
+            if first {
+                tokio::spawn(reserve_batches(inner, group));
             }
-            Ok(reservation)
+            let values = rx
+                .await
+                .map_err(|_| StoreError::new("reservation script abandoned"))??;
+            parse_reserve(values, &counters)
         })
     }
 
