@@ -363,6 +363,17 @@ async fn the_same_on_a_three_master_cluster() {
         assert!(r.windows.is_some(), "{k}");
         assert_eq!(con.get::<_, u64>(*k).unwrap(), t + 10, "{k}");
     }
+    // Keys in several slots cannot be reserved together; that fails alone.
+    let mixed = tokio::spawn({
+        let store = store.clone();
+        async move { store.reserve(&[c("{r1}:m"), c("{r2}:m")], 1).await }
+    });
+    let fine = tokio::spawn({
+        let store = store.clone();
+        async move { store.reserve(&[c("{r1}:n")], 1).await }
+    });
+    assert!(mixed.await.unwrap().is_err());
+    assert!(fine.await.unwrap().unwrap().windows.is_some());
     println!(
         "cluster setup {setup:?}, whole test {:?}",
         started.elapsed()

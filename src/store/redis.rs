@@ -1074,7 +1074,19 @@ impl Store for RedisStore {
         Box::pin(async move {
             let (keys, params) = keys_and_params(&counters);
             let group = match (&inner.target, keys.first()) {
-                (Target::Cluster(_), Some(key)) => hash_tag(key).to_vec(),
+                (Target::Cluster(_), Some(key)) => {
+                    let tag = hash_tag(key);
+                    if keys.iter().all(|k| hash_tag(k) == tag) {
+                        tag.to_vec()
+                    } else {
+                        // Keys in several slots fail in Redis; only with the same keys.
+                        keys.iter().fold(vec![0xff], |mut group, k| {
+                            group.extend_from_slice(k.as_bytes());
+                            group.push(0);
+                            group
+                        })
+                    }
+                }
                 _ => Vec::new(),
             };
             let (tx, rx) = oneshot::channel();
