@@ -1060,7 +1060,7 @@ async fn check_reuse_from_the_config() {
 
 /// Reservations that arrive while one reservation script is on its way go together in the
 /// next: fewer script calls than reservations, each still all or none on its own counters, in
-/// the order they came.
+/// the order they came; one whose request is gone before its turn is not made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reservations_share_scripts_and_stay_exact() {
     let server = RedisServer::start();
@@ -1105,6 +1105,17 @@ async fn concurrent_reservations_share_scripts_and_stay_exact() {
         ));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // A request dropped while its reservation waits for its turn reserves nothing.
+    let dropped = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .reserve(&[fixed_window("{b}:dropped", 1000, 60)], 30)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    dropped.abort();
     let mut seen_by_granted = Vec::new();
     for (i, t) in tasks.into_iter().enumerate() {
         let r = t.await.unwrap().unwrap();
@@ -1121,6 +1132,7 @@ async fn concurrent_reservations_share_scripts_and_stay_exact() {
     seen_by_granted.sort_unstable();
     assert_eq!(seen_by_granted, [0, 30, 60], "one after another");
     assert_eq!(con.get::<_, u64>("{b}:shared").unwrap(), 90);
+    assert_eq!(con.get::<_, Option<u64>>("{b}:dropped").unwrap(), None);
     let (scripts, _) = common::redis::client_commands(&server);
     assert!(
         (2..=5).contains(&scripts),

@@ -862,6 +862,8 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
             let Some(queue) = queues.get_mut(&group) else {
                 return;
             };
+            // A caller gone before its turn (the request was dropped) reserves nothing.
+            queue.retain(|w| !w.answer.is_closed());
             let (mut n, mut keys) = (0, 0);
             while n < queue.len().min(MAX_RESERVATIONS_PER_SCRIPT)
                 && (n == 0 || keys + queue[n].keys.len() <= MAX_KEYS_PER_SCRIPT)
