@@ -236,10 +236,7 @@ async fn two_script_calls_per_request_and_no_ping() {
     send(addr, CHAT, &[("x-user", "w")], STREAM).await;
     limits.flush().await;
     let mut con = server.client();
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut con)
-        .unwrap();
+    server.reset_stats();
     let n = 200u64;
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -888,21 +885,9 @@ async fn concurrent_checks_of_the_same_counters_share_one_call() {
     store.debit(&counters(100), 7).await.unwrap();
     // Loads the check script.
     store.check(&counters(100)).await.unwrap();
-    let mut con = server.client();
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut con)
-        .unwrap();
+    server.reset_stats();
     // Redis busy for 300 ms: every check below is sent, or waiting, meanwhile.
-    let url = server.url();
-    let sleeper = std::thread::spawn(move || {
-        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
-        redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(0.3)
-            .query::<()>(&mut con)
-            .unwrap();
-    });
+    let sleeper = server.busy_for(0.3);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // The first check makes the call and is then abandoned; the others still get an answer.
     let first = tokio::spawn({
@@ -990,11 +975,7 @@ async fn check_answers_are_reused_with_this_stores_debits_added() {
         .unwrap();
     let read = Instant::now();
     assert_eq!(store.check(&c).await.unwrap()[0].used, 5);
-    let mut con = server.client();
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut con)
-        .unwrap();
+    server.reset_stats();
 
     store.debit(&c, 100).await.unwrap();
     let reservation = store.reserve(&c, 50).await.unwrap();
@@ -1042,11 +1023,7 @@ async fn check_reuse_from_the_config() {
         let store = RedisStore::from_config(&cfg).unwrap();
         let c = vec![fixed_window(&format!("{{q}}:{reuse}"), 10, 60)];
         store.check(&c).await.unwrap();
-        let mut con = server.client();
-        redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query::<()>(&mut con)
-            .unwrap();
+        server.reset_stats();
         for _ in 0..3 {
             store.check(&c).await.unwrap();
         }
@@ -1076,20 +1053,9 @@ async fn concurrent_reservations_share_scripts_and_stay_exact() {
         .await
         .unwrap();
     let mut con = server.client();
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut con)
-        .unwrap();
+    server.reset_stats();
     // Redis busy for 300 ms: the reservations below queue behind the first.
-    let url = server.url();
-    let sleeper = std::thread::spawn(move || {
-        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
-        redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(0.3)
-            .query::<()>(&mut con)
-            .unwrap();
-    });
+    let sleeper = server.busy_for(0.3);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // 20 requests, each on its own counter and the shared one (100 tokens): 30 each, so the
     // shared budget takes exactly 3 (0, 30, 60 used before them; at 90, 30 more do not fit).

@@ -245,6 +245,27 @@ impl RedisServer {
     }
 
     /// A synchronous client connection for assertions.
+    /// Clears `INFO commandstats` (`CONFIG RESETSTAT`), to count the commands that follow.
+    pub fn reset_stats(&self) {
+        deadpool_redis::redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut self.client())
+            .unwrap();
+    }
+
+    /// Keeps Redis busy for `seconds` (`DEBUG SLEEP`, from another thread): commands sent
+    /// meanwhile wait. Join the handle to wait for the end.
+    pub fn busy_for(&self, seconds: f64) -> std::thread::JoinHandle<()> {
+        let mut con = self.client();
+        std::thread::spawn(move || {
+            deadpool_redis::redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(seconds)
+                .query::<()>(&mut con)
+                .unwrap();
+        })
+    }
+
     pub fn client(&self) -> deadpool_redis::redis::Connection {
         let url = match &self.password {
             Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
