@@ -661,7 +661,7 @@ impl Inner {
     /// A recent answer to a check of `id`, with the tokens debited since added; `None` when
     /// there is none to reuse (reuse off, breaker open, too old, or a window over since).
     fn reused(&self, id: &CheckId) -> Option<Vec<CounterStatus>> {
-        if self.reuse.is_zero() || self.open.load(Ordering::Acquire) {
+        if !self.may_reuse() {
             return None;
         }
         let now = Instant::now();
@@ -686,6 +686,11 @@ impl Inner {
                 })
             })
             .collect()
+    }
+
+    /// Whether an answer could be reused now: reuse is on and the breaker closed.
+    fn may_reuse(&self) -> bool {
+        !self.reuse.is_zero() && !self.open.load(Ordering::Acquire)
     }
 
     /// Before sending a check of `id` that may be reused: the period and what was debited.
@@ -1020,7 +1025,7 @@ fn keys_and_params(counters: &[Counter]) -> (Vec<Arc<str>>, Vec<u64>) {
     (keys, params)
 }
 
-/// Most keys one debit script writes (a longer script would hold Redis up).
+/// Most keys one write or reservation script takes (a longer script would hold Redis up).
 const MAX_KEYS_PER_SCRIPT: usize = 256;
 
 /// The part of a key Redis Cluster hashes: the first `{…}` with something inside, or the
@@ -1064,6 +1069,10 @@ impl Store for RedisStore {
     }
 
     fn try_check_now(&self, counters: &[Counter]) -> Option<Vec<CounterStatus>> {
+        // Without reuse, not even the lookup key is built.
+        if !self.inner.may_reuse() {
+            return None;
+        }
         self.inner.reused(&keys_and_params(counters))
     }
 
