@@ -1,7 +1,6 @@
 //! Rules: which requests a limit applies to, how their keys are matched, and the counters a
 //! request maps to.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -435,7 +434,7 @@ impl Rules {
         let global_rule: Arc<str> = format!("{rule_name}/global_threshold").into();
         for limit in &global {
             let key = format!("{key_base}:global_threshold:{}", limit.window_key());
-            push(&mut global_counters, key, limit, global_rule.clone());
+            push(&mut global_counters, &key, limit, &global_rule);
         }
         for (i, item) in items.iter_mut().enumerate() {
             item.rule = format!("{rule_name}/rule_items[{i}]").into();
@@ -468,15 +467,17 @@ impl Rules {
     /// item whose source yields a value, those of its first matching entry. Duplicates (the
     /// same counter key from two items) are kept once, with the smaller limit.
     pub(crate) fn counters(&self, req: &RequestView<'_>, model: Option<&str>) -> Vec<Matched> {
-        let mut out = self.global_counters.clone();
         if self.items.is_empty() {
-            return out;
+            return self.global_counters.clone();
         }
+        let mut out = Vec::with_capacity(self.global_counters.len() + self.items.len());
+        out.extend_from_slice(&self.global_counters);
         let cx = ExtractContext {
             consumer_header: self.consumer_header.as_ref(),
             trusted_proxies: &self.trusted_proxies,
             model,
         };
+        let mut key = String::new();
         for item in &self.items {
             if !item.applies(req) {
                 continue;
@@ -487,19 +488,27 @@ impl Rules {
             let Some(entry) = item.entries.iter().find(|e| e.matcher.matches(&value)) else {
                 continue;
             };
-            let stored = stored_value(&value, item.secret);
+            // The first key is built whole; the others reuse its value part.
+            let mut stored = None;
             for (limit, prefix) in entry.limits.iter().zip(&entry.key_prefixes) {
-                let mut key = String::with_capacity(prefix.len() + stored.len());
+                let start = key.len();
                 key.push_str(prefix);
-                key.push_str(&stored);
-                push(&mut out, key, limit, item.rule.clone());
+                match stored.clone() {
+                    Some(range) => key.extend_from_within(range),
+                    None => {
+                        let value_start = key.len();
+                        push_stored_value(&mut key, &value, item.secret);
+                        stored = Some(value_start..key.len());
+                    }
+                }
+                push(&mut out, &key[start..], limit, &item.rule);
             }
         }
         out
     }
 }
 
-fn push(out: &mut Vec<Matched>, key: String, limit: &Limit, rule: Arc<str>) {
+fn push(out: &mut Vec<Matched>, key: &str, limit: &Limit, rule: &Arc<str>) {
     if let Some(existing) = out.iter_mut().find(|m| *m.counter.key == *key) {
         existing.counter.limit = existing.counter.limit.min(limit.tokens);
         return;
@@ -511,18 +520,21 @@ fn push(out: &mut Vec<Matched>, key: String, limit: &Limit, rule: Arc<str>) {
             window: Duration::from_secs(limit.window_secs),
             algorithm: limit.algorithm,
         },
-        rule,
+        rule: rule.clone(),
     });
 }
 
-/// The value part of a counter key: the value itself when it is short and plain, otherwise a
-/// SHA-256 prefix (128 bits). The hashed form contains `:`, which a raw value never does, so a
-/// raw value can never address a hashed counter.
-fn stored_value<'a>(value: &'a KeyValue<'_>, secret: bool) -> Cow<'a, str> {
+/// Appends the value part of a counter key: the value itself when it is short and plain,
+/// otherwise a SHA-256 prefix (128 bits). The hashed form contains `:`, which a raw value never
+/// does, so a raw value can never address a hashed counter.
+fn push_stored_value(out: &mut String, value: &KeyValue<'_>, secret: bool) {
     match value {
         // A parsed, canonical address: safe as is (IPv6 colons included), as Higress stores it.
-        KeyValue::Ip(ip) => ip.to_string().into(),
-        KeyValue::Text { raw: Some(raw), .. } => hashed(raw).into(),
+        KeyValue::Ip(ip) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{ip}");
+        }
+        KeyValue::Text { raw: Some(raw), .. } => push_hashed(out, raw),
         KeyValue::Text { text, raw: None } => {
             if secret
                 || text.len() > MAX_RAW_VALUE
@@ -530,29 +542,29 @@ fn stored_value<'a>(value: &'a KeyValue<'_>, secret: bool) -> Cow<'a, str> {
                     .chars()
                     .any(|c| matches!(c, '{' | '}' | ':') || c.is_control())
             {
-                hashed(text.as_bytes()).into()
+                push_hashed(out, text.as_bytes());
             } else {
-                Cow::Borrowed(text)
+                out.push_str(text);
             }
         }
     }
 }
 
-/// `sha256:` and the first 16 bytes of the value's SHA-256, in hex.
-fn hashed(bytes: &[u8]) -> String {
+/// Appends `sha256:` and the first 16 bytes of the value's SHA-256, in hex.
+fn push_hashed(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(7 + 32);
     out.push_str("sha256:");
     for b in &digest[..16] {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 15)]));
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     fn text(s: &str) -> KeyValue<'_> {
@@ -560,6 +572,12 @@ mod tests {
             text: Cow::Borrowed(s),
             raw: None,
         }
+    }
+
+    fn stored_value(value: &KeyValue<'_>, secret: bool) -> String {
+        let mut out = String::new();
+        push_stored_value(&mut out, value, secret);
+        out
     }
 
     #[test]

@@ -141,8 +141,9 @@ where
 
 fn is_json(headers: &http::HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_none_or(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.to_ascii_lowercase().contains("json"))
+        v.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
     }) && !headers.contains_key(http::header::CONTENT_ENCODING)
 }
 
@@ -165,16 +166,13 @@ pub(crate) fn matched(
     if matched.is_empty() {
         return None;
     }
-    let mut names: Vec<&Arc<str>> = matched.iter().map(|m| &m.rule).collect();
-    names.dedup();
-    let names: Arc<str> = match names[..] {
-        [one] => one.clone(),
-        _ => names
-            .iter()
-            .map(|n| &***n)
-            .collect::<Vec<_>>()
-            .join(",")
-            .into(),
+    let first = &matched[0].rule;
+    let names = if matched.iter().all(|m| Arc::ptr_eq(&m.rule, first)) {
+        first.clone()
+    } else {
+        let mut names: Vec<&str> = matched.iter().map(|m| &*m.rule).collect();
+        names.dedup();
+        names.join(",").into()
     };
     Some((matched.into_iter().map(|m| m.counter).collect(), names))
 }
