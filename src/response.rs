@@ -37,17 +37,22 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 /// Writes OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
 fn write_openai_duration(out: &mut impl fmt::Write, d: Duration) -> fmt::Result {
     if d < Duration::from_secs(1) {
-        return write!(out, "{}ms", d.as_millis());
+        out.write_str(itoa::Buffer::new().format(d.as_millis()))?;
+        return out.write_str("ms");
     }
     let s = ceil_secs(d);
     let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut unit = |n: u64, unit: &str| {
+        out.write_str(itoa::Buffer::new().format(n))?;
+        out.write_str(unit)
+    };
     if h > 0 {
-        write!(out, "{h}h{m}m{s}s")
-    } else if m > 0 {
-        write!(out, "{m}m{s}s")
-    } else {
-        write!(out, "{s}s")
+        unit(h, "h")?;
     }
+    if h > 0 || m > 0 {
+        unit(m, "m")?;
+    }
+    unit(s, "s")
 }
 
 fn window_name(window: Duration) -> String {
@@ -95,11 +100,11 @@ pub(crate) fn insert_ietf_headers(headers: &mut HeaderMap, c: &Counter, s: &Coun
 
 /// Adds the OpenAI-style token headers for one counter (their values share one allocation).
 pub(crate) fn insert_token_headers(headers: &mut HeaderMap, c: &Counter, s: &CounterStatus) {
-    use fmt::Write;
     let mut values = BytesMut::with_capacity(48);
-    let _ = write!(values, "{}", c.limit);
+    let mut number = itoa::Buffer::new();
+    values.extend_from_slice(number.format(c.limit).as_bytes());
     let limit_end = values.len();
-    let _ = write!(values, "{}", s.remaining(c.limit));
+    values.extend_from_slice(number.format(s.remaining(c.limit)).as_bytes());
     let remaining_end = values.len();
     let _ = write_openai_duration(&mut values, s.reset);
     let values = values.freeze();
@@ -252,6 +257,7 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_millis(1500)), "2s");
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
+        assert_eq!(openai_duration(Duration::from_secs(3605)), "1h0m5s");
     }
 
     #[test]
