@@ -2,12 +2,14 @@
 //! handing the inner service an equivalent body: for `stream_options.include_usage`
 //! (SPEC 3.4).
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use serde::de::IgnoredAny;
 
 /// A request body type the layer can rebuild after reading the start of it.
 ///
@@ -120,6 +122,9 @@ where
 /// Reads at most `limit` bytes of a body (a whole frame may take it past the limit).
 pub(crate) struct Reader<B> {
     body: Option<B>,
+    /// The first frame, kept as it came while it is the only one (no copy).
+    first: Bytes,
+    /// Every frame, once there is more than one.
     buf: bytes::BytesMut,
     limit: usize,
     failed: bool,
@@ -129,6 +134,7 @@ impl<B: RequestBody> Reader<B> {
     pub(crate) fn new(body: B, limit: usize) -> Self {
         Self {
             body: Some(body),
+            first: Bytes::new(),
             buf: bytes::BytesMut::new(),
             limit,
             failed: false,
@@ -148,8 +154,15 @@ impl<B: RequestBody> Reader<B> {
             match std::task::ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        self.buf.extend_from_slice(&data);
-                        if self.buf.len() > self.limit {
+                        if self.first.is_empty() && self.buf.is_empty() {
+                            self.first = data;
+                        } else {
+                            if !self.first.is_empty() {
+                                self.buf.extend_from_slice(&std::mem::take(&mut self.first));
+                            }
+                            self.buf.extend_from_slice(&data);
+                        }
+                        if self.first.len() + self.buf.len() > self.limit {
                             return Poll::Ready(());
                         }
                     }
@@ -174,41 +187,144 @@ impl<B: RequestBody> Reader<B> {
 
     /// `(what was read, the rest of the body if it did not end, whether reading failed)`.
     pub(crate) fn into_parts(self) -> (Bytes, Option<B>, bool) {
-        (self.buf.freeze(), self.body, self.failed)
+        let read = if self.buf.is_empty() {
+            self.first
+        } else {
+            self.buf.freeze()
+        };
+        (read, self.body, self.failed)
     }
 }
 
 /// The fields of a request body the layer looks at. Everything else is skipped by the parser
 /// without being built, so a large prompt costs a scan, not a tree.
 #[derive(Debug, Default, serde::Deserialize)]
-pub(crate) struct Probe {
-    #[serde(default)]
-    stream: Option<serde_json::Value>,
-    #[serde(default)]
-    stream_options: Option<serde_json::Value>,
-    #[serde(default)]
-    model: Option<serde_json::Value>,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_output_tokens: Option<serde_json::Value>,
-    #[serde(default, rename = "generationConfig")]
-    generation_config: Option<serde_json::Value>,
+pub(crate) struct Probe<'a> {
+    #[serde(default, borrow)]
+    stream: Option<Seen<'a>>,
+    #[serde(default, borrow)]
+    stream_options: Option<Seen<'a>>,
+    #[serde(default, borrow)]
+    model: Option<Seen<'a>>,
+    #[serde(default, borrow)]
+    max_tokens: Option<Seen<'a>>,
+    #[serde(default, borrow)]
+    max_completion_tokens: Option<Seen<'a>>,
+    #[serde(default, borrow)]
+    max_output_tokens: Option<Seen<'a>>,
+    #[serde(default, borrow, rename = "generationConfig")]
+    generation_config: Option<Seen<'a>>,
 }
 
-impl Probe {
+impl<'a> Probe<'a> {
     /// The probe of a JSON object body; `None` for anything else.
-    pub(crate) fn of(body: &[u8]) -> Option<Self> {
+    pub(crate) fn of(body: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(body).ok()
+    }
+}
+
+/// What the probe keeps of a field's value: its shape, and the scalars it may read. An
+/// object keeps only the members the layer reads inside one (`include_usage`,
+/// `maxOutputTokens`); anything else is skipped unbuilt.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen<'a> {
+    Bool(bool),
+    Count(u64),
+    /// A string, borrowed unless it has escapes.
+    Str(Cow<'a, str>),
+    Object {
+        include_usage: Option<bool>,
+        max_output_tokens: Option<u64>,
+    },
+    Other,
+}
+
+impl Seen<'_> {
+    fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Self::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    fn as_count(&self) -> Option<u64> {
+        match *self {
+            Self::Count(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Seen<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SeenVisitor)
+    }
+}
+
+struct SeenVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SeenVisitor {
+    type Value = Seen<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Seen<'de>, E> {
+        Ok(Seen::Bool(b))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Count(n))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Seen<'de>, E> {
+        Ok(Seen::Str(Cow::Borrowed(s)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Seen<'de>, E> {
+        Ok(Seen::Str(Cow::Owned(s.to_owned())))
+    }
+
+    fn visit_unit<E>(self) -> Result<Seen<'de>, E> {
+        Ok(Seen::Other)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Seen<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Seen::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Seen<'de>, A::Error> {
+        let (mut include_usage, mut max_output_tokens) = (None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "include_usage" => include_usage = map.next_value::<Seen<'de>>()?.as_bool(),
+                "maxOutputTokens" => max_output_tokens = map.next_value::<Seen<'de>>()?.as_count(),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Seen::Object {
+            include_usage,
+            max_output_tokens,
+        })
     }
 }
 
 /// For a streaming OpenAI chat / completions body that did not ask for usage, the body
 /// rewritten to ask for it. `None`: leave the body as it is.
-pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe) -> Option<Bytes> {
-    if probe.stream.as_ref().and_then(serde_json::Value::as_bool) != Some(true) {
+pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe<'_>) -> Option<Bytes> {
+    if probe.stream.as_ref().and_then(Seen::as_bool) != Some(true) {
         return None;
     }
     match &probe.stream_options {
@@ -224,9 +340,7 @@ pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe) -> Option<Bytes> 
                 Bytes::from(out)
             })
         }
-        Some(serde_json::Value::Object(o))
-            if o.get("include_usage").and_then(serde_json::Value::as_bool) != Some(true) =>
-        {
+        Some(Seen::Object { include_usage, .. }) if *include_usage != Some(true) => {
             let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
             v.get_mut("stream_options")?
                 .as_object_mut()?
@@ -240,27 +354,26 @@ pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe) -> Option<Bytes> 
 /// The output limit a request sets: `max_tokens` (OpenAI chat and Anthropic),
 /// `max_completion_tokens`, `max_output_tokens` (Responses API), or Gemini's
 /// `generationConfig.maxOutputTokens`.
-pub(crate) fn max_output_tokens(probe: &Probe) -> Option<u64> {
+pub(crate) fn max_output_tokens(probe: &Probe<'_>) -> Option<u64> {
     [
         &probe.max_completion_tokens,
         &probe.max_tokens,
         &probe.max_output_tokens,
     ]
     .into_iter()
-    .find_map(|v| v.as_ref()?.as_u64())
-    .or_else(|| {
-        probe
-            .generation_config
-            .as_ref()?
-            .get("maxOutputTokens")?
-            .as_u64()
+    .find_map(|v| v.as_ref()?.as_count())
+    .or_else(|| match probe.generation_config.as_ref()? {
+        Seen::Object {
+            max_output_tokens, ..
+        } => *max_output_tokens,
+        _ => None,
     })
 }
 
 /// The model a request names: its JSON `model`, or Gemini's path `…/models/{model}:method`.
-pub(crate) fn model(probe: Option<&Probe>, path: &str) -> Option<String> {
-    if let Some(m) = probe.and_then(|p| p.model.as_ref()?.as_str()) {
-        return Some(m.to_owned());
+pub(crate) fn model(probe: Option<&Probe<'_>>, path: &str) -> Option<String> {
+    if let Some(Seen::Str(m)) = probe.and_then(|p| p.model.as_ref()) {
+        return Some(m.as_ref().to_owned());
     }
     let rest = &path[path.find("/models/")? + "/models/".len()..];
     let model = rest.split([':', '/']).next()?;
@@ -289,6 +402,17 @@ mod tests {
         let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
         assert_eq!(model(Some(&g), path).as_deref(), Some("gemini-2.5-pro"));
         assert_eq!(model(None, "/v1/chat"), None);
+        // An escaped name is the name (it must not slip past a rule on the model).
+        let escaped = Probe::of(br#"{"model": "gpt\u002d4o", "max_tokens": 5.0}"#).unwrap();
+        assert_eq!(model(Some(&escaped), "/v1/chat").as_deref(), Some("gpt-4o"));
+        assert_eq!(max_output_tokens(&escaped), None);
+        let odd = Probe::of(
+            br#"{"model": 7, "max_tokens": -1, "stream": "yes", "generationConfig": [1]}"#,
+        )
+        .unwrap();
+        assert_eq!(model(Some(&odd), "/v1/chat"), None);
+        assert_eq!(max_output_tokens(&odd), None);
+        assert!(Probe::of(br#"{"model": "a", "model": "b"}"#).is_none());
     }
 
     #[test]
