@@ -114,13 +114,8 @@ impl Admitted {
             }
         }
         self.meter.on_response(&head);
-        let sse = head
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let filter =
-            (self.strip_usage && sse && !head.headers.contains_key(http::header::CONTENT_ENCODING))
-                .then(UsageChunkFilter::default);
+            (self.strip_usage && self.meter.reads_plain_sse()).then(UsageChunkFilter::default);
         if filter.is_some() {
             head.headers.remove(http::header::CONTENT_LENGTH);
         }

@@ -388,8 +388,12 @@ impl Meter {
         self.format = head
             .headers
             .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(BodyFormat::from_content_type);
+            .and_then(|v| match v.as_bytes() {
+                // The usual values, without parsing.
+                b"text/event-stream" => Some(BodyFormat::Sse),
+                b"application/json" => Some(BodyFormat::Json),
+                _ => BodyFormat::from_content_type(v.to_str().ok()?),
+            });
         let Some(format) = self.format else { return };
         match Encoding::from_header(head.headers.get(CONTENT_ENCODING).map(|v| v.as_bytes())) {
             Encoding::Identity => {}
@@ -397,6 +401,11 @@ impl Meter {
             Encoding::Unsupported => return,
         }
         self.scanner = Some(UsageScanner::new(format));
+    }
+
+    /// Whether the response is an SSE stream the meter reads as it comes (not encoded).
+    pub(crate) fn reads_plain_sse(&self) -> bool {
+        self.format == Some(BodyFormat::Sse) && self.decoder.is_none() && self.scanner.is_some()
     }
 
     /// Reads a frame of the response. Returns whether the frame is known to hold no usage key

@@ -34,14 +34,16 @@ pub(crate) struct UsageChunkFilter {
 
 impl UsageChunkFilter {
     /// Whether a frame can go on as it is, without [`push`](Self::push): nothing is held back
-    /// or waiting, and it is whole events without a usage key (`usage_free`, as for `push`), or
-    /// filtering has stopped.
+    /// or waiting, and it is whole events none of which is the usage chunk (`usage_free`, as
+    /// for `push`, says so without looking), or filtering has stopped.
     pub(crate) fn passes_whole(&self, data: &[u8], usage_free: bool) -> bool {
-        !self.has_pending()
-            && (self.disabled
-                || (usage_free
-                    && data.last() == Some(&b'\n')
-                    && closes_event(&[], data, data.len() - 1)))
+        if self.has_pending() {
+            return false;
+        }
+        self.disabled
+            || (data.last() == Some(&b'\n')
+                && closes_event(&[], data, data.len() - 1)
+                && (usage_free || !events(data).any(|(at, end)| is_usage_chunk(&data[at..end]))))
     }
 
     /// Takes a frame's data; what to send is then read with [`pop`](Self::pop). `usage_free`:
@@ -127,21 +129,27 @@ impl UsageChunkFilter {
     /// Complete events, one of which may be the usage chunk: passed on as slices around it.
     fn pass_events(&mut self, events: Bytes) {
         let mut start = 0;
-        let mut at = 0;
-        while let Some(len) = event_end(&[], &events[at..]) {
-            let end = at + len;
+        for (at, end) in self::events(&events) {
             if is_usage_chunk(&events[at..end]) {
                 if at > start {
                     self.ready.push_back(events.slice(start..at));
                 }
                 start = end;
             }
-            at = end;
         }
         if events.len() > start {
             self.ready.push_back(events.slice(start..));
         }
     }
+}
+
+/// The `(start, end)` of each complete event in `bytes`, which starts an event.
+fn events(bytes: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let end = at + event_end(&[], &bytes[at..])?;
+        Some((std::mem::replace(&mut at, end), end))
+    })
 }
 
 /// Whether some `"usage"` key in `bytes` has an object for its value.
@@ -203,7 +211,8 @@ fn end_across(held: &[u8], next: &[u8]) -> Option<usize> {
 }
 
 fn is_usage_chunk(event: &[u8]) -> bool {
-    if !has_usage_object(event) || !has_empty_choices(event) {
+    // `"choices"` first: every content chunk has it, with content.
+    if !has_empty_choices(event) || !has_usage_object(event) {
         return false;
     }
     let mut data = Vec::new();
