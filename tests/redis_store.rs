@@ -712,6 +712,47 @@ async fn reservations_settle_in_the_window_they_were_taken_in() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_mode_writes_only_what_changes_a_counter() {
+    let server = RedisServer::start();
+    let mut con = server.client();
+    // A key left without expiry, and one the reservations start.
+    con.set::<_, _, ()>("{t}:stuck", 5).unwrap();
+    let store = RedisStore::from_url(server.url()).unwrap();
+    let both = [
+        fixed_window("{t}:stuck", 100, 60),
+        fixed_window("{t}:new", 100, 60),
+    ];
+    let calls = |name: &str| {
+        common::redis::command_calls(&server)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, calls)| calls)
+    };
+
+    let first = store.reserve(&both, 10).await.unwrap().windows.unwrap();
+    for k in ["{t}:stuck", "{t}:new"] {
+        let ttl: i64 = con.ttl(k).unwrap();
+        assert!((1..=60).contains(&ttl), "{k} has an expiry: {ttl}");
+    }
+    server.reset_stats();
+    let second = store.reserve(&both, 10).await.unwrap().windows.unwrap();
+    assert_eq!(first, second, "the same windows");
+    assert_eq!(calls("incrby"), 2);
+    assert_eq!(calls("expire"), 0, "running windows keep their expiry");
+
+    server.reset_stats();
+    store.settle(&both, &second, 10, 10).await.unwrap();
+    assert_eq!(
+        common::redis::client_commands(&server).1,
+        0,
+        "an exact reservation"
+    );
+    store.settle(&both, &second, 10, 4).await.unwrap();
+    assert_eq!(con.get::<_, u64>("{t}:stuck").unwrap(), 19);
+    assert_eq!(con.get::<_, u64>("{t}:new").unwrap(), 14);
+}
+
 #[tokio::test]
 async fn sliding_window_and_token_bucket_in_redis() {
     let server = RedisServer::start();
@@ -966,11 +1007,11 @@ async fn check_answers_are_reused_with_this_stores_debits_added() {
         .unwrap();
     let c = vec![fixed_window("{r}:k", 1000, 60)];
     other.debit(&c, 5).await.unwrap();
-    // Loads the reserve and settle scripts.
+    // Loads the reserve and settle scripts (a settlement that changes nothing sends none).
     let warm = vec![fixed_window("{r}:warm", 1000, 60)];
     let r = store.reserve(&warm, 1).await.unwrap();
     store
-        .settle(&warm, &r.windows.unwrap(), 1, 1)
+        .settle(&warm, &r.windows.unwrap(), 1, 0)
         .await
         .unwrap();
     let read = Instant::now();

@@ -1153,6 +1153,8 @@ impl Store for RedisStore {
         inner.note_debits(settlements.iter().map(|(c, _, delta)| (&c.key, *delta)));
         let writes = settlements
             .into_iter()
+            // Nothing to correct (the reservation was exact, or merged ones cancel out).
+            .filter(|(_, _, delta)| *delta != 0)
             .map(|(c, window_id, delta)| {
                 let p = params(&c);
                 let (refund, extra) = super::refund_and_extra(delta);

@@ -244,7 +244,6 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A synchronous client connection for assertions.
     /// Clears `INFO commandstats` (`CONFIG RESETSTAT`), to count the commands that follow.
     pub fn reset_stats(&self) {
         deadpool_redis::redis::cmd("CONFIG")
@@ -266,6 +265,7 @@ impl RedisServer {
         })
     }
 
+    /// A synchronous client connection for assertions.
     pub fn client(&self) -> deadpool_redis::redis::Connection {
         let url = match &self.password {
             Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
@@ -278,15 +278,33 @@ impl RedisServer {
     }
 }
 
-/// Commands clients sent since the last `CONFIG RESETSTAT`, from `INFO commandstats`:
-/// `(evalsha, all)`. Redis also counts the commands scripts run inside (GET, INCRBY, TIME, ...);
-/// those are not round trips and are left out, as are INFO and CONFIG themselves.
-pub fn client_commands(server: &RedisServer) -> (u64, u64) {
+/// Calls of each command since the last `CONFIG RESETSTAT`, from `INFO commandstats`,
+/// including those scripts run inside.
+pub fn command_calls(server: &RedisServer) -> Vec<(String, u64)> {
     let mut con = server.client();
     let info: String = deadpool_redis::redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut con)
         .unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .map(|line| {
+            let name = line.split(':').next().unwrap_or("");
+            let calls = line
+                .split("calls=")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (name.to_owned(), calls)
+        })
+        .collect()
+}
+
+/// Commands clients sent since the last `CONFIG RESETSTAT`: `(evalsha, all)`. Redis also
+/// counts the commands scripts run inside (GET, INCRBY, TIME, ...); those are not round trips
+/// and are left out, as are INFO and CONFIG themselves.
+pub fn client_commands(server: &RedisServer) -> (u64, u64) {
     let in_scripts = [
         "get",
         "pttl",
@@ -303,17 +321,11 @@ pub fn client_commands(server: &RedisServer) -> (u64, u64) {
         "config",
     ];
     let (mut evalsha, mut total) = (0, 0);
-    for line in info.lines().filter_map(|l| l.strip_prefix("cmdstat_")) {
-        let name = line.split(':').next().unwrap_or("");
-        if in_scripts.contains(&name) {
+    for (name, calls) in command_calls(server) {
+        // `config|resetstat` is CONFIG.
+        if in_scripts.contains(&name.split('|').next().unwrap_or("")) {
             continue;
         }
-        let calls: u64 = line
-            .split("calls=")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
         total += calls;
         if name == "evalsha" {
             evalsha += calls;

@@ -24,14 +24,15 @@ local function window_id(key, algo, window)
   return 0
 end
 
--- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs).
+-- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs);
+-- for a fixed window also whether the key has an expiry.
 local function state(key, algo, window, limit)
   local w = window * 1000
   if algo == 1 then
     local used = tonumber(redis.call('GET', key) or '0') or 0
     local ttl = redis.call('PTTL', key)
-    if ttl < 0 then ttl = w end
-    return used, ttl
+    if ttl < 0 then return used, w, false end
+    return used, ttl, true
   end
   local now = now_ms()
   if algo == 2 then
@@ -57,7 +58,8 @@ end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund
 -- from a window that has ended is dropped and extra usage goes to the current window.
-local function add(key, algo, window, limit, amount, wid)
+-- `expiring`: the fixed-window key is known (read in this script) to have an expiry.
+local function add(key, algo, window, limit, amount, wid, expiring)
   local w = window * 1000
   if algo == 1 then
     local same = wid == nil or redis.call('PEXPIRETIME', key) == wid
@@ -72,7 +74,9 @@ local function add(key, algo, window, limit, amount, wid)
       redis.call('INCRBY', key, amount)
     end
     -- Only where no expiry is set: a new key, or one left without (a repair).
-    redis.call('EXPIRE', key, window, 'NX')
+    if not expiring then
+      redis.call('EXPIRE', key, window, 'NX')
+    end
     return
   end
   local now = now_ms()

@@ -11,12 +11,12 @@ local a, k = 2, 1
 for _ = 1, tonumber(ARGV[1]) do
   local amount, count = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local used, reset = {}, {}
+  local used, reset, expiring = {}, {}, {}
   local fits = true
   for i = 0, count - 1 do
     local p = a + 3 * i
     local limit = tonumber(ARGV[p + 2])
-    used[i], reset[i] = state(KEYS[k + i], tonumber(ARGV[p]), tonumber(ARGV[p + 1]), limit)
+    used[i], reset[i], expiring[i] = state(KEYS[k + i], tonumber(ARGV[p]), tonumber(ARGV[p + 1]), limit)
     if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
       fits = false
     end
@@ -27,7 +27,7 @@ for _ = 1, tonumber(ARGV[1]) do
     if fits then
       local p = a + 3 * i
       local algo, window, limit = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
-      add(KEYS[k + i], algo, window, limit, amount, nil)
+      add(KEYS[k + i], algo, window, limit, amount, nil, expiring[i])
       wid = window_id(KEYS[k + i], algo, window)
     end
     out[#out + 1] = used[i]
