@@ -70,12 +70,15 @@ fn fixture() -> Arc<Vec<Bytes>> {
     Arc::new(frames)
 }
 
+/// The LLM-like handler: reads the request (as an LLM server or a proxy in front of one
+/// must), then streams the fixture.
 fn app(frames: Arc<Vec<Bytes>>) -> Router {
     Router::new().route(
         "/v1/chat/completions",
-        post(move || {
+        post(move |request: Bytes| {
             let frames = frames.clone();
             async move {
+                assert!(!request.is_empty());
                 let s = futures_util::stream::iter(
                     (0..frames.len()).map(move |i| Ok::<_, Infallible>(frames[i].clone())),
                 );
