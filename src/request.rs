@@ -9,7 +9,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use serde::de::IgnoredAny;
+use serde::de::{IgnoredAny, MapAccess};
+
+use crate::usage::wire::{Lenient, deserialize_lenient};
 
 /// A request body type the layer can rebuild after reading the start of it.
 ///
@@ -226,7 +228,7 @@ impl<'a> Probe<'a> {
 /// What the probe keeps of a field's value: its shape, and the scalars it may read. An
 /// object keeps only the members the layer reads inside one (`include_usage`,
 /// `maxOutputTokens`); anything else is skipped unbuilt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 enum Seen<'a> {
     Bool(bool),
     Count(u64),
@@ -236,6 +238,7 @@ enum Seen<'a> {
         include_usage: Option<bool>,
         max_output_tokens: Option<u64>,
     },
+    #[default]
     Other,
 }
 
@@ -255,55 +258,24 @@ impl Seen<'_> {
     }
 }
 
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Seen<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(SeenVisitor)
-    }
-}
-
-struct SeenVisitor;
-
-impl<'de> serde::de::Visitor<'de> for SeenVisitor {
-    type Value = Seen<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
+impl<'de: 'a, 'a> Lenient<'de> for Seen<'a> {
+    fn on_bool(value: bool) -> Self {
+        Self::Bool(value)
     }
 
-    fn visit_bool<E>(self, b: bool) -> Result<Seen<'de>, E> {
-        Ok(Seen::Bool(b))
+    fn on_u64(value: u64) -> Self {
+        Self::Count(value)
     }
 
-    fn visit_u64<E>(self, n: u64) -> Result<Seen<'de>, E> {
-        Ok(Seen::Count(n))
+    fn on_str(value: &str) -> Self {
+        Self::Str(Cow::Owned(value.to_owned()))
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Seen<'de>, E> {
-        Ok(Seen::Other)
+    fn on_borrowed_str(value: &'de str) -> Self {
+        Self::Str(Cow::Borrowed(value))
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Seen<'de>, E> {
-        Ok(Seen::Other)
-    }
-
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Seen<'de>, E> {
-        Ok(Seen::Str(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<Seen<'de>, E> {
-        Ok(Seen::Str(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_unit<E>(self) -> Result<Seen<'de>, E> {
-        Ok(Seen::Other)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Seen<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Seen::Other)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Seen<'de>, A::Error> {
+    fn on_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let (mut include_usage, mut max_output_tokens) = (None, None);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match &*key {
@@ -314,10 +286,16 @@ impl<'de> serde::de::Visitor<'de> for SeenVisitor {
                 }
             }
         }
-        Ok(Seen::Object {
+        Ok(Self::Object {
             include_usage,
             max_output_tokens,
         })
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Seen<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_lenient(d)
     }
 }
 

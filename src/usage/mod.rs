@@ -44,7 +44,7 @@ mod gemini;
 mod json;
 mod openai;
 mod sse;
-mod wire;
+pub(crate) mod wire;
 
 pub use extractor::{HeaderUsage, UsageExtractor};
 use wire::{Kind, Obj, WireUsage};

@@ -20,6 +20,11 @@ pub(crate) const MAX_COUNT: u64 = 1 << 53;
 /// A type read from any JSON value: each hook gets the kinds of value it accepts, everything
 /// else (skipped without allocating) gives `Default`.
 pub(crate) trait Lenient<'de>: Default {
+    fn on_bool(value: bool) -> Self {
+        let _ = value;
+        Self::default()
+    }
+
     fn on_u64(value: u64) -> Self {
         let _ = value;
         Self::default()
@@ -38,6 +43,11 @@ pub(crate) trait Lenient<'de>: Default {
     fn on_str(value: &str) -> Self {
         let _ = value;
         Self::default()
+    }
+
+    /// A string borrowed from the input (no escapes in it).
+    fn on_borrowed_str(value: &'de str) -> Self {
+        Self::on_str(value)
     }
 
     fn on_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
@@ -69,8 +79,8 @@ impl<'de, T: Lenient<'de>> Visitor<'de> for LenientVisitor<T> {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
-        Ok(T::default())
+    fn visit_bool<E>(self, value: bool) -> Result<T, E> {
+        Ok(T::on_bool(value))
     }
 
     fn visit_i64<E>(self, value: i64) -> Result<T, E> {
@@ -87,6 +97,10 @@ impl<'de, T: Lenient<'de>> Visitor<'de> for LenientVisitor<T> {
 
     fn visit_str<E>(self, value: &str) -> Result<T, E> {
         Ok(T::on_str(value))
+    }
+
+    fn visit_borrowed_str<E>(self, value: &'de str) -> Result<T, E> {
+        Ok(T::on_borrowed_str(value))
     }
 
     fn visit_unit<E>(self) -> Result<T, E> {
