@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -172,9 +172,12 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
         self.strip_usage = injected.is_some();
         self.body = Some(match injected {
             Some(body) => {
-                self.head
-                    .headers
-                    .insert(http::header::CONTENT_LENGTH, body.len().into());
+                // One copy of the digits (`HeaderValue::from(usize)` makes two allocations).
+                if let Ok(length) = HeaderValue::from_str(itoa::Buffer::new().format(body.len())) {
+                    self.head
+                        .headers
+                        .insert(http::header::CONTENT_LENGTH, length);
+                }
                 ReqBody::rebuild(body, None)
             }
             None => ReqBody::rebuild(prefix, rest),

@@ -477,7 +477,8 @@ impl Rules {
             trusted_proxies: &self.trusted_proxies,
             model,
         };
-        let mut key = String::new();
+        // Room for the usual keys at once: a prefix, and a value up to a hashed one's length.
+        let mut key = String::with_capacity(256);
         for item in &self.items {
             if !item.applies(req) {
                 continue;

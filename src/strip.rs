@@ -80,6 +80,9 @@ impl UsageChunkFilter {
     /// The end of the body: whatever is held back (an event without its blank line) is passed
     /// on, unless it is the usage chunk.
     pub(crate) fn finish(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
         let rest = self.pending.split().freeze();
         self.pass(rest);
     }
