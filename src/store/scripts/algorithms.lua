@@ -24,15 +24,14 @@ local function window_id(key, algo, window)
   return 0
 end
 
--- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs);
--- for a fixed window also whether the key has an expiry.
+-- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs).
 local function state(key, algo, window, limit)
   local w = window * 1000
   if algo == 1 then
     local used = tonumber(redis.call('GET', key) or '0') or 0
     local ttl = redis.call('PTTL', key)
-    if ttl < 0 then return used, w, false end
-    return used, ttl, true
+    if ttl < 0 then ttl = w end
+    return used, ttl
   end
   local now = now_ms()
   if algo == 2 then
@@ -54,6 +53,17 @@ local function state(key, algo, window, limit)
   local drain = w
   if used > 0 then drain = math.ceil(used * w / limit) end
   return math.floor(used), drain
+end
+
+-- A fixed window's state read for a reservation: tokens used, milliseconds until it ends, and
+-- its id (PEXPIRETIME), nil when the key has no expiry (new, or left without one). With the
+-- id in hand a reservation needs no second read of it; the time it costs (TIME) is read once
+-- per script.
+local function fixed_state(key, window)
+  local used = tonumber(redis.call('GET', key) or '0') or 0
+  local at = redis.call('PEXPIRETIME', key)
+  if at < 0 then return used, window * 1000, nil end
+  return used, math.max(0, at - now_ms()), at
 end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund

@@ -11,12 +11,16 @@ local a, k = 2, 1
 for _ = 1, tonumber(ARGV[1]) do
   local amount, count = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local used, reset, expiring = {}, {}, {}
+  local used, reset, ids = {}, {}, {}
   local fits = true
   for i = 0, count - 1 do
     local p = a + 3 * i
-    local limit = tonumber(ARGV[p + 2])
-    used[i], reset[i], expiring[i] = state(KEYS[k + i], tonumber(ARGV[p]), tonumber(ARGV[p + 1]), limit)
+    local algo, window, limit = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+    if algo == 1 then
+      used[i], reset[i], ids[i] = fixed_state(KEYS[k + i], window)
+    else
+      used[i], reset[i] = state(KEYS[k + i], algo, window, limit)
+    end
     if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
       fits = false
     end
@@ -27,8 +31,9 @@ for _ = 1, tonumber(ARGV[1]) do
     if fits then
       local p = a + 3 * i
       local algo, window, limit = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
-      add(KEYS[k + i], algo, window, limit, amount, nil, expiring[i])
-      wid = window_id(KEYS[k + i], algo, window)
+      -- A running fixed window keeps its expiry, and its id is already known.
+      add(KEYS[k + i], algo, window, limit, amount, nil, ids[i] ~= nil)
+      wid = ids[i] or window_id(KEYS[k + i], algo, window)
     end
     out[#out + 1] = used[i]
     out[#out + 1] = reset[i]
