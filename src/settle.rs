@@ -294,6 +294,11 @@ impl Queued {
                 return;
             }
             let delta = store::settlement_delta(r.amount, s.tokens);
+            if delta == 0 {
+                // The reservation was exact: nothing to correct.
+                stats.done(1);
+                return;
+            }
             for (c, window) in s.counters.iter().zip(&r.windows) {
                 let total = self.settles.entry((c.clone(), *window)).or_default();
                 *total = total.saturating_add(delta);

@@ -125,7 +125,7 @@ struct Waiting {
     keys: Vec<Arc<str>>,
     params: Vec<u64>,
     amount: u64,
-    answer: oneshot::Sender<Result<Vec<Value>, StoreError>>,
+    answer: oneshot::Sender<Result<Reservation, StoreError>>,
 }
 
 /// Most reservations one script makes (a longer script would hold Redis up).
@@ -906,13 +906,15 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
             });
         match answer {
             Ok(values) => {
-                let mut values = values.into_iter();
+                let mut rest = &values[..];
                 for w in batch {
-                    let part: Vec<Value> = values.by_ref().take(1 + 3 * w.keys.len()).collect();
-                    if matches!(part[0], Value::Int(1)) {
+                    let (part, after) = rest.split_at(1 + 3 * w.keys.len());
+                    rest = after;
+                    let reservation = parse_reserve(part, &w.params);
+                    if reservation.as_ref().is_ok_and(|r| r.windows.is_some()) {
                         inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
                     }
-                    let _ = w.answer.send(Ok(part));
+                    let _ = w.answer.send(reservation);
                 }
             }
             Err(e) => {
@@ -976,25 +978,21 @@ fn parse_check(values: &[Value], counters: &[Counter]) -> Result<Vec<CounterStat
     Ok(out)
 }
 
-fn parse_reserve(values: Vec<Value>, counters: &[Counter]) -> Result<Reservation, StoreError> {
+/// One reservation's part of the reserve script's answer; `params` are its counters'
+/// [`params`], in order.
+fn parse_reserve(values: &[Value], params: &[u64]) -> Result<Reservation, StoreError> {
     let err = |e: redis::ParsingError| StoreError::new(e.to_string());
-    if values.len() != 1 + counters.len() * 3 {
-        return Err(StoreError::new(format!(
-            "reserve script answered {} values for {} counters",
-            values.len(),
-            counters.len()
-        )));
-    }
+    let counters = params.len() / 3;
     let reserved = i64::from_redis_value_ref(&values[0]).map_err(err)? == 1;
-    let mut statuses = Vec::with_capacity(counters.len());
-    let mut windows = Vec::with_capacity(counters.len());
-    for (triple, c) in values[1..].chunks_exact(3).zip(counters) {
+    let mut statuses = Vec::with_capacity(counters);
+    let mut windows = Vec::with_capacity(counters);
+    for (triple, p) in values[1..].chunks_exact(3).zip(params.chunks_exact(3)) {
         let used = i64::from_redis_value_ref(&triple[0]).map_err(err)?;
         let pttl = i64::from_redis_value_ref(&triple[1]).map_err(err)?;
         let window = i64::from_redis_value_ref(&triple[2]).map_err(err)?;
         statuses.push(CounterStatus {
             used: u64::try_from(used).unwrap_or(0),
-            reset: u64::try_from(pttl).map_or(c.window, Duration::from_millis),
+            reset: u64::try_from(pttl).map_or(Duration::from_secs(p[1]), Duration::from_millis),
         });
         windows.push(u64::try_from(window).unwrap_or(0));
     }
@@ -1081,9 +1079,8 @@ impl Store for RedisStore {
     /// none on its own counters.
     fn reserve(&self, counters: &[Counter], amount: u64) -> StoreFuture<Reservation> {
         let inner = self.inner.clone();
-        let counters = counters.to_vec();
+        let (keys, params) = keys_and_params(counters);
         Box::pin(async move {
-            let (keys, params) = keys_and_params(&counters);
             let group = match (&inner.target, keys.first()) {
                 (Target::Cluster(_), Some(key)) => {
                     let tag = hash_tag(key);
@@ -1123,10 +1120,8 @@ impl Store for RedisStore {
             if first {
                 tokio::spawn(reserve_batches(inner, group));
             }
-            let values = rx
-                .await
-                .map_err(|_| StoreError::new("reservation script abandoned"))??;
-            parse_reserve(values, &counters)
+            rx.await
+                .map_err(|_| StoreError::new("reservation script abandoned"))?
         })
     }
 
