@@ -311,7 +311,9 @@ impl Inner {
         if amount == 0 {
             return;
         }
-        let e = map.get(&c.key);
+        // One lookup: an existing counter is updated in place.
+        let slot = map.get_mut(&c.key);
+        let e = slot.as_deref();
         let (status, current) = self.status(e, c, now);
         let same_window = wid.is_none_or(|w| w == current);
         if amount < 0 && !same_window {
@@ -357,7 +359,11 @@ impl Inner {
                 }
             }
         };
-        if map.len() >= self.max_per_shard && !map.contains_key(&c.key) {
+        if let Some(slot) = slot {
+            *slot = entry;
+            return;
+        }
+        if map.len() >= self.max_per_shard {
             make_room(map, self.max_per_shard, now);
         }
         map.insert(c.key.clone(), entry);
