@@ -490,6 +490,7 @@ impl Rules {
                 continue;
             };
             // The first key is built whole; the others reuse its value part.
+            key.clear();
             let mut stored = None;
             for (limit, prefix) in entry.limits.iter().zip(&entry.key_prefixes) {
                 let start = key.len();
