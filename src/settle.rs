@@ -393,12 +393,8 @@ impl Meter {
         self.format = head
             .headers
             .get(CONTENT_TYPE)
-            .and_then(|v| match v.as_bytes() {
-                // The usual values, without parsing.
-                b"text/event-stream" => Some(BodyFormat::Sse),
-                b"application/json" => Some(BodyFormat::Json),
-                _ => BodyFormat::from_content_type(v.to_str().ok()?),
-            });
+            .and_then(|v| v.to_str().ok())
+            .and_then(BodyFormat::from_content_type);
         let Some(format) = self.format else { return };
         match Encoding::from_header(head.headers.get(CONTENT_ENCODING).map(|v| v.as_bytes())) {
             Encoding::Identity => {}

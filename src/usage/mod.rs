@@ -159,6 +159,12 @@ impl BodyFormat {
     /// [`Json`](Self::Json); anything else is `None` (not metered by parsing). Parameters
     /// (`; charset=utf-8`) and letter case are ignored.
     pub fn from_content_type(content_type: &str) -> Option<Self> {
+        // The usual values, without parsing.
+        match content_type {
+            "text/event-stream" => return Some(Self::Sse),
+            "application/json" => return Some(Self::Json),
+            _ => {}
+        }
         let media_type = content_type.split(';').next().unwrap_or_default().trim();
         let (kind, subtype) = media_type.split_once('/')?;
         let subtype_is = |s: &str| subtype.eq_ignore_ascii_case(s);
