@@ -24,21 +24,21 @@ use super::{Merge, Report, Usage};
 /// The usage in an Anthropic `usage` object, merged field by field into what came before.
 pub(crate) fn report(wire: &WireUsage) -> Report {
     let top = Usage {
-        input_tokens: wire.input_tokens.0,
-        output_tokens: wire.output_tokens.0,
+        input_tokens: wire.input_tokens.get(),
+        output_tokens: wire.output_tokens.get(),
         total_tokens: None,
-        cached_input_tokens: wire.cache_read_input_tokens.0,
-        cache_creation_input_tokens: wire.cache_creation_input_tokens.0,
+        cached_input_tokens: wire.cache_read_input_tokens.get(),
+        cache_creation_input_tokens: wire.cache_creation_input_tokens.get(),
         reasoning_tokens: wire
             .output_tokens_details
             .0
             .as_ref()
-            .and_then(|d| d.thinking_tokens.0),
+            .and_then(|d| d.thinking_tokens.get()),
     };
-    let usage = match wire.iterations.0 {
+    let usage = match wire.iterations.0.as_deref() {
         Some(sum) => Usage {
             reasoning_tokens: top.reasoning_tokens,
-            ..sum
+            ..*sum
         },
         None => top,
     };
@@ -51,16 +51,17 @@ pub(crate) fn report(wire: &WireUsage) -> Report {
 /// Whether a `usage` object found without an Anthropic event `type` (a body located by its
 /// key alone) is in Anthropic's vocabulary: no total, and cache or iteration fields.
 pub(crate) fn looks_like(wire: &WireUsage) -> bool {
-    wire.total_tokens.0.is_none()
-        && wire.prompt_tokens.0.is_none()
-        && (wire.cache_creation_input_tokens.0.is_some()
-            || wire.cache_read_input_tokens.0.is_some()
+    wire.total_tokens.get().is_none()
+        && wire.prompt_tokens.get().is_none()
+        && (wire.cache_creation_input_tokens.get().is_some()
+            || wire.cache_read_input_tokens.get().is_some()
             || wire.iterations.0.is_some())
 }
 
-/// `usage.iterations[]`, summed while it is read; `None` when absent or empty.
+/// `usage.iterations[]`, summed while it is read; `None` when absent or empty. Boxed: it is
+/// rare, and this keeps the [`WireUsage`] every report is read into small.
 #[derive(Debug, Default)]
-pub(crate) struct Iterations(pub(crate) Option<Usage>);
+pub(crate) struct Iterations(pub(crate) Option<Box<Usage>>);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -86,7 +87,7 @@ impl<'de> Lenient<'de> for Iterations {
                 add(&mut sum.cached_input_tokens, item.cache_read_input_tokens);
             }
         }
-        Ok(Self(sum))
+        Ok(Self(sum.map(Box::new)))
     }
 }
 
@@ -98,7 +99,7 @@ impl<'de> Deserialize<'de> for Iterations {
 
 /// A field of a sum is reported when any iteration reports it.
 fn add(sum: &mut Option<u64>, item: Count) {
-    if let Some(n) = item.0 {
+    if let Some(n) = item.get() {
         *sum = Some(sum.unwrap_or(0).saturating_add(n));
     }
 }

@@ -26,12 +26,12 @@ pub(crate) struct UsageMetadata {
 pub(crate) fn report(meta: &UsageMetadata) -> Report {
     Report {
         usage: Usage {
-            input_tokens: meta.prompt_token_count.0,
-            output_tokens: meta.candidates_token_count.0,
-            total_tokens: meta.total_token_count.0,
-            cached_input_tokens: meta.cached_content_token_count.0,
+            input_tokens: meta.prompt_token_count.get(),
+            output_tokens: meta.candidates_token_count.get(),
+            total_tokens: meta.total_token_count.get(),
+            cached_input_tokens: meta.cached_content_token_count.get(),
             cache_creation_input_tokens: None,
-            reasoning_tokens: meta.thoughts_token_count.0,
+            reasoning_tokens: meta.thoughts_token_count.get(),
         },
         merge: Merge::Replace,
     }

@@ -24,9 +24,9 @@ pub(crate) fn report(wire: &WireUsage) -> Report {
     let output_details = [&wire.completion_tokens_details, &wire.output_tokens_details];
     Report {
         usage: Usage {
-            input_tokens: wire.prompt_tokens.0.or(wire.input_tokens.0),
-            output_tokens: wire.completion_tokens.0.or(wire.output_tokens.0),
-            total_tokens: wire.total_tokens.0,
+            input_tokens: wire.prompt_tokens.get().or(wire.input_tokens.get()),
+            output_tokens: wire.completion_tokens.get().or(wire.output_tokens.get()),
+            total_tokens: wire.total_tokens.get(),
             cached_input_tokens: detail(input_details, |d| d.cached_tokens),
             cache_creation_input_tokens: None,
             reasoning_tokens: detail(output_details, |d| d.reasoning_tokens),
