@@ -8,14 +8,15 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::Frame;
-use memchr::memmem::Finder;
 use memchr::{memchr_iter, memrchr_iter};
+
+use crate::usage::Needle;
 
 /// An event still incomplete past this size is passed on as it is and filtering stops.
 const MAX_PENDING: usize = 1 << 20;
 
-static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-static CHOICES: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
+static USAGE: LazyLock<Needle> = LazyLock::new(|| Needle::new(b"\"usage\""));
+static CHOICES: LazyLock<Needle> = LazyLock::new(|| Needle::new(b"\"choices\""));
 
 /// Holds back the SSE event that is still incomplete at the end of each frame, and passes on
 /// every complete event unless it is the usage-only chunk (`"choices": []` with a usage
@@ -168,9 +169,9 @@ fn has_empty_choices(bytes: &[u8]) -> bool {
 
 /// Whether some occurrence of `key` in `bytes` is followed by `tokens`, whitespace allowed
 /// around each.
-fn key_followed_by(bytes: &[u8], key: &Finder<'_>, tokens: &[u8]) -> bool {
-    crate::usage::positions(key, bytes).any(|at| {
-        bytes[at + key.needle().len()..]
+fn key_followed_by(bytes: &[u8], key: &Needle, tokens: &[u8]) -> bool {
+    key.positions(bytes).any(|at| {
+        bytes[at + key.len()..]
             .iter()
             .filter(|b| !b.is_ascii_whitespace())
             .take(tokens.len())

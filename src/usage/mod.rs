@@ -33,7 +33,6 @@
 use std::fmt;
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -42,9 +41,12 @@ mod anthropic;
 mod extractor;
 mod gemini;
 mod json;
+mod needle;
 mod openai;
 mod sse;
 pub(crate) mod wire;
+
+pub(crate) use needle::Needle;
 
 pub use extractor::{HeaderUsage, UsageExtractor};
 use wire::{Kind, Obj, WireUsage};
@@ -55,7 +57,7 @@ const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 /// Start of every key that carries usage: `"usage"` and `"usageMetadata"`.
 const USAGE_NEEDLE: &[u8] = b"\"usage";
 
-static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_NEEDLE));
+static USAGE_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(USAGE_NEEDLE));
 
 /// Token counts as a provider reported them (`None` = not reported).
 ///
@@ -391,7 +393,7 @@ fn parse_whole(document: &[u8], seen: &mut Accumulator) {
 /// closing `}`. In valid JSON that leaves the key no other place; a document broken before its
 /// usage key may have that usage read where a full parse would give up. `None` when not sure.
 fn top_level_usage(document: &[u8]) -> Option<Option<Report>> {
-    static TYPE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
+    static TYPE_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(b"\"type\""));
     let at = USAGE_FINDER.find(document)?;
     if !skip_whitespace(document).starts_with(b"{")
         || !matches!(
@@ -532,13 +534,15 @@ fn skip_whitespace(bytes: &[u8]) -> &[u8] {
 /// Whether `document` (a body, or one SSE data line) has a usage key whose value is not
 /// `null`: only those are parsed.
 fn carries_usage(document: &[u8]) -> bool {
-    positions(&USAGE_FINDER, document).any(|at| usage_value_at(document, at).is_some())
+    USAGE_FINDER
+        .positions(document)
+        .any(|at| usage_value_at(document, at).is_some())
 }
 
 /// The first usage key in `bytes` that may carry a usage: every one but `"usage":null`
 /// (which OpenAI streams asked for usage put in every chunk).
 fn usage_candidate(bytes: &[u8]) -> Option<usize> {
-    positions(&USAGE_FINDER, bytes).find(|&at| {
+    USAGE_FINDER.positions(bytes).find(|&at| {
         let rest = &bytes[at + USAGE_NEEDLE.len()..];
         let blank = |b: &u8| matches!(b, b' ' | b'\t');
         let null = rest.strip_prefix(b"\"").and_then(|r| {
@@ -547,20 +551,6 @@ fn usage_candidate(bytes: &[u8]) -> Option<usize> {
             Some(r[r.iter().take_while(|b| blank(b)).count()..].starts_with(b"null"))
         });
         null != Some(true)
-    })
-}
-
-/// Where `finder`'s needle starts in `bytes`, in order: `Finder::find_iter` without the copy
-/// of the finder (a few hundred bytes) it makes on every call.
-pub(crate) fn positions<'a>(
-    finder: &'a Finder<'_>,
-    bytes: &'a [u8],
-) -> impl Iterator<Item = usize> + 'a {
-    let mut from = 0;
-    std::iter::from_fn(move || {
-        let at = from + finder.find(bytes.get(from..)?)?;
-        from = at + finder.needle().len().max(1);
-        Some(at)
     })
 }
 
