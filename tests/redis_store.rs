@@ -760,6 +760,57 @@ async fn reserve_mode_writes_only_what_changes_a_counter() {
 }
 
 #[tokio::test]
+async fn a_refused_reservation_leaves_every_counter_as_it_was() {
+    let server = RedisServer::start();
+    let mut con = server.client();
+    // A running window, a key left without expiry, and one the reservation would create: all
+    // fit 50 tokens; the last counter does not.
+    con.set_ex::<_, _, ()>("{r}:running", 30, 60).unwrap();
+    con.set::<_, _, ()>("{r}:stuck", 7).unwrap();
+    con.set_ex::<_, _, ()>("{r}:full", 90, 60).unwrap();
+    let expiry = |con: &mut redis::Connection, k: &str| -> i64 {
+        redis::cmd("PEXPIRETIME").arg(k).query(con).unwrap()
+    };
+    let running_expiry = expiry(&mut con, "{r}:running");
+    let store = RedisStore::from_url(server.url()).unwrap();
+    let counters = [
+        fixed_window("{r}:running", 100, 60),
+        fixed_window("{r}:stuck", 100, 60),
+        fixed_window("{r}:new", 100, 60),
+        fixed_window("{r}:full", 100, 60),
+    ];
+
+    let r = store.reserve(&counters, 50).await.unwrap();
+    assert!(r.windows.is_none(), "refused");
+    let used: Vec<u64> = r.statuses.iter().map(|s| s.used).collect();
+    assert_eq!(used, [30, 7, 0, 90], "what each held before");
+    assert_eq!(con.get::<_, u64>("{r}:running").unwrap(), 30);
+    assert_eq!(expiry(&mut con, "{r}:running"), running_expiry);
+    assert_eq!(con.get::<_, u64>("{r}:stuck").unwrap(), 7);
+    assert_eq!(expiry(&mut con, "{r}:stuck"), -1, "still without expiry");
+    assert!(
+        !con.exists::<_, bool>("{r}:new").unwrap(),
+        "no key left behind"
+    );
+    assert_eq!(con.get::<_, u64>("{r}:full").unwrap(), 90);
+
+    // Without the full counter it fits: each counter takes it, and each window's id is its
+    // expiry (the running one's unchanged; the others start now).
+    let r = store.reserve(&counters[..3], 50).await.unwrap();
+    let windows = r.windows.expect("reserved");
+    for ((k, held), window) in [("{r}:running", 80), ("{r}:stuck", 57), ("{r}:new", 50)]
+        .into_iter()
+        .zip(windows)
+    {
+        assert_eq!(con.get::<_, u64>(k).unwrap(), held, "{k}");
+        assert_eq!(expiry(&mut con, k), i64::try_from(window).unwrap(), "{k}");
+        let ttl: i64 = con.ttl(k).unwrap();
+        assert!((1..=60).contains(&ttl), "{k}: {ttl}");
+    }
+    assert_eq!(expiry(&mut con, "{r}:running"), running_expiry);
+}
+
+#[tokio::test]
 async fn sliding_window_and_token_bucket_in_redis() {
     let server = RedisServer::start();
     let store = RedisStore::builder()

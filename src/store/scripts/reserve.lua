@@ -6,40 +6,75 @@
 -- Returns, per reservation: 1 if reserved else 0, then per key: tokens used before it,
 -- milliseconds until its budget frees, and the window id the reservation went into (0 when
 -- refused).
-local out = {}
+--
+-- A fixed window is reserved on first and checked after: INCRBY answers the tokens used before
+-- it, and a reservation that does not fit is taken back (DECRBY, or DEL of a key it created)
+-- before the script ends, so no one sees it. Two calls per counter where reading first takes
+-- three, and Lua's calls into Redis are most of a reservation's cost.
+local out, n = {}, 0
+-- Per counter of the current reservation (reused from one to the next).
+local used, reset, ids, tried, algos, windows, limits = {}, {}, {}, {}, {}, {}, {}
 local a, k = 2, 1
 for _ = 1, tonumber(ARGV[1]) do
   local amount, count = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local used, reset, ids = {}, {}, {}
   local fits = true
   for i = 0, count - 1 do
-    local p = a + 3 * i
-    local algo, window, limit = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
-    if algo == 1 then
-      used[i], reset[i], ids[i] = fixed_state(KEYS[k + i], window)
+    local algo, window, limit = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    a = a + 3
+    algos[i], windows[i], limits[i] = algo, window, limit
+    local key = KEYS[k + i]
+    local u
+    -- ids[i]: the fixed window's id (PEXPIRETIME), false when it has no expiry or is not fixed.
+    tried[i] = algo == 1 and amount > 0
+    if tried[i] then
+      u = redis.call('INCRBY', key, amount) - amount
+      local at = redis.call('PEXPIRETIME', key)
+      if at < 0 then
+        reset[i], ids[i] = window * 1000, false
+      else
+        reset[i], ids[i] = math.max(0, at - now_ms()), at
+      end
+    elseif algo == 1 then
+      local r, id
+      u, r, id = fixed_state(key, window)
+      reset[i], ids[i] = r, id or false
     else
-      used[i], reset[i] = state(KEYS[k + i], algo, window, limit)
+      u, reset[i] = state(key, algo, window, limit)
+      ids[i] = false
     end
-    if not (used[i] < limit and (used[i] == 0 or used[i] + amount <= limit)) then
+    used[i] = u
+    if u >= limit or (u > 0 and u + amount > limit) then
       fits = false
     end
   end
-  out[#out + 1] = fits and 1 or 0
+  n = n + 1
+  out[n] = fits and 1 or 0
   for i = 0, count - 1 do
-    local wid = 0
+    local key, wid = KEYS[k + i], 0
     if fits then
-      local p = a + 3 * i
-      local algo, window, limit = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
-      -- A running fixed window keeps its expiry, and its id is already known.
-      add(KEYS[k + i], algo, window, limit, amount, nil, ids[i] ~= nil)
-      wid = ids[i] or window_id(KEYS[k + i], algo, window)
+      wid = ids[i]
+      if tried[i] then
+        -- A new key (or one left without expiry) starts its window now.
+        if not wid then
+          wid = now_ms() + windows[i] * 1000
+          redis.call('PEXPIREAT', key, wid)
+        end
+      else
+        -- A running fixed window keeps its expiry, and its id is already known.
+        add(key, algos[i], windows[i], limits[i], amount, nil, wid ~= false)
+        if not wid then wid = window_id(key, algos[i], windows[i]) end
+      end
+    elseif tried[i] then
+      if used[i] == 0 and not ids[i] then
+        redis.call('DEL', key)
+      else
+        redis.call('DECRBY', key, amount)
+      end
     end
-    out[#out + 1] = used[i]
-    out[#out + 1] = reset[i]
-    out[#out + 1] = wid
+    out[n + 1], out[n + 2], out[n + 3] = used[i], reset[i], wid
+    n = n + 3
   end
-  a = a + 3 * count
   k = k + count
 end
 return out
