@@ -496,7 +496,13 @@ impl Meter {
                 None => store.try_debit_now(&self.counters, tokens),
                 Some(r) => store.try_settle_now(&self.counters, &r.windows, r.amount, tokens),
             };
-            if done {
+            // An exact reservation leaves nothing to write (with a local fallback, the task
+            // still mirrors it there).
+            let exact = self
+                .reservation
+                .as_ref()
+                .is_some_and(|r| store::settlement_delta(r.amount, tokens) == 0);
+            if done || exact {
                 return;
             }
         }
