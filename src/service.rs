@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
@@ -87,9 +87,9 @@ where
             }
         };
         let headers = request.headers();
-        let grpc = headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let content_type = headers.get(CONTENT_TYPE).map(http::HeaderValue::as_bytes);
+        let grpc = content_type.is_some_and(|v| v.starts_with(b"application/grpc"));
+        let json = is_json(content_type) && !headers.contains_key(CONTENT_ENCODING);
         let content_length: Option<u64> = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok());
@@ -97,9 +97,9 @@ where
             .or_else(|| request.body().size_hint().exact())
             .unwrap_or_else(|| request.body().size_hint().lower());
         let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
-        let inject = settings.inject_include_usage && may_ask_for_usage(&request) && fits;
+        let inject = settings.inject_include_usage && json && fits && may_ask_for_usage(&request);
         let reserve = settings.mode == Mode::Reserve;
-        let read = inject || ((reserve || deferred) && fits && is_json(request.headers()));
+        let read = inject || ((reserve || deferred) && fits && json);
         // Without reading the body, a Gemini path still names the model.
         let model = (reserve || deferred)
             .then(|| model(None, request.uri().path()))
@@ -139,21 +139,17 @@ where
     }
 }
 
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_none_or(|v| {
-        v.as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"json"))
-    }) && !headers.contains_key(http::header::CONTENT_ENCODING)
+/// A JSON content type, or none (clients often send JSON without one).
+fn is_json(content_type: Option<&[u8]>) -> bool {
+    content_type.is_none_or(|v| v.windows(4).any(|w| w.eq_ignore_ascii_case(b"json")))
 }
 
-/// A JSON `POST` to an OpenAI chat or legacy completions endpoint, not compressed: its body may
-/// ask for a stream without usage.
+/// A `POST` to an OpenAI chat or legacy completions endpoint (with an uncompressed JSON body,
+/// checked by the caller): its body may ask for a stream without usage.
 fn may_ask_for_usage<B>(request: &Request<B>) -> bool {
     let path = request.uri().path().trim_end_matches('/');
     request.method() == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
-        && is_json(request.headers())
 }
 
 /// The counters a request falls under and the rules they come from, or `None`.
