@@ -23,6 +23,7 @@ mod redis_support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -39,44 +40,68 @@ use tower_token_ratelimit::{Mode, Rule, TokenRateLimitLayer};
 
 const CONCURRENCY: usize = 32;
 
-/// A recorded OpenAI-compatible stream with usage (Mistral), one frame per event as LLM servers
-/// flush them; with `--split N`, in N equal frames that cut events anywhere instead.
-fn fixture() -> Arc<Vec<Bytes>> {
+/// Output token counts the streams report in turn: outputs vary, as real ones do, so reserve
+/// mode's estimates are off and its settlements are written (with one fixed count they become
+/// exact once the output allowance has learned it, and nothing is settled).
+const OUTPUT_TOKENS: [u64; 4] = [8, 30, 120, 400];
+
+/// A recorded OpenAI-compatible stream with usage (Mistral, which reports 13 + 8 tokens), one
+/// frame per event as LLM servers flush them (with `--split N`, in N equal frames that cut
+/// events anywhere instead), once for each of [`OUTPUT_TOKENS`].
+fn streams() -> Arc<[Arc<Vec<Bytes>>]> {
     let dir = std::env::var("TTR_FIXTURES")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures").into());
-    let bytes = std::fs::read(format!("{dir}/mistral/mistral-text.sse")).expect("fixtures");
+    let recorded =
+        std::fs::read_to_string(format!("{dir}/mistral/mistral-text.sse")).expect("fixtures");
+    let usage = r#""usage":{"prompt_tokens":13,"total_tokens":21,"completion_tokens":8}"#;
+    assert!(recorded.contains(usage), "the recorded usage");
     let split: Option<usize> = std::env::args()
         .skip_while(|a| a != "--split")
         .nth(1)
         .and_then(|n| n.parse().ok());
-    let frames = match split {
-        Some(n) => bytes
-            .chunks(bytes.len().div_ceil(n.max(1)))
-            .map(Bytes::copy_from_slice)
-            .collect(),
-        None => bytes
-            .split_inclusive(|&b| b == b'\n')
-            .fold(Vec::<Vec<u8>>::new(), |mut events, line| {
-                match events.last_mut() {
-                    Some(e) if !e.ends_with(b"\n\n") => e.extend_from_slice(line),
-                    _ => events.push(line.to_vec()),
-                }
-                events
-            })
-            .into_iter()
-            .map(Bytes::from)
-            .collect(),
-    };
-    Arc::new(frames)
+    OUTPUT_TOKENS
+        .iter()
+        .map(|&output| {
+            let bytes = recorded
+                .replace(
+                    usage,
+                    &format!(
+                        r#""usage":{{"prompt_tokens":13,"total_tokens":{},"completion_tokens":{output}}}"#,
+                        13 + output
+                    ),
+                )
+                .into_bytes();
+            let frames = match split {
+                Some(n) => bytes
+                    .chunks(bytes.len().div_ceil(n.max(1)))
+                    .map(Bytes::copy_from_slice)
+                    .collect(),
+                None => bytes
+                    .split_inclusive(|&b| b == b'\n')
+                    .fold(Vec::<Vec<u8>>::new(), |mut events, line| {
+                        match events.last_mut() {
+                            Some(e) if !e.ends_with(b"\n\n") => e.extend_from_slice(line),
+                            _ => events.push(line.to_vec()),
+                        }
+                        events
+                    })
+                    .into_iter()
+                    .map(Bytes::from)
+                    .collect(),
+            };
+            Arc::new(frames)
+        })
+        .collect()
 }
 
 /// The LLM-like handler: reads the request (as an LLM server or a proxy in front of one
-/// must), then streams the fixture.
-fn app(frames: Arc<Vec<Bytes>>) -> Router {
+/// must), then streams the next of the streams in turn.
+fn app(streams: Arc<[Arc<Vec<Bytes>>]>) -> Router {
+    let turn = Arc::new(AtomicUsize::new(0));
     Router::new().route(
         "/v1/chat/completions",
         post(move |request: Bytes| {
-            let frames = frames.clone();
+            let frames = streams[turn.fetch_add(1, Ordering::Relaxed) % streams.len()].clone();
             async move {
                 assert!(!request.is_empty());
                 let s = futures_util::stream::iter(
@@ -263,7 +288,7 @@ async fn main() {
     } else {
         (7, Duration::from_millis(1500), Duration::from_secs(1))
     };
-    let frames = fixture();
+    let streams = streams();
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
@@ -276,14 +301,15 @@ async fn main() {
             .unwrap()
     };
     let mut variants: Vec<(&str, SocketAddr, Option<TokenRateLimitLayer>, usize)> =
-        vec![("bare", serve(app(frames.clone())).await, None, 8)];
+        vec![("bare", serve(app(streams.clone())).await, None, 8)];
     // The peer: a request-count limiter (tower_governor, in memory) that never rejects here.
     let governor = tower_governor::governor::GovernorConfigBuilder::default()
         .per_nanosecond(1)
         .burst_size(u32::MAX)
         .finish()
         .unwrap();
-    let addr = serve(app(frames.clone()).layer(tower_governor::GovernorLayer::new(governor))).await;
+    let addr =
+        serve(app(streams.clone()).layer(tower_governor::GovernorLayer::new(governor))).await;
     variants.push(("governor", addr, None, 8));
     let ten_rules = (0..10)
         .fold(TokenRateLimitLayer::builder(), |b, k| {
@@ -295,7 +321,7 @@ async fn main() {
         })
         .build()
         .unwrap();
-    let addr = serve(app(frames.clone()).layer(ten_rules.clone())).await;
+    let addr = serve(app(streams.clone()).layer(ten_rules.clone())).await;
     variants.push(("memory_10_rules", addr, Some(ten_rules), 8));
     // Without asking the upstream for usage (no request body read, no stream filtering).
     let plain = TokenRateLimitLayer::builder()
@@ -307,10 +333,10 @@ async fn main() {
         )
         .build()
         .unwrap();
-    let addr = serve(app(frames.clone()).layer(plain.clone())).await;
+    let addr = serve(app(streams.clone()).layer(plain.clone())).await;
     variants.push(("memory_no_inject", addr, Some(plain), 8));
     let many = limits(None, Mode::PostDebit);
-    let addr = serve(app(frames.clone()).layer(many.clone())).await;
+    let addr = serve(app(streams.clone()).layer(many.clone())).await;
     variants.push(("memory_100k_keys", addr, Some(many), 100_000));
     for (name, layer) in [
         ("memory", limits(None, Mode::PostDebit)),
@@ -318,7 +344,7 @@ async fn main() {
         ("redis", limits(Some(redis_store()), Mode::PostDebit)),
         ("reserve", limits(Some(redis_store()), Mode::Reserve)),
     ] {
-        let addr = serve(app(frames.clone()).layer(layer.clone())).await;
+        let addr = serve(app(streams.clone()).layer(layer.clone())).await;
         variants.push((name, addr, Some(layer), 8));
     }
 
