@@ -494,15 +494,12 @@ impl Meter {
             let store = &self.shared.store;
             let done = match &self.reservation {
                 None => store.try_debit_now(&self.counters, tokens),
+                // An exact reservation leaves nothing to write, in any store (with a local
+                // fallback, the task still mirrors it there).
+                Some(r) if store::settlement_delta(r.amount, tokens) == 0 => true,
                 Some(r) => store.try_settle_now(&self.counters, &r.windows, r.amount, tokens),
             };
-            // An exact reservation leaves nothing to write (with a local fallback, the task
-            // still mirrors it there).
-            let exact = self
-                .reservation
-                .as_ref()
-                .is_some_and(|r| store::settlement_delta(r.amount, tokens) == 0);
-            if done || exact {
+            if done {
                 return;
             }
         }
