@@ -301,6 +301,10 @@ pub struct RedisConfig {
     /// Not in Higress.
     #[serde(default)]
     pub check_reuse: Option<u64>,
+    /// The shortest time, in milliseconds, between two writes of settlements (default 5; 0:
+    /// each write as soon as the one before has ended). Not in Higress.
+    #[serde(default)]
+    pub settle_interval: Option<u64>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -317,6 +321,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("cluster_nodes", &self.cluster_nodes)
             .field("check_reuse", &self.check_reuse)
+            .field("settle_interval", &self.settle_interval)
             .finish()
     }
 }
@@ -329,7 +334,7 @@ impl RedisConfig {
             "redis",
             &self.unknown,
             "service_name, service_port, username, password, timeout, database, url, cluster_nodes, \
-             check_reuse",
+             check_reuse, settle_interval",
         );
     }
 }

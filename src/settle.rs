@@ -7,10 +7,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
@@ -108,6 +109,11 @@ struct Stats {
     sent: AtomicU64,
     done: AtomicU64,
     notify: Notify,
+    /// Callers of [`Settler::flush`] waiting: the worker writes without waiting for its
+    /// interval while there are any.
+    flushing: AtomicUsize,
+    /// Wakes a worker waiting out its interval when a flush starts.
+    wake: Notify,
 }
 
 /// The sending side of the settlement worker. Cheap to clone.
@@ -170,7 +176,16 @@ impl Settler {
 
     /// Waits until every settlement handed over before this call has been applied.
     pub(crate) async fn flush(&self) {
+        struct Flushing<'a>(&'a Stats);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.flushing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let target = self.stats.sent.load(Ordering::Acquire);
+        self.stats.flushing.fetch_add(1, Ordering::AcqRel);
+        let _flushing = Flushing(&self.stats);
+        self.stats.wake.notify_one();
         loop {
             let notified = self.stats.notify.notified();
             tokio::pin!(notified);
@@ -199,9 +214,10 @@ impl Stats {
 /// Applies settlements in the background, merged: post-debit settlements per counter,
 /// reserve-mode ones per counter and window, written as one [`Store::debit_many`] and one
 /// [`Store::settle_many`] at a time. Whatever arrives while they are being written goes into the
-/// next ones, so under load one write carries many requests' settlements. Settlements of
-/// reservations taken in the local fallback store go one by one, up to [`MAX_IN_FLIGHT`] at
-/// once.
+/// next ones, and a write starts no sooner than [`Store::settle_interval`] after the one before
+/// (unless a flush is waiting, the queue is full or the layer is gone), so under load one write
+/// carries many requests' settlements. Settlements of reservations taken in the local fallback
+/// store go one by one, up to [`MAX_IN_FLIGHT`] at once.
 async fn work(
     store: Arc<dyn Store>,
     fallback: Option<MemoryStore>,
@@ -220,8 +236,19 @@ async fn work(
     let mut batch = tokio::task::JoinSet::new();
     let mut settling = tokio::task::JoinSet::new();
     let mut open = true;
+    let interval = store.settle_interval();
+    // The earliest start of the next merged write.
+    let mut next_write = Instant::now();
     loop {
-        if batch.is_empty() && queued.merged_count > 0 {
+        let due = || {
+            !open
+                || queued.merged_count >= MAX_BATCH as u64
+                || stats.flushing.load(Ordering::Acquire) > 0
+                || Instant::now() >= next_write
+        };
+        if batch.is_empty() && queued.merged_count > 0 && due() {
+            // What has been sent meanwhile goes in this write too.
+            queued.take_sent(&mut rx, fallback.as_ref(), &stats);
             let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
             let settles: Vec<(Counter, u64, i64)> = queued
                 .settles
@@ -234,7 +261,11 @@ async fn work(
             let write = store::in_turn([debits, settles].into_iter().flatten().collect());
             batch_count = std::mem::take(&mut queued.merged_count);
             batch.spawn(async move { (write.await, tokens) });
+            next_write = Instant::now() + interval;
         }
+        // Settlements wait for the next write: nothing is received meanwhile (they queue in
+        // the channel), so senders wake the worker once per write, not once each.
+        let waiting = batch.is_empty() && queued.merged_count > 0;
         while settling.len() < MAX_IN_FLIGHT
             && let Some(s) = queued.held.pop_front()
         {
@@ -254,13 +285,12 @@ async fn work(
                 report(joined);
                 stats.done(1);
             }
-            next = rx.recv(), if open && queued.held.len() < MAX_BATCH => match next {
+            () = tokio::time::sleep_until(next_write), if waiting => {}
+            () = stats.wake.notified(), if waiting => {}
+            next = rx.recv(), if open && !waiting && queued.held.len() < MAX_BATCH => match next {
                 Some(s) => {
                     queued.take(s, fallback.as_ref(), &stats);
-                    for _ in 0..MAX_BATCH {
-                        let Ok(s) = rx.try_recv() else { break };
-                        queued.take(s, fallback.as_ref(), &stats);
-                    }
+                    queued.take_sent(&mut rx, fallback.as_ref(), &stats);
                 }
                 None => open = false,
             },
@@ -282,6 +312,19 @@ struct Queued {
 }
 
 impl Queued {
+    /// Takes what is in the channel now, up to [`MAX_BATCH`] settlements, without waiting.
+    fn take_sent(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Settlement>,
+        fallback: Option<&MemoryStore>,
+        stats: &Stats,
+    ) {
+        for _ in 0..MAX_BATCH {
+            let Ok(s) = rx.try_recv() else { break };
+            self.take(s, fallback, stats);
+        }
+    }
+
     fn take(&mut self, s: Settlement, fallback: Option<&MemoryStore>, stats: &Stats) {
         if let Some(local) = fallback
             && !s.reservation.as_ref().is_some_and(|r| r.local)

@@ -1203,3 +1203,85 @@ async fn concurrent_reservations_share_scripts_and_stay_exact() {
         "{scripts} scripts for 20 reservations"
     );
 }
+
+/// Settlements that end within `settle_interval` of the last write wait for the next one and
+/// go in it, merged; the first after a quiet spell goes at once, a flush does not wait out the
+/// interval, and without a flush they are written once it has passed.
+#[tokio::test]
+async fn settlements_wait_for_the_interval_and_go_in_one_write() {
+    let server = RedisServer::start();
+    let mut con = server.client();
+    let key = "higress-token-ratelimit:{s}:global_threshold:60";
+    let used = |con: &mut redis::Connection| con.get::<_, Option<u64>>(key).unwrap();
+    for (interval, flush) in [
+        (Duration::from_secs(60), true),
+        (Duration::from_millis(300), false),
+    ] {
+        let _: () = con.del(key).unwrap();
+        let store = RedisStore::builder()
+            .url(server.url())
+            .settle_interval(interval)
+            .build()
+            .unwrap();
+        assert_eq!(store.settle_interval(), interval);
+        let limits = layer(
+            store,
+            "s",
+            vec![Rule::global().tokens_per_minute(1_000_000)],
+        );
+        let addr = app(limits.clone()).await;
+        // The first settlement goes at once (the check before each request has read Redis).
+        send(addr, CHAT, &[], STREAM).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used(&mut con) != Some(100) {
+            assert!(
+                Instant::now() < deadline,
+                "the first debit was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.reset_stats();
+        for _ in 0..20 {
+            assert_eq!(send(addr, CHAT, &[], STREAM).await.status, StatusCode::OK);
+        }
+        if flush {
+            // An interval of a minute has not passed: nothing more is written until the flush,
+            // which writes the 20 settlements in one script without waiting.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(used(&mut con), Some(100));
+            tokio::time::timeout(Duration::from_secs(10), limits.flush())
+                .await
+                .expect("a flush does not wait out the interval");
+            assert_eq!(used(&mut con), Some(2100));
+            let debits = common::redis::command_calls(&server)
+                .into_iter()
+                .find(|(name, _)| name == "incrby")
+                .map_or(0, |(_, calls)| calls);
+            assert_eq!(debits, 1, "20 settlements merged into one INCRBY");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while used(&mut con) != Some(2100) {
+                assert!(
+                    Instant::now() < deadline,
+                    "held settlements were never written"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[test]
+fn settle_interval_from_the_config() {
+    let cfg: tower_token_ratelimit::RedisConfig =
+        serde_yaml::from_str("{url: \"redis://127.0.0.1:1\", settle_interval: 0}").unwrap();
+    let store = RedisStore::from_config(&cfg).unwrap();
+    assert_eq!(store.settle_interval(), Duration::ZERO);
+    let cfg: tower_token_ratelimit::RedisConfig =
+        serde_yaml::from_str("{url: \"redis://127.0.0.1:1\"}").unwrap();
+    let store = RedisStore::from_config(&cfg).unwrap();
+    assert_eq!(
+        store.settle_interval(),
+        tower_token_ratelimit::store::DEFAULT_SETTLE_INTERVAL
+    );
+}

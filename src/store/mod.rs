@@ -20,7 +20,9 @@ mod redis;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{DEFAULT_CHECK_REUSE, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+pub use redis::{
+    DEFAULT_CHECK_REUSE, DEFAULT_SETTLE_INTERVAL, DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder,
+};
 
 /// A map keyed by counter keys (70+ bytes, partly chosen by clients): foldhash rather than
 /// SipHash, which costs several times as much on keys that long; randomly seeded per map, it
@@ -213,6 +215,15 @@ pub trait Store: Send + Sync + 'static {
                 .collect(),
         )
     }
+
+    /// The shortest time between two writes of the layer's background task: settlements that
+    /// end meanwhile wait and go, merged per counter, into the next write. Zero (the default):
+    /// each write starts as soon as the one before has ended. A store whose writes are round
+    /// trips sets it (the Redis store: 5 ms by default), trading that much delay in the
+    /// counters for fewer round trips under load.
+    fn settle_interval(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Awaits `writes` one after the other; the first error, after trying them all.
@@ -285,6 +296,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
         (**self).settle_many(settlements)
+    }
+
+    fn settle_interval(&self) -> Duration {
+        (**self).settle_interval()
     }
 }
 

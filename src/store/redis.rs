@@ -46,8 +46,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 const DEFAULT_BREAKER_FAILURES: u32 = 3;
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 const DEFAULT_MAX_PENDING: usize = 100_000;
+/// The shortest wait for a write of settlements or buffered debits (no request waits for one).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a check's answer is reused by default.
 pub const DEFAULT_CHECK_REUSE: Duration = Duration::from_millis(10);
+/// The shortest time between two settlement writes by default.
+pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Counters in Redis (standalone or Cluster), shared by every replica of a service.
 ///
@@ -153,6 +157,8 @@ struct Inner {
     reserving: Mutex<KeyMap<Vec<u8>, Vec<Waiting>>>,
     /// How long a check's answer is reused (zero: never).
     reuse: Duration,
+    /// The shortest time between two settlement writes.
+    settle_interval: Duration,
     recent: Mutex<Recent>,
     max_pending: usize,
     dropped: AtomicU64,
@@ -224,6 +230,7 @@ pub struct RedisStoreBuilder {
     probe_interval: Option<Duration>,
     max_pending: Option<usize>,
     check_reuse: Option<Duration>,
+    settle_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for RedisStoreBuilder {
@@ -292,6 +299,16 @@ impl RedisStoreBuilder {
     /// spares Redis a round trip per check. Reservations always go to Redis.
     pub fn check_reuse(mut self, reuse: Duration) -> Self {
         self.check_reuse = Some(reuse);
+        self
+    }
+
+    /// The shortest time between two writes of settlements (default 5 ms; zero: each write
+    /// starts as soon as the one before has ended). Settlements that end meanwhile wait, merged
+    /// per counter, for the next write: under load one script carries the settlements of
+    /// every request that ended in the interval, and counters show them at most this much
+    /// later. Admission is not delayed: checks and reservations go at once.
+    pub fn settle_interval(mut self, interval: Duration) -> Self {
+        self.settle_interval = Some(interval);
         self
     }
 
@@ -374,6 +391,7 @@ impl RedisStoreBuilder {
                 checks: Mutex::default(),
                 reserving: Mutex::default(),
                 reuse: self.check_reuse.unwrap_or(DEFAULT_CHECK_REUSE),
+                settle_interval: self.settle_interval.unwrap_or(DEFAULT_SETTLE_INTERVAL),
                 recent: Mutex::default(),
             }),
         })
@@ -428,7 +446,7 @@ impl RedisStore {
 
     /// The store a configuration's `redis:` block describes: the Higress fields
     /// (`service_name`, `service_port`, `username`, `password`, `timeout` in ms, `database`), or
-    /// `url`, or `cluster_nodes`; and `check_reuse` in ms.
+    /// `url`, or `cluster_nodes`; and `check_reuse` and `settle_interval` in ms.
     pub fn from_config(config: &RedisConfig) -> Result<Self, ConfigError> {
         let mut p = Problems::default();
         config.check_unknown(&mut p);
@@ -438,6 +456,9 @@ impl RedisStore {
         }
         if let Some(ms) = config.check_reuse {
             b = b.check_reuse(Duration::from_millis(ms));
+        }
+        if let Some(ms) = config.settle_interval {
+            b = b.settle_interval(Duration::from_millis(ms));
         }
         let given = [
             config.service_name.is_some(),
@@ -583,6 +604,17 @@ impl Inner {
         keys: &[Arc<str>],
         args: &[u64],
     ) -> Result<T, StoreError> {
+        self.invoke_within(self.timeout, script, keys, args).await
+    }
+
+    /// [`invoke`](Self::invoke) with another timeout.
+    async fn invoke_within<T: FromRedisValue>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        script: &Script,
+        keys: &[Arc<str>],
+        args: &[u64],
+    ) -> Result<T, StoreError> {
         if self.open.load(Ordering::Acquire) {
             return Err(StoreError::new("redis unavailable (circuit breaker open)"));
         }
@@ -593,7 +625,7 @@ impl Inner {
                 .map_err(|e| e.to_string())
         };
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout, call).await;
+        let result = tokio::time::timeout(timeout, call).await;
         telemetry::store_call(
             "redis",
             started.elapsed().as_secs_f64(),
@@ -608,7 +640,7 @@ impl Inner {
                 return Ok(v);
             }
             Ok(Err(e)) => e,
-            Err(_) => format!("no answer within {:?}", self.timeout),
+            Err(_) => format!("no answer within {timeout:?}"),
         };
         // Start over with a fresh connection next time, and reuse no answer read before.
         lock(&self.conn).take();
@@ -799,7 +831,15 @@ impl Inner {
             for chunk in group.chunks(MAX_KEYS_PER_SCRIPT) {
                 let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
                 let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
-                if self.invoke::<i64>(script, &keys, &args).await.is_err() {
+                // No request waits for a write: it gets longer than the per-call timeout,
+                // since a write that times out may have been applied all the same, and is
+                // then written again from the buffer (counted twice).
+                let timeout = self.timeout.max(WRITE_TIMEOUT);
+                if self
+                    .invoke_within::<i64>(timeout, script, &keys, &args)
+                    .await
+                    .is_err()
+                {
                     failed += 1;
                     self.buffer(
                         chunk
@@ -1143,6 +1183,10 @@ impl Store for RedisStore {
 
     /// One script per hash slot (all of them at once on a single node). Where it fails, extra
     /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
+    fn settle_interval(&self) -> Duration {
+        self.inner.settle_interval
+    }
+
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
         inner.note_debits(settlements.iter().map(|(c, _, delta)| (&c.key, *delta)));
