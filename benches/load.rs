@@ -477,6 +477,35 @@ async fn main() {
         };
         json.insert(field, ((per_req * 1000.0).round() / 1000.0).into());
     }
+    // Scaling: per round, one variant's ratio over the other's, the median over rounds.
+    let index = |name: &str| variants.iter().position(|v| v.0 == name);
+    for (field, label, many, one) in [
+        (
+            "keys_scaling",
+            "100,000 distinct keys / 8 keys",
+            "memory_100k_keys",
+            "memory",
+        ),
+        (
+            "rules_scaling",
+            "10 matching rule items / 1",
+            "memory_10_rules",
+            "memory",
+        ),
+    ] {
+        let (Some(many), Some(one)) = (index(many), index(one)) else {
+            continue;
+        };
+        let mut r: Vec<f64> = ratios[many]
+            .iter()
+            .zip(&ratios[one])
+            .map(|(m, o)| m / o)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        let median = r[r.len() / 2];
+        println!("scaling, {label}: {median:.3} (median over rounds)");
+        json.insert(field.into(), ((median * 1000.0).round() / 1000.0).into());
+    }
     json.insert("concurrency".into(), CONCURRENCY.into());
     if only.is_some() {
         println!("{}", serde_json::Value::Object(json));
