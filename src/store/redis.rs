@@ -931,8 +931,9 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
         }
         let expected = batch.len() + 3 * keys.len();
         let answer = inner
-            .invoke::<Vec<Value>>(&RESERVE, &keys, &args)
+            .invoke::<Vec<u8>>(&RESERVE, &keys, &args)
             .await
+            .and_then(|packed| unpack_integers(&packed))
             .and_then(|values| {
                 if values.len() == expected {
                     return Ok(values);
@@ -951,10 +952,10 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
                     let (part, after) = rest.split_at(1 + 3 * w.keys.len());
                     rest = after;
                     let reservation = parse_reserve(part, &w.params);
-                    if reservation.as_ref().is_ok_and(|r| r.windows.is_some()) {
+                    if reservation.windows.is_some() {
                         inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
                     }
-                    let _ = w.answer.send(reservation);
+                    let _ = w.answer.send(Ok(reservation));
                 }
             }
             Err(e) => {
@@ -1020,26 +1021,36 @@ fn parse_check(values: &[Value], counters: &[Counter]) -> Result<Vec<CounterStat
 
 /// One reservation's part of the reserve script's answer; `params` are its counters'
 /// [`params`], in order.
-fn parse_reserve(values: &[Value], params: &[u64]) -> Result<Reservation, StoreError> {
-    let err = |e: redis::ParsingError| StoreError::new(e.to_string());
+fn parse_reserve(values: &[i64], params: &[u64]) -> Reservation {
     let counters = params.len() / 3;
-    let reserved = i64::from_redis_value_ref(&values[0]).map_err(err)? == 1;
+    let reserved = values[0] == 1;
     let mut statuses = Vec::with_capacity(counters);
     let mut windows = Vec::with_capacity(counters);
     for (triple, p) in values[1..].chunks_exact(3).zip(params.chunks_exact(3)) {
-        let used = i64::from_redis_value_ref(&triple[0]).map_err(err)?;
-        let pttl = i64::from_redis_value_ref(&triple[1]).map_err(err)?;
-        let window = i64::from_redis_value_ref(&triple[2]).map_err(err)?;
+        let [used, pttl, window] = [triple[0], triple[1], triple[2]];
         statuses.push(CounterStatus {
             used: u64::try_from(used).unwrap_or(0),
             reset: u64::try_from(pttl).map_or(Duration::from_secs(p[1]), Duration::from_millis),
         });
         windows.push(u64::try_from(window).unwrap_or(0));
     }
-    Ok(Reservation {
+    Reservation {
         statuses,
         windows: reserved.then_some(windows),
-    })
+    }
+}
+
+/// The integers of a MessagePack array (the reserve script's answer).
+fn unpack_integers(mut packed: &[u8]) -> Result<Vec<i64>, StoreError> {
+    let err = |what: &str| StoreError::new(format!("reserve script answer: {what}"));
+    let len = rmp::decode::read_array_len(&mut packed).map_err(|_| err("not an array"))?;
+    // Each integer takes at least a byte: the length cannot ask for more than that.
+    let mut values = Vec::with_capacity((len as usize).min(packed.len()));
+    for _ in 0..len {
+        values
+            .push(rmp::decode::read_int::<i64, _>(&mut packed).map_err(|_| err("not an integer"))?);
+    }
+    Ok(values)
 }
 
 /// Tokens as a signed count, saturating.
@@ -1229,5 +1240,40 @@ impl Store for RedisStore {
             inner.write_debits(debits).await;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packed_answer_is_read_as_integers() {
+        let values = [0, 1, 127, 128, 255, 65_536, 1_764_000_000_000, -5, i64::MAX];
+        let mut packed = Vec::new();
+        rmp::encode::write_array_len(&mut packed, values.len() as u32).unwrap();
+        for v in values {
+            rmp::encode::write_sint(&mut packed, v).unwrap();
+        }
+        assert_eq!(unpack_integers(&packed).unwrap(), values);
+    }
+
+    #[test]
+    fn a_malformed_answer_is_an_error() {
+        let mut huge = Vec::new();
+        rmp::encode::write_array_len(&mut huge, u32::MAX).unwrap();
+        let mut float = Vec::new();
+        rmp::encode::write_array_len(&mut float, 1).unwrap();
+        rmp::encode::write_f64(&mut float, 1.5).unwrap();
+        for bad in [
+            &b""[..],
+            b"\x81\x01\x02",
+            b"\xa3abc",
+            b"\x93\x01\x02",
+            &huge,
+            &float,
+        ] {
+            assert!(unpack_integers(bad).is_err(), "{bad:?}");
+        }
     }
 }
