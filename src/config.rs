@@ -301,8 +301,8 @@ pub struct RedisConfig {
     /// Not in Higress.
     #[serde(default)]
     pub check_reuse: Option<u64>,
-    /// The shortest time, in milliseconds, between two writes of settlements (default 5; 0:
-    /// each write as soon as the one before has ended). Not in Higress.
+    /// The shortest time, in milliseconds, between two writes of settlements (default 5, at
+    /// most 60000; 0: each write as soon as the one before has ended). Not in Higress.
     #[serde(default)]
     pub settle_interval: Option<u64>,
     #[serde(flatten)]

@@ -1284,4 +1284,9 @@ fn settle_interval_from_the_config() {
         store.settle_interval(),
         tower_token_ratelimit::store::DEFAULT_SETTLE_INTERVAL
     );
+    // Past a minute, debits would lag far behind usage: refused, named.
+    let cfg: tower_token_ratelimit::RedisConfig =
+        serde_yaml::from_str("{url: \"redis://127.0.0.1:1\", settle_interval: 60001}").unwrap();
+    let err = RedisStore::from_config(&cfg).unwrap_err().to_string();
+    assert!(err.contains("redis.settle_interval"), "{err}");
 }

@@ -52,6 +52,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_CHECK_REUSE: Duration = Duration::from_millis(10);
 /// The shortest time between two settlement writes by default.
 pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_millis(5);
+/// The longest `settle_interval` accepted.
+const MAX_SETTLE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Counters in Redis (standalone or Cluster), shared by every replica of a service.
 ///
@@ -306,7 +308,7 @@ impl RedisStoreBuilder {
     /// starts as soon as the one before has ended). Settlements that end meanwhile wait, merged
     /// per counter, for the next write: under load one script carries the settlements of
     /// every request that ended in the interval, and counters show them at most this much
-    /// later. Admission is not delayed: checks and reservations go at once.
+    /// later. Admission is not delayed: checks and reservations go at once. At most 60 s.
     pub fn settle_interval(mut self, interval: Duration) -> Self {
         self.settle_interval = Some(interval);
         self
@@ -331,6 +333,15 @@ impl RedisStoreBuilder {
         }
         if self.breaker_failures == Some(0) {
             p.push("redis.breaker", "failures must be > 0");
+        }
+        if self
+            .settle_interval
+            .is_some_and(|i| i > MAX_SETTLE_INTERVAL)
+        {
+            p.push(
+                "redis.settle_interval",
+                "at most 60000 ms: counters show settlements this much later",
+            );
         }
         let target = if let Some(t) = self.pool {
             Some(t)
