@@ -837,15 +837,15 @@ impl Inner {
                 }
             }
         }
+        // No request waits for a write: it gets longer than the per-call timeout, since a
+        // write that times out may have been applied all the same, and is then written again
+        // from the buffer (counted twice).
+        let timeout = self.timeout.max(WRITE_TIMEOUT);
         let mut failed = 0;
         for group in groups {
             for chunk in group.chunks(MAX_KEYS_PER_SCRIPT) {
                 let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
                 let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
-                // No request waits for a write: it gets longer than the per-call timeout,
-                // since a write that times out may have been applied all the same, and is
-                // then written again from the buffer (counted twice).
-                let timeout = self.timeout.max(WRITE_TIMEOUT);
                 if self
                     .invoke_within::<i64>(timeout, script, &keys, &args)
                     .await
@@ -1203,12 +1203,12 @@ impl Store for RedisStore {
         self.settle_many(settlements)
     }
 
-    /// One script per hash slot (all of them at once on a single node). Where it fails, extra
-    /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
     fn settle_interval(&self) -> Duration {
         self.inner.settle_interval
     }
 
+    /// One script per hash slot (all of them at once on a single node). Where it fails, extra
+    /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
         let inner = self.inner.clone();
         inner.note_debits(settlements.iter().map(|(c, _, delta)| (&c.key, *delta)));
