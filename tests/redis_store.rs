@@ -1213,6 +1213,14 @@ async fn settlements_wait_for_the_interval_and_go_in_one_write() {
     let mut con = server.client();
     let key = "higress-token-ratelimit:{s}:global_threshold:60";
     let used = |con: &mut redis::Connection| con.get::<_, Option<u64>>(key).unwrap();
+    // Polls the counter until it holds `want`, for at most 10 s.
+    async fn wait_for(con: &mut redis::Connection, key: &str, want: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while con.get::<_, Option<u64>>(key).unwrap() != Some(want) {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     for (interval, flush) in [
         (Duration::from_secs(60), true),
         (Duration::from_millis(300), false),
@@ -1232,14 +1240,7 @@ async fn settlements_wait_for_the_interval_and_go_in_one_write() {
         let addr = app(limits.clone()).await;
         // The first settlement goes at once (the check before each request has read Redis).
         send(addr, CHAT, &[], STREAM).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while used(&mut con) != Some(100) {
-            assert!(
-                Instant::now() < deadline,
-                "the first debit was never written"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for(&mut con, key, 100, "the first debit was never written").await;
         server.reset_stats();
         for _ in 0..20 {
             assert_eq!(send(addr, CHAT, &[], STREAM).await.status, StatusCode::OK);
@@ -1259,14 +1260,7 @@ async fn settlements_wait_for_the_interval_and_go_in_one_write() {
                 .map_or(0, |(_, calls)| calls);
             assert_eq!(debits, 1, "20 settlements merged into one INCRBY");
         } else {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while used(&mut con) != Some(2100) {
-                assert!(
-                    Instant::now() < deadline,
-                    "held settlements were never written"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_for(&mut con, key, 2100, "held settlements were never written").await;
         }
     }
 }
