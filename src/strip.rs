@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::Frame;
-use memchr::{memchr_iter, memrchr_iter};
+use memchr::{memchr2_iter, memrchr2_iter};
 
 use crate::usage::Needle;
 
@@ -30,20 +30,26 @@ pub(crate) struct UsageChunkFilter {
     ready: VecDeque<Bytes>,
     /// The body's trailers, sent after `ready`.
     trailers: Option<HeaderMap>,
+    /// The last event ended the frame on a `\r`: a `\n` starting the next frame belongs to it
+    /// (`\r\n`), and goes where it went.
+    after_cr: bool,
+    /// The last event was the usage chunk, dropped.
+    dropped_last: bool,
     disabled: bool,
 }
 
 impl UsageChunkFilter {
     /// Whether a frame can go on as it is, without [`push`](Self::push): nothing is held back
     /// or waiting, and it is whole events none of which is the usage chunk (`usage_free`, as
-    /// for `push`, says so without looking), or filtering has stopped.
+    /// for `push`, says so without looking), or filtering has stopped. A frame ending on `\r`
+    /// goes through `push`, which keeps the `\n` that may follow it with it.
     pub(crate) fn passes_whole(&self, data: &[u8], usage_free: bool) -> bool {
-        if self.has_pending() {
+        if self.has_pending() || self.after_cr {
             return false;
         }
         self.disabled
-            || (data.last() == Some(&b'\n')
-                && closes_event(&[], data, data.len() - 1)
+            || (ends_event(data)
+                && data.last() != Some(&b'\r')
                 && (usage_free || !events(data).any(|(at, end)| is_usage_chunk(&data[at..end]))))
     }
 
@@ -55,8 +61,16 @@ impl UsageChunkFilter {
             self.ready.push_back(data);
             return;
         }
+        if std::mem::take(&mut self.after_cr) && data.first() == Some(&b'\n') {
+            let newline = data.split_to(1);
+            if !self.dropped_last {
+                self.ready.push_back(newline);
+            }
+        }
+        let ends_on_cr = data.last() == Some(&b'\r');
         if !self.pending.is_empty() {
-            let Some(n) = end_across(&self.pending, &data) else {
+            // The event's blank line may start in what is held.
+            let Some(n) = event_end(&self.pending, &data) else {
                 self.hold(&data);
                 return;
             };
@@ -73,9 +87,11 @@ impl UsageChunkFilter {
                 self.pass_events(data);
             } else {
                 self.ready.push_back(data);
+                self.dropped_last = false;
             }
         }
         self.hold(&tail);
+        self.after_cr = ends_on_cr && self.pending.is_empty();
     }
 
     /// The end of the body: whatever is held back (an event without its blank line) is passed
@@ -125,7 +141,8 @@ impl UsageChunkFilter {
 
     /// One event, passed on unless it is the usage chunk.
     fn pass(&mut self, event: Bytes) {
-        if !event.is_empty() && !is_usage_chunk(&event) {
+        self.dropped_last = is_usage_chunk(&event);
+        if !event.is_empty() && !self.dropped_last {
             self.ready.push_back(event);
         }
     }
@@ -141,7 +158,8 @@ impl UsageChunkFilter {
                 start = end;
             }
         }
-        if events.len() > start {
+        self.dropped_last = events.len() == start;
+        if !self.dropped_last {
             self.ready.push_back(events.slice(start..));
         }
     }
@@ -179,39 +197,48 @@ fn key_followed_by(bytes: &[u8], key: &Needle, tokens: &[u8]) -> bool {
     })
 }
 
-/// Whether the `\n` at `buf[at]` ends an empty line (`\n\n`, `\n\r\n`), which ends an event.
-/// `before` holds the bytes (up to two) that come before `buf`.
-fn closes_event(before: &[u8], buf: &[u8], at: usize) -> bool {
-    let back = |n: usize| match at.checked_sub(n) {
-        Some(i) => Some(buf[i]),
-        None => before.len().checked_sub(n - at).map(|i| before[i]),
+/// Whether the line end at `buf[at]` (`\r` or `\n`) directly follows another, so that the line
+/// it ends is empty and ends an event: any two line-end bytes in a row but `\r\n`, which is one
+/// line end (SSE allows `\n`, `\r\n` and `\r`). `before` holds the bytes that come before
+/// `buf`.
+fn blank_line_at(before: &[u8], buf: &[u8], at: usize) -> bool {
+    let prev = match at.checked_sub(1) {
+        Some(i) => buf.get(i),
+        None => before.last(),
     };
-    match back(1) {
-        Some(b'\n') => true,
-        Some(b'\r') => back(2) == Some(b'\n'),
-        _ => false,
+    matches!((prev, buf[at]), (Some(b'\n'), _) | (Some(b'\r'), b'\r'))
+}
+
+/// Where the event whose blank line ends at `buf[at]` ends: after it, or after the `\n` that
+/// makes a `\r` there a `\r\n`.
+fn end_after(buf: &[u8], at: usize) -> usize {
+    if buf[at] == b'\r' && buf.get(at + 1) == Some(&b'\n') {
+        at + 2
+    } else {
+        at + 1
     }
+}
+
+/// Whether `buf` ends where an event does.
+fn ends_event(buf: &[u8]) -> bool {
+    let n = buf.len();
+    (n >= 1 && blank_line_at(&[], buf, n - 1))
+        || (n >= 2 && buf[n - 2..] == *b"\r\n" && blank_line_at(&[], buf, n - 2))
 }
 
 /// The end (after its blank line) of the first complete event in `buf`, which follows
 /// `before`.
 fn event_end(before: &[u8], buf: &[u8]) -> Option<usize> {
-    memchr_iter(b'\n', buf)
-        .find(|&at| closes_event(before, buf, at))
-        .map(|at| at + 1)
+    memchr2_iter(b'\n', b'\r', buf)
+        .find(|&at| blank_line_at(before, buf, at))
+        .map(|at| end_after(buf, at))
 }
 
 /// The end of the last complete event in `buf`, which starts an event (0 if none).
 fn last_event_end(buf: &[u8]) -> usize {
-    memrchr_iter(b'\n', buf)
-        .find(|&at| closes_event(&[], buf, at))
-        .map_or(0, |at| at + 1)
-}
-
-/// How many bytes of `next` complete the event begun in `held` (which holds no complete
-/// event), its blank line possibly starting in `held`.
-fn end_across(held: &[u8], next: &[u8]) -> Option<usize> {
-    event_end(&held[held.len().saturating_sub(2)..], next)
+    memrchr2_iter(b'\n', b'\r', buf)
+        .find(|&at| blank_line_at(&[], buf, at))
+        .map_or(0, |at| end_after(buf, at))
 }
 
 fn is_usage_chunk(event: &[u8]) -> bool {
@@ -220,8 +247,7 @@ fn is_usage_chunk(event: &[u8]) -> bool {
         return false;
     }
     let mut data = Vec::new();
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
         if let Some(v) = line.strip_prefix(b"data:") {
             if !data.is_empty() {
                 data.push(b'\n');
@@ -300,27 +326,55 @@ mod tests {
     #[test]
     fn drops_only_the_usage_chunk_in_any_chunking() {
         let want = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n";
-        let crlf = STREAM.replace('\n', "\r\n");
-        let want_crlf = want.replace('\n', "\r\n");
-        for n in 1..=STREAM.len() {
-            let got = filtered(STREAM.as_bytes().chunks(n));
-            assert_eq!(got, want, "{n}-byte chunks");
-            let got = filtered(crlf.as_bytes().chunks(n));
-            assert_eq!(got, want_crlf, "{n}-byte chunks, CRLF");
+        // Every line end SSE allows, alone and mixed within one blank line.
+        for end in ["\n", "\r\n", "\r"] {
+            let stream = STREAM.replace('\n', end);
+            let want = want.replace('\n', end);
+            for n in 1..=stream.len() {
+                let got = filtered(stream.as_bytes().chunks(n));
+                assert_eq!(got, want, "{n}-byte chunks, line end {end:?}");
+            }
+        }
+        for blank in ["\n\r\n", "\r\n\n", "\r\r\n", "\n\r", "\r\n\r"] {
+            let stream = STREAM.replace("\n\n", blank);
+            let want = want.replace("\n\n", blank);
+            for n in 1..=stream.len() {
+                let got = filtered(stream.as_bytes().chunks(n));
+                assert_eq!(got, want, "{n}-byte chunks, blank line {blank:?}");
+            }
         }
     }
 
     #[test]
+    fn events_ending_in_carriage_returns_are_not_held_back() {
+        for stream in ["data: {\"x\":1}\r\r", "data: {\"x\":1}\rdata: 2\r\r"] {
+            let mut f = UsageChunkFilter::default();
+            f.push(Bytes::from(stream), false);
+            assert_eq!(f.pop().unwrap().into_data().unwrap(), stream);
+            assert!(!f.has_pending(), "{stream:?}");
+        }
+        // The usage chunk's data lines are read whatever ends them.
+        let chunk = "data: {\"choices\":[],\rdata: \"usage\":{\"total_tokens\":3}}\r\r";
+        assert!(is_usage_chunk(chunk.as_bytes()));
+    }
+
+    #[test]
     fn every_split_into_three_frames_gives_the_same_bytes() {
-        let want = filtered([STREAM.as_bytes()]);
-        let b = STREAM.as_bytes();
-        for i in 0..b.len() {
-            for j in i..b.len() {
-                assert_eq!(
-                    filtered([&b[..i], &b[i..j], &b[j..]]),
-                    want,
-                    "split at {i}, {j}"
-                );
+        for stream in [
+            STREAM.to_owned(),
+            STREAM.replace('\n', "\r"),
+            STREAM.replace("\n\n", "\r\n\r"),
+        ] {
+            let want = filtered([stream.as_bytes()]);
+            let b = stream.as_bytes();
+            for i in 0..b.len() {
+                for j in i..b.len() {
+                    assert_eq!(
+                        filtered([&b[..i], &b[i..j], &b[j..]]),
+                        want,
+                        "{stream:?} split at {i}, {j}"
+                    );
+                }
             }
         }
     }

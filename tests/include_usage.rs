@@ -266,3 +266,82 @@ async fn a_chunked_body_over_the_limit_is_passed_on_whole() {
     let got: serde_json::Value = serde_json::from_slice(&seen.0.lock().unwrap()[1].0).unwrap();
     assert_eq!(got["stream_options"]["include_usage"], true);
 }
+
+/// SSE lets a line end in `\r` alone. An upstream whose events end so sends its first event,
+/// then waits until the client has it: each event reaches the client as it ends (none is held
+/// back for a `\n` that never comes), and the usage chunk is still removed.
+#[tokio::test]
+async fn events_ending_in_carriage_returns_reach_the_client_as_they_come() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, Full};
+    use tokio::sync::Notify;
+
+    const FIRST: &str =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\r\r";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":4,\"total_tokens\":24}}\r\r";
+    const DONE: &str = "data: [DONE]\r\r";
+    let release = Arc::new(Notify::new());
+    let upstream = {
+        let release = release.clone();
+        move || async move {
+            let rest = async move {
+                release.notified().await;
+                Ok::<_, Infallible>(Bytes::from_static(USAGE.as_bytes()))
+            };
+            let frames =
+                futures_util::stream::once(async { Ok(Bytes::from_static(FIRST.as_bytes())) })
+                    .chain(futures_util::stream::once(rest))
+                    .chain(futures_util::stream::once(async {
+                        Ok(Bytes::from_static(DONE.as_bytes()))
+                    }));
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(frames))
+                .unwrap()
+        }
+    };
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let addr = serve(
+        Router::new()
+            .route(CHAT, post(upstream))
+            .layer(limits.clone()),
+    )
+    .await;
+
+    let request = axum::http::Request::post(format!("http://{addr}{CHAT}"))
+        .header("x-user", "a")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .unwrap();
+    let mut body = common::client().request(request).await.unwrap().into_body();
+    let mut got = Vec::new();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while got.len() < FIRST.len() {
+            let frame = body.frame().await.expect("the body ended").unwrap();
+            got.extend_from_slice(&frame.into_data().unwrap());
+        }
+    })
+    .await;
+    assert!(first.is_ok(), "the first event was held back");
+    release.notify_one();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(10), body.collect())
+        .await
+        .expect("the stream did not end")
+        .unwrap()
+        .to_bytes();
+    got.extend_from_slice(&rest);
+    assert_eq!(String::from_utf8(got).unwrap(), format!("{FIRST}{DONE}"));
+    limits.flush().await;
+    assert_eq!(used(&store, "a"), 24, "charged the reported usage");
+}
