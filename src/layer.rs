@@ -45,6 +45,7 @@ impl Shared {
 /// `Router::layer`, `Router::route_layer` or `tower::ServiceBuilder`.
 ///
 /// ```
+/// # #[cfg(feature = "axum")] {
 /// use axum::{Router, routing::post};
 /// use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
 ///
@@ -57,6 +58,7 @@ impl Shared {
 ///             .build()
 ///             .expect("valid limits"),
 ///     );
+/// # }
 /// ```
 #[derive(Clone)]
 pub struct TokenRateLimitLayer {

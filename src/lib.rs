@@ -15,12 +15,13 @@
 //! # Quick start
 //!
 //! ```
+//! # #[cfg(not(feature = "axum"))] fn main() {}
+//! # #[cfg(feature = "axum")] #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use axum::{Router, body::Body, routing::post};
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
 //! use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
 //!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! async fn chat() -> ([(&'static str, &'static str); 1], &'static str) {
 //!     ([("content-type", "application/json")],
 //!      r#"{"usage":{"prompt_tokens":10,"completion_tokens":90,"total_tokens":100}}"#)
