@@ -383,6 +383,159 @@ async fn the_same_on_a_three_master_cluster() {
     );
 }
 
+/// The master holding a budget's counter dies and its replica takes over: meanwhile requests
+/// follow the failure mode (open) without waiting long, and the debits made are kept; once the
+/// replica is master the store finds it, writes them, and reads budgets from it again. Nothing
+/// the master had replicated is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_failover_loses_no_debit() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
+        .await
+        .unwrap();
+    let store = RedisStore::builder()
+        .cluster_nodes(cluster.node_addrs())
+        .timeout(Duration::from_millis(200))
+        .breaker(3, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let limits = layer(
+        store.clone(),
+        "fo",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(100_000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    let h = [("x-user", "u"), ("x-mock-tokens", "10")];
+    let key = "higress-token-ratelimit:{fo}:limit_by_per_header:60:x-user:u";
+    let mut sent = 0;
+    for _ in 0..10 {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        sent += 1;
+    }
+    limits.flush().await;
+    let master = cluster.master_of(key, 0).expect("a master serves the key");
+    let mut con = cluster.nodes[master].client();
+    assert_eq!(con.get::<_, u64>(key).unwrap(), 100);
+    // Replicated before the kill (replication is asynchronous: an unreplicated write would be
+    // the cluster's loss, not the store's).
+    let acked: u64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut con).unwrap();
+    assert_eq!(acked, 1, "the replica has the counter");
+
+    cluster.nodes[master].kill();
+    let killed = Instant::now();
+    let other = (master + 1) % 3;
+    let mut slowest = Duration::ZERO;
+    let promoted = loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no replica took over"
+        );
+        let t = Instant::now();
+        let r = send(addr, CHAT, &h, STREAM).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status, StatusCode::OK, "fail open during the failover");
+        sent += 1;
+        match cluster.master_of(key, other) {
+            Some(m) if m != master && cluster.node_ok(other) => break m,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let failover = killed.elapsed();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest request during the failover {slowest:?}"
+    );
+
+    // After it, every debit reaches the new master, the outage's included.
+    for _ in 0..10 {
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        sent += 1;
+    }
+    let mut con = cluster.nodes[promoted].client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        limits.flush().await;
+        let used = con.get::<_, Option<u64>>(key).unwrap();
+        if used == Some(sent * 10) && store.pending_debits() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{used:?} of {} tokens on the new master, {} pending",
+            sent * 10,
+            store.pending_debits()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.dropped_debits(), 0);
+    // And budgets are read from the new master again.
+    tokio::time::sleep(DEFAULT_CHECK_REUSE).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(addr, CHAT, &h, STREAM).await;
+        limits.flush().await;
+        sent += 1;
+        let remaining = (100_000 - (sent - 1) * 10).to_string();
+        if r.header("x-ratelimit-remaining-tokens") == Some(remaining.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "budget not read from the new master: {:?}, expected {remaining}",
+            r.header("x-ratelimit-remaining-tokens")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("failover took {failover:?}; {sent} requests");
+}
+
+/// A debit that fails while the breaker stays closed (one failure of the many that open it) is
+/// written again on its own once Redis is back, without waiting for a next request.
+#[tokio::test]
+async fn a_failed_debit_is_retried_without_further_traffic() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(100))
+        .breaker(1000, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let limits = layer(
+        store.clone(),
+        "rt",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        ],
+    );
+    let addr = app(limits.clone()).await;
+    server.kill();
+    let h = [("x-user", "u"), ("x-mock-tokens", "9")];
+    assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(store.pending_debits(), 1, "the debit is kept");
+    assert!(!store.breaker_open());
+
+    server.restart();
+    let mut con = server.client();
+    let k = "higress-token-ratelimit:{rt}:limit_by_per_header:60:x-user:u";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while con.get::<_, Option<u64>>(k).unwrap() != Some(9) {
+        assert!(
+            Instant::now() < deadline,
+            "not retried: {:?}, {} pending",
+            con.get::<_, Option<u64>>(k),
+            store.pending_debits()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.pending_debits(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
     let mut server = RedisServer::start();

@@ -146,6 +146,8 @@ struct Inner {
     failures: AtomicU32,
     open: AtomicBool,
     flushing: AtomicBool,
+    /// A retry of the buffered debits is scheduled.
+    retrying: AtomicBool,
     /// Failed debits by key, merged so a long outage costs one entry per counter.
     pending: Mutex<KeyMap<Arc<str>, PendingDebit>>,
     /// Buffered debits taken out of `pending` and being written.
@@ -395,6 +397,7 @@ impl RedisStoreBuilder {
                 failures: AtomicU32::new(0),
                 open: AtomicBool::new(false),
                 flushing: AtomicBool::new(false),
+                retrying: AtomicBool::new(false),
                 pending: Mutex::default(),
                 max_pending: self.max_pending.unwrap_or(DEFAULT_MAX_PENDING),
                 dropped: AtomicU64::new(0),
@@ -861,7 +864,42 @@ impl Inner {
                 }
             }
         }
+        if failed > 0 {
+            self.retry_later();
+        }
         failed
+    }
+
+    /// Writes the buffered debits again after a probe interval. A successful call writes them
+    /// too, and so does the breaker's probe when Redis is back, but a write can fail while
+    /// the breaker stays closed (fewer failures than open it, or one node of a Cluster down
+    /// while the others answer): without this, they would wait for the next successful call,
+    /// which never comes when the traffic stops, while other replicas read counters without
+    /// them.
+    fn retry_later(self: &Arc<Self>) {
+        if self.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::downgrade(self);
+        let interval = self.probe_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = inner.upgrade() else { return };
+                let open = inner.open.load(Ordering::Acquire);
+                if inner.flushing.load(Ordering::Acquire) && !open {
+                    // A flush is on its way; what it does not write is looked at after it.
+                    continue;
+                }
+                // Cleared first: what is buffered from now on schedules its own retry.
+                inner.retrying.store(false, Ordering::Release);
+                // While the breaker is open, its probe writes them when Redis answers.
+                if !open && !lock(&inner.pending).is_empty() {
+                    inner.spawn_flush();
+                }
+                return;
+            }
+        });
     }
 
     fn spawn_flush(self: &Arc<Self>) {

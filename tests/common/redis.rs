@@ -125,7 +125,7 @@ impl RedisServer {
         Self::launch(port, args, password, false)
     }
 
-    fn cluster_node(dir: &std::path::Path) -> Self {
+    fn cluster_node(dir: &std::path::Path, node_timeout_ms: u32) -> Self {
         let port = free_port(true);
         let conf = dir.join(format!("nodes-{port}.conf"));
         let mut args = base_args(&port.to_string(), dir);
@@ -136,7 +136,7 @@ impl RedisServer {
                 "--cluster-config-file",
                 conf.to_str().unwrap(),
                 "--cluster-node-timeout",
-                "2000",
+                &node_timeout_ms.to_string(),
             ]
             .map(String::from),
         );
@@ -340,16 +340,25 @@ impl Drop for RedisServer {
     }
 }
 
-/// A 3-master Redis Cluster.
+/// A 3-master Redis Cluster, with replicas if asked for.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     dir: PathBuf,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas.
     pub fn start() -> Self {
+        Self::start_with(0, 2000)
+    }
+
+    /// Three masters with `replicas` replicas each; a master unreachable for `node_timeout_ms`
+    /// is failed over to one of its replicas.
+    pub fn start_with(replicas: usize, node_timeout_ms: u32) -> Self {
         let dir = scratch_dir();
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::cluster_node(&dir)).collect();
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
+            .map(|_| RedisServer::cluster_node(&dir, node_timeout_ms))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -358,7 +367,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli on PATH (.ci/run installs it)");
         assert!(
@@ -366,21 +375,76 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let cluster = RedisCluster { nodes, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
-        for n in &nodes {
-            loop {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .unwrap();
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
-                }
+        for i in 0..cluster.nodes.len() {
+            // Every node agrees, and each master's replicas have joined it.
+            while !cluster.node_ok(i) || cluster.replicas_known(i) < 3 * replicas {
                 assert!(Instant::now() < deadline, "cluster did not become ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        RedisCluster { nodes, dir }
+        cluster
+    }
+
+    /// `CLUSTER NODES` as node `i` sees it: one line per node.
+    fn cluster_nodes(&self, i: usize) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[i].port.to_string(), "cluster", "nodes"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether node `i` reports `cluster_state:ok`.
+    pub fn node_ok(&self, i: usize) -> bool {
+        let info = Command::new("redis-cli")
+            .args(["-p", &self.nodes[i].port.to_string(), "cluster", "info"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+    }
+
+    fn replicas_known(&self, i: usize) -> usize {
+        self.cluster_nodes(i)
+            .lines()
+            .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("slave")))
+            .count()
+    }
+
+    /// The node that node `seen_by` names as the master serving `key`'s slot, if any.
+    pub fn master_of(&self, key: &str, seen_by: usize) -> Option<usize> {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.nodes[seen_by].port.to_string(),
+                "cluster",
+                "keyslot",
+                key,
+            ])
+            .output()
+            .unwrap();
+        let slot: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <state> <slots>...`
+        let nodes = self.cluster_nodes(seen_by);
+        let line = nodes.lines().find(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            fields.len() > 8
+                && fields[2].contains("master")
+                && !fields[2].contains("fail")
+                && fields[8..].iter().any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+                })
+        })?;
+        let port: u16 = line
+            .split(' ')
+            .nth(1)?
+            .split(['@', ':'])
+            .nth(1)?
+            .parse()
+            .ok()?;
+        self.nodes.iter().position(|n| n.port == port)
     }
 
     pub fn node_addrs(&self) -> Vec<String> {
