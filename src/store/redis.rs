@@ -282,7 +282,8 @@ impl RedisStoreBuilder {
     }
 
     /// Consecutive failures that open the circuit breaker (default 3), and how often an open
-    /// breaker probes Redis (default 250 ms).
+    /// breaker probes Redis (default 250 ms). Debits whose write failed are written again
+    /// as often while the breaker is closed.
     pub fn breaker(mut self, failures: u32, probe_interval: Duration) -> Self {
         self.breaker_failures = Some(failures);
         self.probe_interval = Some(probe_interval);
