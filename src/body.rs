@@ -110,9 +110,11 @@ where
                     return Poll::Ready(None);
                 }
                 let frame = ready!(body.as_mut().poll_frame(cx));
+                // Trailers end the body: hyper stops polling once it has sent them, so the
+                // `None` after them (or `is_end_stream`) may never be seen.
                 let end = match &frame {
                     None => true,
-                    Some(Ok(_)) => body.is_end_stream(),
+                    Some(Ok(f)) => f.is_trailers() || body.is_end_stream(),
                     Some(Err(_)) => false,
                 };
                 let mut usage_free = false;
@@ -134,6 +136,7 @@ where
                     }
                 }
                 let Some(f) = filter.as_mut() else {
+                    *ended |= end;
                     return Poll::Ready(frame);
                 };
                 match frame {

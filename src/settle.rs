@@ -503,13 +503,28 @@ impl Meter {
             (None, _) => None,
         }
         .or(self.reported);
-        let (tokens, estimated) = match (usage, &self.reservation) {
-            (Some(u), _) => (self.cost.tokens(&u), false),
+        // Without usage: in reserve mode the reservation stands as the estimate.
+        let fallback = |m: &Self| {
+            m.reservation
+                .as_ref()
+                .map_or_else(|| m.estimate(), |r| r.amount)
+        };
+        let (tokens, estimated) = match usage.map(|u| self.cost.tokens(&u)) {
+            // Usage read before the stream was cut short may be partial (Anthropic reports the
+            // output only at the end, after `message_start`'s placeholder): no less than the
+            // estimate is charged, or a client would stream for free by leaving early.
+            Some(reported) if end != End::Complete => {
+                let estimate = fallback(self);
+                if estimate > reported {
+                    (estimate, true)
+                } else {
+                    (reported, false)
+                }
+            }
+            Some(reported) => (reported, false),
             // The provider reported no usage for a request it refused: it bills nothing.
-            (None, _) if self.error_status => (0, false),
-            // Reserve mode without usage: the reservation stands as the estimate.
-            (None, Some(r)) => (r.amount, true),
-            (None, None) => (self.estimate(), true),
+            None if self.error_status => (0, false),
+            None => (fallback(self), true),
         };
         if let Some(r) = &self.reservation
             && !estimated

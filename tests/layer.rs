@@ -1261,3 +1261,135 @@ async fn debits_that_queue_while_one_is_written_are_merged_per_counter() {
     );
     assert_eq!(store.inner.used(&global), 60);
 }
+
+/// A body whose trailers are its end (`is_end_stream` stays false after them, as for
+/// `StreamBody`): hyper stops polling once it has sent the trailers and drops the body. The
+/// usage read before them is charged, not an estimate, and a last SSE event without its blank
+/// line counts.
+#[tokio::test]
+async fn trailers_end_the_body_when_nothing_is_polled_after_them() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    // Usage on a content chunk: the layer's usage-chunk filter (the request did not ask for
+    // usage) holds the event back until the trailers, and passes it on.
+    let usage = r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1000,"completion_tokens":2000,"total_tokens":3000}}"#;
+    for (user, content_type, data) in [
+        ("json", "application/json", usage.to_owned()),
+        ("sse", "text/event-stream", format!("data: {usage}")),
+    ] {
+        let store = MemoryStore::new();
+        let limits = layer(
+            &store,
+            vec![
+                Rule::per_header("x-user")
+                    .any_value()
+                    .tokens_per_minute(1_000_000),
+            ],
+        );
+        let svc = tower::service_fn(move |_req: Request<Body>| {
+            let data = data.clone();
+            async move {
+                let mut trailers = axum::http::HeaderMap::new();
+                trailers.insert("x-done", "1".parse().unwrap());
+                let frames = vec![
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(data))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                Ok::<_, std::convert::Infallible>(
+                    axum::http::Response::builder()
+                        .header("content-type", content_type)
+                        .body(StreamBody::new(futures_util::stream::iter(frames)))
+                        .unwrap(),
+                )
+            }
+        });
+        let svc = tower::ServiceBuilder::new()
+            .layer(limits.clone())
+            .service(svc);
+        let req = Request::post(CHAT)
+            .header("x-user", user)
+            .body(Body::from(STREAM))
+            .unwrap();
+        let mut body = svc.oneshot(req).await.unwrap().into_body();
+        // What hyper's server does: data, trailers, then no more polls.
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data(), "{content_type}: {first:?}");
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        drop(body);
+        limits.flush().await;
+        assert_eq!(
+            store.used(&key(&format!("limit_by_per_header:60:x-user:{user}"))),
+            3000,
+            "{content_type}"
+        );
+    }
+}
+
+/// Anthropic reports the input and a placeholder output count in `message_start`, the output
+/// only in `message_delta` at the end. A client that leaves after a long answer, before that,
+/// is charged no less than the estimate from the bytes streamed.
+#[tokio::test]
+async fn leaving_before_the_final_usage_is_charged_no_less_than_the_estimate() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        ],
+    );
+    let start = Bytes::from_static(
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+    );
+    let delta = Bytes::from_static(
+        b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" a long answer, token after token\"}}\n\n",
+    );
+    const DELTAS: usize = 2000;
+    let frames: Vec<Result<Bytes, std::convert::Infallible>> = std::iter::once(start.clone())
+        .chain(std::iter::repeat_n(delta.clone(), DELTAS))
+        .map(Ok)
+        .collect();
+    let app = Router::new()
+        .route(
+            "/v1/messages",
+            post(move || {
+                let frames = frames.clone();
+                async move {
+                    // The upstream is still generating when the client leaves.
+                    let stream = futures_util::StreamExt::chain(
+                        futures_util::stream::iter(frames),
+                        futures_util::stream::pending(),
+                    );
+                    axum::http::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from_stream(stream))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(limits.clone());
+    let req = Request::post("/v1/messages")
+        .header("x-user", "leaver")
+        .body(Body::from(r#"{"model":"claude","stream":true}"#))
+        .unwrap();
+    let mut body = app.oneshot(req).await.unwrap().into_body();
+    for _ in 0..=DELTAS {
+        body.frame().await.unwrap().unwrap();
+    }
+    drop(body);
+    limits.flush().await;
+    let streamed = start.len() + DELTAS * delta.len();
+    let charged = store.used(&key("limit_by_per_header:60:x-user:leaver"));
+    // The output estimate for SSE is about a token per 64 bytes (the events' JSON around
+    // each piece of text); `message_start` alone says 11.
+    assert!(
+        charged > (streamed / 100) as u64,
+        "charged {charged} for {streamed} bytes streamed"
+    );
+}
