@@ -9,6 +9,7 @@ async fn a_million_expired_keys_are_reclaimed() {
     // Room for all of them: this is about expiry, not the cap.
     let store = MemoryStore::with_max_counters(2_000_000);
     let window = Duration::from_secs(5);
+    let started = std::time::Instant::now();
     for i in 0..1_000_000u32 {
         let c = Counter {
             key: format!("k:{i}").into(),
@@ -18,7 +19,11 @@ async fn a_million_expired_keys_are_reclaimed() {
         };
         store.debit(std::slice::from_ref(&c), 1).await.unwrap();
     }
-    assert_eq!(store.len(), 1_000_000);
+    // All there, unless filling took longer than a window (a loaded machine, a debug build):
+    // then the first ones may already be reclaimed.
+    if started.elapsed() < window {
+        assert_eq!(store.len(), 1_000_000);
+    }
     // The sweeper runs every second; give it the window plus a margin.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !store.is_empty() {
