@@ -15,7 +15,9 @@ use crate::body::ResponseBody;
 use crate::config::{Compiled, FailureMode, Mode};
 use crate::key::RequestView;
 use crate::layer::Shared;
-use crate::request::{Probe, Reader, RequestBody, inject_include_usage, max_output_tokens, model};
+use crate::request::{
+    Probe, Reader, RequestBody, UNKNOWN_MODEL, inject_include_usage, max_output_tokens, model,
+};
 use crate::response;
 use crate::service::matched;
 use crate::settle::{End, Meter, Origin, Reserved, prompt_estimate};
@@ -160,10 +162,14 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
             return false;
         }
         let probe = rest.is_none().then(|| Probe::of(&prefix)).flatten();
+        // A streamed body's length is known once it is read (over the limit: at least this).
+        self.request_bytes = self.request_bytes.max(prefix.len() as u64);
         let settings = &self.settings;
         if settings.mode == Mode::Reserve || self.deferred {
             self.max_output = probe.as_ref().and_then(max_output_tokens);
-            self.model = model(probe.as_ref(), self.head.uri.path());
+            let unreadable = probe.is_none() && !prefix.is_empty();
+            self.model = model(probe.as_ref(), self.head.uri.path())
+                .or_else(|| unreadable.then(|| UNKNOWN_MODEL.to_owned()));
         }
         let injected = probe
             .as_ref()

@@ -199,22 +199,19 @@ impl<B: RequestBody> Reader<B> {
 }
 
 /// The fields of a request body the layer looks at. Everything else is skipped by the parser
-/// without being built, so a large prompt costs a scan, not a tree.
-#[derive(Debug, Default, serde::Deserialize)]
+/// without being built, so a large prompt costs a scan, not a tree. A field given twice counts
+/// with its last value, as the upstream's parser reads it (Python's, Go's and JavaScript's
+/// do): a repeated `model` must not make the request unreadable, or slip past a rule on the
+/// model with another name.
+#[derive(Debug, Default)]
 pub(crate) struct Probe<'a> {
-    #[serde(default, borrow)]
     stream: Option<Seen<'a>>,
-    #[serde(default, borrow)]
     stream_options: Option<Seen<'a>>,
-    #[serde(default, borrow)]
     model: Option<Seen<'a>>,
-    #[serde(default, borrow)]
     max_tokens: Option<Seen<'a>>,
-    #[serde(default, borrow)]
     max_completion_tokens: Option<Seen<'a>>,
-    #[serde(default, borrow)]
     max_output_tokens: Option<Seen<'a>>,
-    #[serde(default, borrow, rename = "generationConfig")]
+    /// `generationConfig`.
     generation_config: Option<Seen<'a>>,
 }
 
@@ -222,6 +219,41 @@ impl<'a> Probe<'a> {
     /// The probe of a JSON object body; `None` for anything else.
     pub(crate) fn of(body: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(body).ok()
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Probe<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<Probe<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Probe<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe<'a>, A::Error> {
+                let mut p = Probe::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let field = match &*key {
+                        "stream" => &mut p.stream,
+                        "stream_options" => &mut p.stream_options,
+                        "model" => &mut p.model,
+                        "max_tokens" => &mut p.max_tokens,
+                        "max_completion_tokens" => &mut p.max_completion_tokens,
+                        "max_output_tokens" => &mut p.max_output_tokens,
+                        "generationConfig" => &mut p.generation_config,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *field = map.next_value()?;
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 
@@ -348,6 +380,11 @@ pub(crate) fn max_output_tokens(probe: &Probe<'_>) -> Option<u64> {
     })
 }
 
+/// The model of a request that has a body the layer could not read as a JSON object (over
+/// `request_body_limit`, compressed, not JSON): rules on the model count it under this name,
+/// rather than letting it pass unlimited.
+pub(crate) const UNKNOWN_MODEL: &str = "unknown";
+
 /// The model a request names: its JSON `model`, or Gemini's path `…/models/{model}:method`.
 pub(crate) fn model(probe: Option<&Probe<'_>>, path: &str) -> Option<String> {
     if let Some(Seen::Str(m)) = probe.and_then(|p| p.model.as_ref()) {
@@ -380,6 +417,11 @@ mod tests {
         let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
         assert_eq!(model(Some(&g), path).as_deref(), Some("gemini-2.5-pro"));
         assert_eq!(model(None, "/v1/chat"), None);
+        // A field given twice counts with its last value, as upstreams read it.
+        let twice = Probe::of(br#"{"model": "a", "max_tokens": 1, "model": "b", "max_tokens": 2}"#)
+            .unwrap();
+        assert_eq!(model(Some(&twice), "/v1/chat").as_deref(), Some("b"));
+        assert_eq!(max_output_tokens(&twice), Some(2));
         // An escaped name is the name (it must not slip past a rule on the model).
         let escaped = Probe::of(br#"{"model": "gpt\u002d4o", "max_tokens": 5.0}"#).unwrap();
         assert_eq!(model(Some(&escaped), "/v1/chat").as_deref(), Some("gpt-4o"));
@@ -390,7 +432,6 @@ mod tests {
         .unwrap();
         assert_eq!(model(Some(&odd), "/v1/chat"), None);
         assert_eq!(max_output_tokens(&odd), None);
-        assert!(Probe::of(br#"{"model": "a", "model": "b"}"#).is_none());
     }
 
     #[test]

@@ -153,7 +153,9 @@ impl Rule {
     }
 
     /// One shared counter per listed model (`limit_by_model`): the request's JSON `model`, or
-    /// Gemini's `/models/{model}:` path.
+    /// Gemini's `/models/{model}:` path. A request whose body the layer cannot read as JSON
+    /// (over `request_body_limit`, compressed, not JSON) has the model `unknown`, which any
+    /// value matches and which can be listed.
     pub fn model() -> Self {
         Self::item(RuleItemConfig {
             limit_by_model: Some(serde_json::Value::Null),

@@ -14,7 +14,7 @@ use crate::config::Mode;
 use crate::future::{Pending, ResponseFuture};
 use crate::key::RequestView;
 use crate::layer::Shared;
-use crate::request::{Reader, RequestBody, model};
+use crate::request::{Reader, RequestBody, UNKNOWN_MODEL, model};
 use crate::store::Counter;
 
 /// Token rate limiting around a service; made by [`TokenRateLimitLayer`](crate::TokenRateLimitLayer).
@@ -100,9 +100,14 @@ where
         let inject = settings.inject_include_usage && json && fits && may_ask_for_usage(&request);
         let reserve = settings.mode == Mode::Reserve;
         let read = inject || ((reserve || deferred) && fits && json);
-        // Without reading the body, a Gemini path still names the model.
+        // Without reading the body, a Gemini path still names the model; a body left unread
+        // has an unknown one.
+        let has_body = content_length.map_or(!request.body().is_end_stream(), |n| n > 0);
         let model = (reserve || deferred)
-            .then(|| model(None, request.uri().path()))
+            .then(|| {
+                model(None, request.uri().path())
+                    .or_else(|| (!read && has_body).then(|| UNKNOWN_MODEL.to_owned()))
+            })
             .flatten();
         let (head, body) = request.into_parts();
         let (body, reader) = if read {

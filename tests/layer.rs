@@ -1393,3 +1393,54 @@ async fn leaving_before_the_final_usage_is_charged_no_less_than_the_estimate() {
         "charged {charged} for {streamed} bytes streamed"
     );
 }
+
+/// A request body streamed without a `Content-Length` is estimated from the bytes read, the
+/// same as one that gives its length: a client cannot make its prompt free by chunking it.
+#[tokio::test]
+async fn a_chunked_request_body_is_estimated_like_one_with_a_length() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        ],
+    );
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone());
+    let body = format!(
+        r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(40_000)
+    );
+    for (user, chunked) in [("whole", false), ("chunked", true)] {
+        let request = Request::post(CHAT)
+            .header("x-user", user)
+            .header("x-mock-no-usage", "1");
+        let request = if chunked {
+            let pieces: Vec<Result<Bytes, std::convert::Infallible>> = body
+                .as_bytes()
+                .chunks(1000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            request.body(Body::from_stream(futures_util::stream::iter(pieces)))
+        } else {
+            request
+                .header("content-length", body.len())
+                .body(Body::from(body.clone()))
+        };
+        let response = app.clone().oneshot(request.unwrap()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+    limits.flush().await;
+    let whole = store.used(&key("limit_by_per_header:60:x-user:whole"));
+    assert!(whole > 10_000, "40 KB of prompt: {whole}");
+    assert_eq!(
+        store.used(&key("limit_by_per_header:60:x-user:chunked")),
+        whole
+    );
+}

@@ -84,6 +84,72 @@ async fn each_model_has_its_own_budget() {
     );
 }
 
+/// A model the layer cannot read does not make a request unlimited: a `model` given twice
+/// counts with its last value (as the upstream reads it), and a body too large to read, or not
+/// readable as JSON, counts under the model `unknown`, which rules taking any model limit and
+/// a listed value can name.
+#[tokio::test]
+async fn a_model_that_cannot_be_read_is_not_a_way_around_model_limits() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .request_body_limit(4096)
+        .rule(Rule::per_model().any_value().tokens_per_minute(150))
+        .build()
+        .unwrap();
+    let addr = serve(
+        Router::new()
+            .route("/v1/chat/completions", post(mock_chat))
+            .layer(limits.clone()),
+    )
+    .await;
+    let send_body = |body: String, headers: &'static [(&'static str, &'static str)]| {
+        let limits = limits.clone();
+        async move {
+            let r = send(addr, "/v1/chat/completions", headers, &body).await;
+            limits.flush().await;
+            r.status
+        }
+    };
+    // gpt-4o's budget spent (100 of 150, then 200).
+    for _ in 0..2 {
+        assert_eq!(send_body(chat("gpt-4o"), &[]).await, StatusCode::OK);
+    }
+    let twice = r#"{"model":"other","model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#;
+    assert_eq!(
+        send_body(twice.into(), &[]).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the last model named is gpt-4o"
+    );
+    assert_eq!(store.used(&key("limit_by_per_model:60:model:other")), 0);
+
+    // Padded past the body limit: the model is unknown, and unknown has a budget of its own.
+    let padded = format!(
+        r#"{{"model":"gpt-4o","stream":true,"stream_options":{{"include_usage":true}},"user":"{}"}}"#,
+        "x".repeat(8192)
+    );
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        assert_eq!(send_body(padded.clone(), &[]).await, expected, "padded");
+    }
+    assert_eq!(store.used(&key("limit_by_per_model:60:model:unknown")), 200);
+    // So does a compressed one, which the layer does not read.
+    assert_eq!(
+        send_body(chat("gpt-4o-mini"), &[("content-encoding", "identity, x")]).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "compressed: unknown"
+    );
+    // A body without a model still has none.
+    assert_eq!(
+        send_body(r#"{"stream":true}"#.into(), &[]).await,
+        StatusCode::OK
+    );
+    assert_eq!(store.used(&key("limit_by_per_model:60:model:unknown")), 200);
+}
+
 async fn as_consumer(
     mut req: Request<Body>,
     next: axum::middleware::Next,
