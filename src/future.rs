@@ -204,9 +204,13 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
                 None => Check::Read(store.check(&self.counters)),
             },
             Mode::Reserve => {
-                let output = self
-                    .max_output
-                    .unwrap_or_else(|| self.shared.allowances.get(self.model.as_deref()));
+                let output = self.max_output.unwrap_or_else(|| {
+                    self.shared.allowances.get(
+                        &self.rules,
+                        self.model.as_deref(),
+                        self.settings.default_output_tokens,
+                    )
+                });
                 let amount = self.prompt_tokens().saturating_add(output);
                 Check::Reserve(store.reserve(&self.counters, amount), amount)
             }
@@ -323,6 +327,14 @@ where
                         }
                         Decision::Admit { statuses, reserved } => (statuses, reserved),
                     };
+                    // The budget left counts this request's own reservation (SPEC 4); the
+                    // store answers with the counters as they were before it.
+                    let mut statuses = statuses;
+                    if let (Some(statuses), Some((_, amount, _))) = (&mut statuses, &reserved) {
+                        for s in statuses.iter_mut() {
+                            s.used = s.used.saturating_add(*amount);
+                        }
+                    }
                     let headers = statuses
                         .as_deref()
                         .filter(|_| settings.openai_headers || settings.ietf_headers)
@@ -342,6 +354,7 @@ where
                         local,
                         prompt,
                         model: p.model.as_deref().map(Arc::from),
+                        learns: p.max_output.is_none(),
                     });
                     let origin = Origin {
                         rules: p.rules,

@@ -7,7 +7,9 @@ use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
 use crate::allowance::Allowances;
-use crate::config::{Compiled, CustomSource, FailureMode, Mode, TokenRateLimitConfig};
+use crate::config::{
+    Compiled, CustomSource, FailureMode, Mode, RuleItemConfig, TokenRateLimitConfig,
+};
 use crate::cost::{Cost, CostConfig};
 use crate::error::{ConfigError, Problem};
 use crate::rule::{Rule, RuleKind};
@@ -27,6 +29,9 @@ pub(crate) struct Shared {
     pub(crate) extractor: Option<Arc<dyn UsageExtractor>>,
     /// Reserve mode's learned output allowances.
     pub(crate) allowances: Allowances,
+    /// The builder's [`Rule::per_key`] rules, which a configuration cannot express: kept
+    /// across reloads.
+    custom_rules: Vec<(RuleItemConfig, CustomSource)>,
     settler: OnceLock<Settler>,
 }
 
@@ -101,8 +106,9 @@ impl TokenRateLimitLayer {
     /// Replaces the limits (and the other settings of a configuration) of a running layer,
     /// for every service it made; counters keep their used tokens, since their keys do not
     /// change unless `rule_name` or `key_prefix` does. Requests already admitted finish under
-    /// the settings they started with. The store is not changed (a `redis` block is ignored),
-    /// nor are rules added with [`Rule::per_key`]. On a problem nothing changes.
+    /// the settings they started with. The store is not changed (a `redis` block is ignored);
+    /// rules added with [`Rule::per_key`], which a configuration cannot express, are kept
+    /// (after the configuration's rule items). On a problem nothing changes.
     ///
     /// ```
     /// # use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
@@ -113,8 +119,14 @@ impl TokenRateLimitLayer {
     /// layer.reload(cfg(5000))?;
     /// # Ok::<_, tower_token_ratelimit::ConfigError>(())
     /// ```
-    pub fn reload(&self, config: TokenRateLimitConfig) -> Result<(), ConfigError> {
-        let compiled = config.compile(&[])?;
+    pub fn reload(&self, mut config: TokenRateLimitConfig) -> Result<(), ConfigError> {
+        // The builder's `Rule::per_key` rules go after the configuration's items.
+        let mut customs = Vec::with_capacity(self.shared.custom_rules.len());
+        for (item, source) in &self.shared.custom_rules {
+            customs.push((config.rule_items.len(), source.clone()));
+            config.rule_items.push(item.clone());
+        }
+        let compiled = config.compile(&customs)?;
         if compiled.failure_mode == FailureMode::Local && self.shared.fallback.is_none() {
             return Err(ConfigError::new(vec![Problem {
                 path: "failure_mode".into(),
@@ -392,15 +404,20 @@ impl TokenRateLimitLayerBuilder {
         let (Some(compiled), Some(store), true) = (compiled, store, problems.is_empty()) else {
             return Err(ConfigError::new(problems));
         };
+        let custom_rules = self
+            .customs
+            .into_iter()
+            .map(|(i, source)| (self.config.rule_items[i].clone(), source))
+            .collect();
         let fallback = (compiled.failure_mode == FailureMode::Local).then(MemoryStore::new);
-        let allowances = Allowances::new(compiled.default_output_tokens);
         Ok(TokenRateLimitLayer {
             shared: Arc::new(Shared {
                 compiled: ArcSwap::from_pointee(compiled),
                 store,
                 fallback,
                 extractor: self.extractor,
-                allowances,
+                allowances: Allowances::default(),
+                custom_rules,
                 settler: OnceLock::new(),
             }),
         })

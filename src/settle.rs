@@ -102,6 +102,8 @@ pub(crate) struct Reserved {
     /// The prompt estimate within `amount`, and the model: for learning output allowances.
     pub(crate) prompt: u64,
     pub(crate) model: Option<Arc<str>>,
+    /// The request set no output limit: its output is learned from.
+    pub(crate) learns: bool,
 }
 
 #[derive(Default)]
@@ -527,11 +529,14 @@ impl Meter {
             None => (fallback(self), true),
         };
         if let Some(r) = &self.reservation
+            && r.learns
             && !estimated
         {
-            self.shared
-                .allowances
-                .record(r.model.as_deref(), tokens.saturating_sub(r.prompt));
+            self.shared.allowances.record(
+                &self.rules,
+                r.model.as_deref(),
+                tokens.saturating_sub(r.prompt),
+            );
         }
         telemetry::tokens(&self.rules, self.model.as_deref(), estimated, tokens);
         tracing::debug!(

@@ -203,8 +203,8 @@ async fn remaining_counts_in_flight_reservations() {
         .unwrap();
     assert_eq!(
         remaining,
-        1_000 - (prompt + 200),
-        "the in-flight reservation is counted"
+        1_000 - 2 * (prompt + 200),
+        "the in-flight reservation is counted, and the request's own"
     );
     drop(held);
 }

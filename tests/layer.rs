@@ -1444,3 +1444,151 @@ async fn a_chunked_request_body_is_estimated_like_one_with_a_length() {
         whole
     );
 }
+
+/// A reload keeps the builder's `Rule::per_key` rules (a configuration cannot express them)
+/// and applies the new `default_output_tokens`.
+#[tokio::test]
+async fn reload_keeps_per_key_rules_and_applies_every_setting() {
+    let cfg = |default_output: u64| -> TokenRateLimitConfig {
+        serde_json::from_value(serde_json::json!({
+            "rule_name": "default",
+            "mode": "reserve",
+            "default_output_tokens": default_output,
+            "global_threshold": {"token_per_minute": 1_000_000},
+        }))
+        .unwrap()
+    };
+    let store = MemoryStore::new();
+    let tenant = |r: &tower_token_ratelimit::RequestView<'_>| -> Option<String> {
+        Some(r.headers().get("x-tenant")?.to_str().ok()?.to_owned())
+    };
+    let limits = TokenRateLimitLayer::builder()
+        .config(cfg(5000))
+        .rule(Rule::per_key("tenant", tenant).tokens_per_minute(220))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    let h = [("x-tenant", "t1")];
+    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let mut statuses = Vec::new();
+    for reload in [false, false, true, false] {
+        if reload {
+            limits.reload(cfg(10)).unwrap();
+        }
+        statuses.push(send(addr, CHAT, &h, body).await.status);
+        limits.flush().await;
+    }
+    // An empty window admits one request whatever it reserves; then 100 used plus 5,000 of
+    // output allowance do not fit the tenant's 220, 100 plus 10 do, and 200 plus 10 of output
+    // and the prompt do not: the tenant's rule still holds after the reload.
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(store.used(&key("limit_by_per_key:60:tenant:t1")), 200);
+}
+
+/// Reserve mode learns the output allowance from requests that set no output limit only: a
+/// client's capped answers (`max_tokens: 1`) say nothing of what an uncapped one uses, and
+/// must not shrink what the next uncapped request reserves.
+#[tokio::test]
+async fn capped_answers_do_not_teach_the_output_allowance() {
+    use http_body_util::BodyExt;
+    use tower_token_ratelimit::Mode;
+
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .mode(Mode::Reserve)
+        .default_output_tokens(1000)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone());
+    let k = key("limit_by_per_header:60:x-user:u");
+    let request = |body: &'static str, extra: Option<(&'static str, &'static str)>| {
+        let mut r = Request::post(CHAT).header("x-user", "u");
+        if let Some((name, value)) = extra {
+            r = r.header(name, value);
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    // Three capped answers of 12 tokens each.
+    let capped =
+        r#"{"model":"m","max_tokens":1,"stream":true,"stream_options":{"include_usage":true}}"#;
+    for _ in 0..3 {
+        let r = app
+            .clone()
+            .oneshot(request(capped, Some(("x-mock-tokens", "12"))))
+            .await
+            .unwrap();
+        r.into_body().collect().await.unwrap();
+        limits.flush().await;
+    }
+    assert_eq!(store.used(&k), 36);
+    // An uncapped request still reserves the configured 1,000 of output (and its prompt) while
+    // it streams.
+    let uncapped = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let r = app
+        .clone()
+        .oneshot(request(uncapped, Some(("x-mock-hang", "1"))))
+        .await
+        .unwrap();
+    let reserved = store.used(&k) - 36;
+    assert!((1000..1100).contains(&reserved), "reserved {reserved}");
+    drop(r);
+}
+
+/// In reserve mode the budget left in the headers counts the request's own reservation.
+#[tokio::test]
+async fn reserve_mode_headers_count_the_requests_own_reservation() {
+    use tower_token_ratelimit::Mode;
+
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .mode(Mode::Reserve)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone());
+    let body =
+        r#"{"model":"m","max_tokens":4000,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let r = app
+        .oneshot(
+            Request::post(CHAT)
+                .header("x-user", "u")
+                .header("x-mock-hang", "1")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let reserved = store.used(&key("limit_by_per_header:60:x-user:u"));
+    assert!(reserved > 4000, "reserved {reserved}");
+    let remaining = (10_000 - reserved).to_string();
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap(),
+        remaining
+    );
+}
