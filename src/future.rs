@@ -183,6 +183,8 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
                     self.head
                         .headers
                         .insert(http::header::CONTENT_LENGTH, length);
+                    // The body now has a length; a message must not give both.
+                    self.head.headers.remove(http::header::TRANSFER_ENCODING);
                 }
                 ReqBody::rebuild(body, None)
             }

@@ -345,3 +345,48 @@ async fn events_ending_in_carriage_returns_reach_the_client_as_they_come() {
     limits.flush().await;
     assert_eq!(used(&store, "a"), 24, "charged the reported usage");
 }
+
+/// A chunked request whose body the layer rewrites goes on with the new length and without
+/// `Transfer-Encoding` (a message must not give both).
+#[tokio::test]
+async fn a_rewritten_chunked_request_has_a_length_and_no_transfer_encoding() {
+    use tower::ServiceExt;
+
+    let seen: Arc<Mutex<Option<(HeaderMap, Bytes)>>> = Arc::default();
+    let upstream = {
+        let seen = seen.clone();
+        move |h: HeaderMap, body: Bytes| async move {
+            *seen.lock().unwrap() = Some((h, body));
+            "{}"
+        }
+    };
+    let limits = TokenRateLimitLayer::builder()
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new().route(CHAT, post(upstream)).layer(limits);
+    let request = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let pieces: Vec<Result<Bytes, Infallible>> = request
+        .as_bytes()
+        .chunks(7)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let req = axum::http::Request::post(CHAT)
+        .header("x-user", "a")
+        .header("transfer-encoding", "chunked")
+        .body(Body::from_stream(futures_util::stream::iter(pieces)))
+        .unwrap();
+    app.oneshot(req).await.unwrap();
+    let (headers, body) = seen
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the upstream was called");
+    assert!(body.len() > request.len(), "include_usage was added");
+    assert_eq!(headers["content-length"], body.len().to_string().as_str());
+    assert!(headers.get("transfer-encoding").is_none());
+}
