@@ -43,8 +43,21 @@ use crate::store::Algorithm;
 /// The default `key_prefix`, Higress's.
 pub const DEFAULT_KEY_PREFIX: &str = "higress-token-ratelimit";
 
-/// Headers whose values are always treated as secrets (hashed in keys, never logged).
-const SECRET_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+/// Headers whose values are always treated as secrets (hashed in keys, never logged), as a
+/// `limit_by_header` / `limit_by_per_header` source or a composite's `header:<name>` part:
+/// credentials (`authorization`, `proxy-authorization`) and the providers' API-key headers
+/// (`x-api-key`: Anthropic and others; `api-key`: Azure OpenAI; `x-goog-api-key`: Gemini).
+const SECRET_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+];
+
+fn is_secret_header(name: &HeaderName) -> bool {
+    SECRET_HEADERS.contains(&name.as_str())
+}
 
 /// Largest compiled size of one `regexp:` key; bigger patterns are a configuration error.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -180,7 +193,8 @@ pub struct RuleItemConfig {
     /// One counter per combination of several sources, e.g. `[consumer, model]`; parts are
     /// `consumer`, `model`, `ip` (the TCP peer), `header:<name>`, `param:<name>`,
     /// `cookie:<name>`. The value matched by `limit_keys` is the parts joined with `|`
-    /// (`alice|gpt-4o`).
+    /// (`alice|gpt-4o`). It is hashed in counter keys when a part is a secret header (as
+    /// [`secret`](Self::secret) lists) or not UTF-8.
     #[serde(default)]
     pub limit_by_composite: Option<Vec<String>>,
     /// The item applies only to these request paths: exact, or a prefix ending in `*`.
@@ -190,7 +204,8 @@ pub struct RuleItemConfig {
     #[serde(default)]
     pub methods: Option<Vec<String>>,
     /// Treat the values as secrets: hashed in keys, never logged (always on for the
-    /// `authorization`, `x-api-key` and `api-key` headers).
+    /// `authorization`, `proxy-authorization`, `x-api-key`, `api-key` and `x-goog-api-key`
+    /// headers, and for a composite with one of them as a part; `false` does not turn it off).
     #[serde(default)]
     pub secret: Option<bool>,
     /// Key entries, tried in order; the first that matches the request's value applies.
@@ -586,7 +601,7 @@ fn compile_item(
                 match *field {
                     "limit_by_header" | "limit_by_per_header" => {
                         header_name(p, at, value).map(|h| {
-                            secret |= SECRET_HEADERS.contains(&h.as_str());
+                            secret |= is_secret_header(&h);
                             (*field, value.to_string(), KeySource::Header(h))
                         })
                     }
@@ -608,7 +623,10 @@ fn compile_item(
                     }
                     "limit_by_composite" => {
                         let parts = item.limit_by_composite.as_deref().unwrap_or_default();
-                        composite(p, &at, parts).map(|(name, source)| (*field, name, source))
+                        composite(p, &at, parts).map(|(name, source, has_secret)| {
+                            secret |= has_secret;
+                            (*field, name, source)
+                        })
                     }
                     _ => {
                         let ip = if *value == "from-remote-addr" {
@@ -714,8 +732,9 @@ fn compile_item(
     })
 }
 
-/// `limit_by_composite`: the parts' sources, and the key name (`consumer+model`).
-fn composite(p: &mut Problems, at: &str, parts: &[String]) -> Option<(String, KeySource)> {
+/// `limit_by_composite`: the parts' sources, the key name (`consumer+model`), and whether a part
+/// is a secret header (then the whole value is a secret).
+fn composite(p: &mut Problems, at: &str, parts: &[String]) -> Option<(String, KeySource, bool)> {
     if parts.len() < 2 {
         p.push(at, "list two or more parts, e.g. [consumer, model]");
         return None;
@@ -743,7 +762,10 @@ fn composite(p: &mut Problems, at: &str, parts: &[String]) -> Option<(String, Ke
         };
         sources.extend(source);
     }
-    (sources.len() == parts.len()).then(|| (parts.join("+"), KeySource::Composite(sources)))
+    let secret = sources
+        .iter()
+        .any(|s| matches!(s, KeySource::Header(h) if is_secret_header(h)));
+    (sources.len() == parts.len()).then(|| (parts.join("+"), KeySource::Composite(sources), secret))
 }
 
 fn matcher(p: &mut Problems, at: &str, key: &str, kind: KeyKind, source: &str) -> Option<Matcher> {

@@ -134,10 +134,11 @@ pub(crate) enum IpSource {
 pub(crate) enum KeyValue<'a> {
     /// Text to match keys against. `raw` holds the original bytes when they were not UTF-8
     /// (the text is then a lossy copy, and the counter key uses a hash of the raw bytes so two
-    /// different values never share a counter).
+    /// different values never share a counter). For a composite, `raw` is the parts' raw bytes
+    /// joined with `|`, set when any part was not UTF-8.
     Text {
         text: Cow<'a, str>,
-        raw: Option<&'a [u8]>,
+        raw: Option<Cow<'a, [u8]>>,
     },
     Ip(IpAddr),
 }
@@ -183,16 +184,41 @@ impl KeySource {
             KeySource::Model => cx.model.map(|m| text(Cow::Owned(m.to_owned()))),
             KeySource::Composite(parts) => {
                 let mut joined = String::new();
+                // The parts' raw bytes joined the same way, once a part is not UTF-8 (until then
+                // they are the bytes of `joined`), so that values whose lossy text is the same
+                // still get different counters.
+                let mut raw: Option<Vec<u8>> = None;
                 for (i, part) in parts.iter().enumerate() {
                     if i > 0 {
                         joined.push('|');
                     }
-                    match part.extract(req, cx)? {
-                        KeyValue::Text { text, .. } => joined.push_str(&text),
-                        KeyValue::Ip(ip) => joined.push_str(&ip.to_string()),
+                    let start = joined.len();
+                    let part_raw = match part.extract(req, cx)? {
+                        KeyValue::Text { text, raw } => {
+                            joined.push_str(&text);
+                            raw
+                        }
+                        KeyValue::Ip(ip) => {
+                            joined.push_str(&ip.to_string());
+                            None
+                        }
+                    };
+                    if let Some(all) = &mut raw {
+                        // Set by an earlier part: this one is not the first.
+                        all.push(b'|');
+                        all.extend_from_slice(
+                            part_raw.as_deref().unwrap_or(&joined.as_bytes()[start..]),
+                        );
+                    } else if let Some(part_raw) = part_raw {
+                        let mut all = joined.as_bytes()[..start].to_vec();
+                        all.extend_from_slice(&part_raw);
+                        raw = Some(all);
                     }
                 }
-                Some(text(Cow::Owned(joined)))
+                Some(KeyValue::Text {
+                    text: Cow::Owned(joined),
+                    raw: raw.map(Cow::Owned),
+                })
             }
             KeySource::Custom(extractor) => extractor.extract(req).map(|v| text(Cow::Owned(v))),
         }
@@ -210,7 +236,7 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<KeyValu
         Ok(s) => text(Cow::Borrowed(s)),
         Err(_) => KeyValue::Text {
             text: String::from_utf8_lossy(value.as_bytes()),
-            raw: Some(value.as_bytes()),
+            raw: Some(Cow::Borrowed(value.as_bytes())),
         },
     })
 }

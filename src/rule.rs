@@ -281,7 +281,8 @@ impl Rule {
     }
 
     /// Marks the values of this rule as secrets: they are hashed in counter keys and never
-    /// logged. Always on for the `authorization`, `x-api-key` and `api-key` headers.
+    /// logged. Always on for the `authorization`, `proxy-authorization`, `x-api-key`, `api-key`
+    /// and `x-goog-api-key` headers, and for composites with one of them as a part.
     pub fn secret(mut self) -> Self {
         if let RuleKind::Item(item) | RuleKind::Custom { item, .. } = &mut self.kind {
             item.secret = Some(true);

@@ -216,3 +216,197 @@ async fn a_pathological_regex_matches_a_long_value_quickly() {
     assert_eq!(status, StatusCode::OK);
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
+
+/// A counter key of the default rule.
+fn counter(rest: &str) -> String {
+    format!("higress-token-ratelimit:{{default}}:{rest}")
+}
+
+/// The stored form of a hashed value: `sha256:` and the first 16 bytes of its SHA-256, in hex.
+fn hashed(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn chat_request(headers: &[(&str, &[u8])]) -> Request<Body> {
+    let mut req = Request::post(CHAT).body(Body::from("{}")).unwrap();
+    for (name, value) in headers {
+        req.headers_mut().append(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_bytes(value).unwrap(),
+        );
+    }
+    req
+}
+
+#[tokio::test]
+async fn secret_headers_in_composite_keys_are_hashed() {
+    let store = MemoryStore::new();
+    let cfg: TokenRateLimitConfig = serde_json::from_value(serde_json::json!({
+        "rule_name": "default",
+        "rule_items": [
+            {"limit_by_composite": ["header:x-api-key", "header:x-team"],
+             "limit_keys": [{"key": "*", "token_per_minute": 1_000_000}]},
+            // Header names are case-insensitive; `secret: false` does not turn the hashing off
+            // (as for a single `authorization` header).
+            {"limit_by_composite": ["header:x-team", "header:Authorization"],
+             "secret": false,
+             "limit_keys": [{"key": "*", "token_per_minute": 1_000_000}]},
+            // No secret part: readable, as before.
+            {"limit_by_composite": ["header:x-user", "header:x-team"],
+             "limit_keys": [{"key": "*", "token_per_minute": 1_000_000}]},
+            // `secret: true` hashes any composite.
+            {"limit_by_composite": ["header:x-team", "header:x-user"],
+             "secret": true,
+             "limit_keys": [{"key": "*", "token_per_minute": 1_000_000}]}
+        ]
+    }))
+    .unwrap();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .config(cfg)
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    let req = chat_request(&[
+        ("x-api-key", b"sk-live-SECRET"),
+        ("authorization", b"Bearer sk-SECRET2"),
+        ("x-team", b"t1"),
+        ("x-user", b"alice"),
+    ]);
+    assert_eq!(call(&app, req).await.0, StatusCode::OK);
+    limits.flush().await;
+
+    let api_key = "limit_by_composite:60:header:x-api-key+header:x-team:";
+    let auth = "limit_by_composite:60:header:x-team+header:Authorization:";
+    assert_eq!(
+        store.used(&counter(&format!("{api_key}sk-live-SECRET|t1"))),
+        0,
+        "an API key is stored raw in a composite counter key"
+    );
+    assert_eq!(
+        store.used(&counter(&format!("{auth}t1|Bearer sk-SECRET2"))),
+        0,
+        "an authorization header is stored raw in a composite counter key"
+    );
+    assert_eq!(
+        store.used(&counter(&format!(
+            "{api_key}{}",
+            hashed(b"sk-live-SECRET|t1")
+        ))),
+        100
+    );
+    assert_eq!(
+        store.used(&counter(&format!(
+            "{auth}{}",
+            hashed(b"t1|Bearer sk-SECRET2")
+        ))),
+        100
+    );
+    assert_eq!(
+        store.used(&counter(
+            "limit_by_composite:60:header:x-user+header:x-team:alice|t1"
+        )),
+        100
+    );
+    assert_eq!(
+        store.used(&counter(&format!(
+            "limit_by_composite:60:header:x-team+header:x-user:{}",
+            hashed(b"t1|alice")
+        ))),
+        100
+    );
+    assert_eq!(store.len(), 4);
+}
+
+#[tokio::test]
+async fn gemini_and_proxy_credentials_are_hashed() {
+    for (header, secret) in [
+        ("x-goog-api-key", &b"AIzaSECRET"[..]),
+        ("proxy-authorization", &b"Basic U0VDUkVU"[..]),
+    ] {
+        let store = MemoryStore::new();
+        let limits = TokenRateLimitLayer::builder()
+            .store(store.clone())
+            .rule(
+                Rule::per_header(header)
+                    .any_value()
+                    .tokens_per_minute(1_000_000),
+            )
+            .build()
+            .unwrap();
+        let app = app(&limits);
+        assert_eq!(
+            call(&app, chat_request(&[(header, secret)])).await.0,
+            StatusCode::OK
+        );
+        limits.flush().await;
+        let prefix = format!("limit_by_per_header:60:{header}:");
+        let raw = counter(&format!("{prefix}{}", String::from_utf8_lossy(secret)));
+        assert_eq!(store.used(&raw), 0, "{header} stored raw: {raw}");
+        assert_eq!(
+            store.used(&counter(&format!("{prefix}{}", hashed(secret)))),
+            100
+        );
+    }
+}
+
+#[tokio::test]
+async fn composite_keys_keep_non_utf8_values_apart() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::composite(["header:x-user", "header:x-team"])
+                .any_value()
+                .tokens_per_minute(100),
+        )
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    // Both decode (lossily) to `\u{fffd}|t`.
+    let a: &[(&str, &[u8])] = &[("x-user", b"\xff"), ("x-team", b"t")];
+    let b: &[(&str, &[u8])] = &[("x-user", b"\xfe"), ("x-team", b"t")];
+    assert_eq!(call(&app, chat_request(a)).await.0, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(
+        call(&app, chat_request(a)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        call(&app, chat_request(b)).await.0,
+        StatusCode::OK,
+        "user \\xfe is rejected on user \\xff's spent counter"
+    );
+    // A non-UTF-8 part as the last part too.
+    let c: &[(&str, &[u8])] = &[("x-user", b"u"), ("x-team", b"\xff")];
+    let d: &[(&str, &[u8])] = &[("x-user", b"u"), ("x-team", b"\xfe")];
+    assert_eq!(call(&app, chat_request(c)).await.0, StatusCode::OK);
+    limits.flush().await;
+    assert_eq!(call(&app, chat_request(d)).await.0, StatusCode::OK);
+    // Plain values keep their readable key.
+    assert_eq!(
+        call(
+            &app,
+            chat_request(&[("x-user", b"alice"), ("x-team", b"t")])
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    limits.flush().await;
+    let key = |v: &str| {
+        counter(&format!(
+            "limit_by_composite:60:header:x-user+header:x-team:{v}"
+        ))
+    };
+    assert_eq!(store.used(&key("alice|t")), 100);
+    // The raw bytes joined with `|`, hashed as a single non-UTF-8 value is.
+    assert_eq!(store.used(&key(&hashed(b"\xff|t"))), 100);
+    assert_eq!(store.used(&key(&hashed(b"\xfe|t"))), 100);
+    assert_eq!(store.used(&key(&hashed(b"u|\xff"))), 100);
+    assert_eq!(store.used(&key(&hashed(b"u|\xfe"))), 100);
+    assert_eq!(store.len(), 5);
+}
