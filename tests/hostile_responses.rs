@@ -1,10 +1,14 @@
 //! Broken, hostile or huge upstream responses never panic and are charged the estimate; a
-//! stream the upstream cuts mid-way is charged the estimate too.
+//! stream the upstream cuts mid-way is charged the estimate too; a decompression bomb is
+//! metered in bounded memory.
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::io::Write;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -15,6 +19,54 @@ use common::serve;
 use tower::ServiceExt;
 use tower_token_ratelimit::store::MemoryStore;
 use tower_token_ratelimit::{Rule, TokenRateLimitLayer};
+
+/// The system allocator, counting each thread's heap in use and its peak. Only the test that
+/// reads the counters depends on them; tests running on other threads do not disturb them.
+struct CountingAlloc;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+thread_local! {
+    static IN_USE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    let _ = IN_USE.try_with(|in_use| {
+        let now = in_use.get() + delta;
+        in_use.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) };
+        count(-(layout.size() as isize));
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, layout, new_size) };
+        if !q.is_null() {
+            count(new_size as isize - layout.size() as isize);
+        }
+        q
+    }
+}
 
 fn layer(store: &MemoryStore) -> TokenRateLimitLayer {
     TokenRateLimitLayer::builder()
@@ -40,6 +92,33 @@ const REQUEST: &str =
     r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"x":"......"}"#;
 const REQUEST_TOKENS: u64 = 20;
 
+/// An upstream at `/v1/chat/completions` behind `limits`, answering every request with
+/// `bytes` in `frame`-byte frames and these headers.
+fn upstream(
+    limits: &TokenRateLimitLayer,
+    bytes: Bytes,
+    frame: usize,
+    headers: Vec<(&'static str, &'static str)>,
+) -> Router {
+    let answer = move || {
+        let frames: Vec<Result<Bytes, Infallible>> = (0..bytes.len())
+            .step_by(frame)
+            .map(|i| Ok(bytes.slice(i..(i + frame).min(bytes.len()))))
+            .collect();
+        let mut response = Response::builder();
+        for (name, value) in &headers {
+            response = response.header(*name, *value);
+        }
+        let response = response
+            .body(Body::from_stream(futures_util::stream::iter(frames)))
+            .unwrap();
+        async move { response }
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(answer))
+        .layer(limits.clone())
+}
+
 #[tokio::test]
 async fn broken_usage_is_charged_the_estimate() {
     let mut huge = b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5},\"pad\":\"".to_vec();
@@ -61,25 +140,13 @@ async fn broken_usage_is_charged_the_estimate() {
     for (case, content_type, body) in cases {
         let bytes = Bytes::from(body);
         let served = bytes.clone();
-        let app = Router::new()
-            .route(
-                "/v1/chat/completions",
-                post(move || {
-                    let b = served.clone();
-                    async move {
-                        // 64 KiB frames, like a real upstream.
-                        let frames: Vec<Result<Bytes, Infallible>> = (0..b.len())
-                            .step_by(1 << 16)
-                            .map(|i| Ok(b.slice(i..(i + (1 << 16)).min(b.len()))))
-                            .collect();
-                        Response::builder()
-                            .header("content-type", content_type)
-                            .body(Body::from_stream(futures_util::stream::iter(frames)))
-                            .unwrap()
-                    }
-                }),
-            )
-            .layer(limits.clone());
+        // 64 KiB frames, like a real upstream.
+        let app = upstream(
+            &limits,
+            served,
+            1 << 16,
+            vec![("content-type", content_type)],
+        );
         let req = Request::post("/v1/chat/completions")
             .header("x-case", case)
             .header("content-length", REQUEST.len())
@@ -153,4 +220,83 @@ async fn a_stream_the_upstream_cuts_is_charged_the_estimate() {
     }
     // The request's tokens + max(2 events, 96 bytes / 64).
     assert_eq!(used(&store, "cut"), REQUEST_TOKENS + 2);
+}
+
+/// A few KiB of zstd or brotli that decode to 64 MiB: the side copy the meter decodes is handed
+/// to the scanner piece by piece, so the heap it takes is the decoder's window and a buffer,
+/// whatever the ratio (it was the whole decoded size, or 128 MiB per 4 KiB of zstd). The usage
+/// after the bomb is still read.
+#[tokio::test]
+async fn decompression_bombs_are_metered_in_bounded_memory() {
+    const DECODED: usize = 64 << 20;
+    const USAGE: &[u8] = b"\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3,\"total_tokens\":5}}\n\ndata: [DONE]\n\n";
+    let zeros = vec![0u8; 1 << 20];
+    let mut zstd = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    let mut br = Vec::new();
+    {
+        // Brotli's default window, 4 MiB.
+        let mut brotli = brotli::CompressorWriter::new(&mut br, 1 << 16, 5, 22);
+        for _ in 0..DECODED >> 20 {
+            zstd.write_all(&zeros).unwrap();
+            brotli.write_all(&zeros).unwrap();
+        }
+        zstd.write_all(USAGE).unwrap();
+        brotli.write_all(USAGE).unwrap();
+    }
+    let zstd = zstd.finish().unwrap();
+    drop(zeros);
+    // The limit is the window with room to spare (zstd's window is in C's heap, not counted).
+    let cases = [("zstd", zstd, 2 << 20), ("br", br, 8 << 20)];
+    let store = MemoryStore::new();
+    let limits = layer(&store);
+    let mut over = Vec::new();
+    for (encoding, bomb, limit) in cases {
+        assert!(bomb.len() < 8 << 10, "{encoding}: {} bytes", bomb.len());
+        let bytes = Bytes::from(bomb);
+        let served = bytes.clone();
+        let headers = vec![
+            ("content-type", "text/event-stream"),
+            ("content-encoding", encoding),
+        ];
+        let app = upstream(&limits, served, 1 << 10, headers);
+        let req = Request::post("/v1/chat/completions")
+            .header("x-case", encoding)
+            .header("content-length", REQUEST.len())
+            .body(Body::from(REQUEST))
+            .unwrap();
+        let started = Instant::now();
+        let base = IN_USE.with(Cell::get);
+        PEAK.with(|peak| peak.set(base));
+        let r = app.oneshot(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{encoding}");
+        let mut body = r.into_body();
+        let mut got = 0;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            got += frame.unwrap().into_data().unwrap().len();
+        }
+        drop(body);
+        let peak = PEAK.with(Cell::get) - base;
+        println!(
+            "{encoding}: {} bytes decoding to {} MiB, peak heap while metering {} KiB, {:?}",
+            bytes.len(),
+            DECODED >> 20,
+            peak >> 10,
+            started.elapsed()
+        );
+        assert_eq!(
+            got,
+            bytes.len(),
+            "{encoding}: the body passes through unchanged"
+        );
+        if peak >= limit {
+            over.push(format!(
+                "{encoding}: {} KiB, over {} KiB",
+                peak >> 10,
+                limit >> 10
+            ));
+        }
+        limits.flush().await;
+        assert_eq!(used(&store, encoding), 5, "{encoding}: the usage is read");
+    }
+    assert!(over.is_empty(), "peak heap while metering: {over:?}");
 }
