@@ -511,11 +511,16 @@ impl Meter {
                 .as_ref()
                 .map_or_else(|| m.estimate(), |r| r.amount)
         };
+        let provisional = self
+            .scanner
+            .as_ref()
+            .is_some_and(UsageScanner::is_provisional);
         let (tokens, estimated) = match usage.map(|u| self.cost.tokens(&u)) {
-            // Usage read before the stream was cut short may be partial (Anthropic reports the
-            // output only at the end, after `message_start`'s placeholder): no less than the
-            // estimate is charged, or a client would stream for free by leaving early.
-            Some(reported) if end != End::Complete => {
+            // Usage read before the stream was cut short may be partial, and a placeholder
+            // is (Anthropic reports the output only in `message_delta`, after
+            // `message_start`'s): no less than the estimate is charged, or a client would
+            // stream for free by leaving early.
+            Some(reported) if end != End::Complete || provisional => {
                 let estimate = fallback(self);
                 if estimate > reported {
                     (estimate, true)

@@ -1592,3 +1592,54 @@ async fn reserve_mode_headers_count_the_requests_own_reservation() {
         remaining
     );
 }
+
+/// An Anthropic stream that ends without `message_delta` (an upstream cut off cleanly) has
+/// only `message_start`'s placeholder output count: no less than the estimate is charged.
+#[tokio::test]
+async fn a_stream_that_ends_on_a_placeholder_usage_is_charged_no_less_than_the_estimate() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        ],
+    );
+    let mut stream = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+    );
+    for _ in 0..500 {
+        stream.push_str("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" more and more text\"}}\n\n");
+    }
+    let streamed = stream.len();
+    let app = Router::new()
+        .route(
+            "/v1/messages",
+            post(move || {
+                let body = Bytes::from(stream.clone());
+                async move {
+                    axum::http::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(Body::from(body))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(limits.clone());
+    let req = Request::post("/v1/messages")
+        .header("x-user", "cut")
+        .body(Body::from(r#"{"model":"claude","stream":true}"#))
+        .unwrap();
+    let body = app.oneshot(req).await.unwrap().into_body();
+    body.collect().await.unwrap();
+    limits.flush().await;
+    let charged = store.used(&key("limit_by_per_header:60:x-user:cut"));
+    assert!(
+        charged > (streamed / 100) as u64,
+        "charged {charged} for {streamed} bytes streamed"
+    );
+}

@@ -45,6 +45,7 @@ pub(crate) fn report(wire: &WireUsage) -> Report {
     Report {
         usage,
         merge: Merge::Fieldwise,
+        provisional: false,
     }
 }
 

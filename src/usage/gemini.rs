@@ -34,6 +34,7 @@ pub(crate) fn report(meta: &UsageMetadata) -> Report {
             reasoning_tokens: meta.thoughts_token_count.get(),
         },
         merge: Merge::Replace,
+        provisional: false,
     }
 }
 

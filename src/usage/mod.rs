@@ -272,6 +272,12 @@ impl UsageScanner {
     pub fn usage(&self) -> Option<Usage> {
         self.seen.usage
     }
+
+    /// Whether the usage so far is a placeholder that a later event would have completed (an
+    /// Anthropic stream that ended before `message_delta`).
+    pub(crate) fn is_provisional(&self) -> bool {
+        self.seen.provisional
+    }
 }
 
 /// Usage found in one event or body, and how it combines with what came before.
@@ -279,6 +285,9 @@ impl UsageScanner {
 pub(crate) struct Report {
     pub(crate) usage: Usage,
     pub(crate) merge: Merge,
+    /// A placeholder a later report completes (Anthropic's `message_start`, whose output
+    /// count is 1 until `message_delta`).
+    pub(crate) provisional: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +302,8 @@ pub(crate) enum Merge {
 #[derive(Debug, Default)]
 pub(crate) struct Accumulator {
     usage: Option<Usage>,
+    /// The last report was a placeholder.
+    provisional: bool,
 }
 
 impl Accumulator {
@@ -301,6 +312,7 @@ impl Accumulator {
         if report.usage.is_empty() {
             return;
         }
+        self.provisional = report.provisional;
         match report.merge {
             Merge::Replace => self.usage = Some(report.usage),
             Merge::Fieldwise => self.usage.get_or_insert_default().overlay(&report.usage),
@@ -343,7 +355,11 @@ impl Envelope {
                 .0
                 .or_else(|| self.response.0.and_then(|r| r.usage.0)),
         };
-        usage.map(|usage| usage_report(self.kind, &usage))
+        let provisional = self.kind == Kind::MessageStart;
+        usage.map(|usage| Report {
+            provisional,
+            ..usage_report(self.kind, &usage)
+        })
     }
 }
 
@@ -813,10 +829,12 @@ mod tests {
         seen.apply(Report {
             usage: first,
             merge: Merge::Fieldwise,
+            provisional: false,
         });
         seen.apply(Report {
             usage: second,
             merge: Merge::Fieldwise,
+            provisional: false,
         });
         assert_eq!(
             seen.usage,
@@ -829,11 +847,13 @@ mod tests {
         seen.apply(Report {
             usage: second,
             merge: Merge::Replace,
+            provisional: false,
         });
         assert_eq!(seen.usage, Some(second));
         seen.apply(Report {
             usage: Usage::default(),
             merge: Merge::Replace,
+            provisional: false,
         });
         assert_eq!(seen.usage, Some(second));
     }
@@ -845,13 +865,19 @@ mod tests {
         doc: &[u8],
     ) -> (Option<Option<Usage>>, Option<Usage>) {
         let shortcut = top_level_usage(doc).map(|report| {
-            let mut seen = Accumulator { usage: before };
+            let mut seen = Accumulator {
+                usage: before,
+                provisional: false,
+            };
             if let Some(report) = report {
                 seen.apply(report);
             }
             seen.usage
         });
-        let mut seen = Accumulator { usage: before };
+        let mut seen = Accumulator {
+            usage: before,
+            provisional: false,
+        };
         parse_whole(doc, &mut seen);
         (shortcut, seen.usage)
     }

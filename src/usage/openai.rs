@@ -32,6 +32,7 @@ pub(crate) fn report(wire: &WireUsage) -> Report {
             reasoning_tokens: detail(output_details, |d| d.reasoning_tokens),
         },
         merge: Merge::Replace,
+        provisional: false,
     }
 }
 
