@@ -710,12 +710,32 @@ fn compile_item(
             ),
         }
     }
+    // An empty list would mean every path (method): a mistake, not a filter.
+    for (field, empty) in [
+        ("methods", item.methods.as_ref().is_some_and(Vec::is_empty)),
+        ("paths", item.paths.as_ref().is_some_and(Vec::is_empty)),
+    ] {
+        if empty {
+            p.push(
+                format!("{path}.{field}"),
+                "empty; list at least one, or leave it out to apply to all",
+            );
+        }
+    }
     let paths = item.paths.clone().unwrap_or_default();
     for (j, pth) in paths.iter().enumerate() {
         if !pth.starts_with('/') {
             p.push(
                 format!("{path}.paths[{j}]"),
                 format!("`{pth}` must start with `/` (exact, or a prefix ending in `*`)"),
+            );
+        }
+        if pth.trim_end_matches('*').contains('*') || pth.ends_with("**") {
+            p.push(
+                format!("{path}.paths[{j}]"),
+                format!(
+                    "`{pth}`: `*` only ends a prefix (`/v1/*`); it matches nothing inside a path"
+                ),
             );
         }
     }
@@ -808,7 +828,11 @@ fn matcher(p: &mut Problems, at: &str, key: &str, kind: KeyKind, source: &str) -
                     }
                 }
             } else {
-                let exact = source.replace("limit_by_per_", "limit_by_");
+                let exact = if source == "limit_by_composite" {
+                    format!("`regexp:{}`", regex::escape(key))
+                } else {
+                    source.replace("limit_by_per_", "limit_by_")
+                };
                 p.push(
                     at,
                     format!(
@@ -862,18 +886,19 @@ impl TokenRateLimitConfig {
             );
             String::new()
         } else if name.len() > 2 && name.starts_with('{') && name.ends_with('}') {
-            if has_bad_chars(&name[1..name.len() - 1]) {
+            // `,` separates rule names in the `rules` of metrics and tracing.
+            if has_bad_chars(&name[1..name.len() - 1]) || name.contains(',') {
                 p.push(
                     "rule_name",
-                    "must not contain control characters or inner `{`/`}`",
+                    "must not contain control characters, `,` or inner `{`/`}`",
                 );
             }
             name.to_string()
-        } else if has_bad_chars(name) {
+        } else if has_bad_chars(name) || name.contains(',') {
             p.push(
                 "rule_name",
-                "must not contain control characters or `{`/`}` (it becomes the Redis Cluster \
-                 hash tag `{rule_name}`)",
+                "must not contain control characters, `,` (it separates rule names in metrics) \
+                 or `{`/`}` (it becomes the Redis Cluster hash tag `{rule_name}`)",
             );
             String::new()
         } else {

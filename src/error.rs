@@ -49,6 +49,21 @@ impl ConfigError {
     pub fn problems(&self) -> &[Problem] {
         &self.problems
     }
+
+    /// Both results' problems, `self`'s first; `Ok` only when neither failed.
+    pub(crate) fn combine<A, B>(
+        a: Result<A, ConfigError>,
+        b: Result<B, ConfigError>,
+    ) -> Result<(A, B), ConfigError> {
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+            (Err(mut e), Err(more)) => {
+                e.problems.extend(more.problems);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {

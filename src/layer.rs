@@ -106,9 +106,9 @@ impl TokenRateLimitLayer {
     /// Replaces the limits (and the other settings of a configuration) of a running layer,
     /// for every service it made; counters keep their used tokens, since their keys do not
     /// change unless `rule_name` or `key_prefix` does. Requests already admitted finish under
-    /// the settings they started with. The store is not changed (a `redis` block is ignored);
-    /// rules added with [`Rule::per_key`], which a configuration cannot express, are kept
-    /// (after the configuration's rule items). On a problem nothing changes.
+    /// the settings they started with. The store is not changed (a `redis` block is checked,
+    /// not applied); rules added with [`Rule::per_key`], which a configuration cannot express,
+    /// are kept (after the configuration's rule items). On a problem nothing changes.
     ///
     /// ```
     /// # use tower_token_ratelimit::{TokenRateLimitConfig, TokenRateLimitLayer};
@@ -126,7 +126,13 @@ impl TokenRateLimitLayer {
             customs.push((config.rule_items.len(), source.clone()));
             config.rule_items.push(item.clone());
         }
-        let compiled = config.compile(&customs)?;
+        // The `redis` block is checked though not applied: a file the running layer accepts
+        // must not be refused at the next start.
+        let redis = config
+            .redis
+            .as_ref()
+            .map_or(Ok(()), |r| redis_store(r).map(drop));
+        let (compiled, ()) = ConfigError::combine(config.compile(&customs), redis)?;
         if compiled.failure_mode == FailureMode::Local && self.shared.fallback.is_none() {
             return Err(ConfigError::new(vec![Problem {
                 path: "failure_mode".into(),

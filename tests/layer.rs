@@ -772,6 +772,57 @@ rule_items:
     assert!(text.contains("must be > 0"), "{text}");
 }
 
+/// Settings that would be silently ineffective are errors: a `*` inside a path (only a
+/// trailing one is a prefix), empty `paths` / `methods` (they would mean all), a `,` in
+/// `rule_name` (it separates rule names in metrics); a literal composite key is pointed to
+/// the `regexp:` that matches it.
+#[test]
+fn settings_that_would_do_nothing_are_errors() {
+    let yaml = r#"
+rule_name: "team-a,team-b"
+rule_items:
+  - limit_by_per_header: x-user
+    paths: ["/v1/*/chat", "/v1/**"]
+    limit_keys: [{key: "*", token_per_minute: 10}]
+  - limit_by_per_header: x-user
+    paths: []
+    methods: []
+    limit_keys: [{key: "*", token_per_minute: 10}]
+  - limit_by_composite: [consumer, model]
+    limit_keys: [{key: "alice|gpt-4o", token_per_minute: 10}]
+"#;
+    let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
+    let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
+    let text = err.to_string();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "rule_name",
+            "rule_items[0].paths[0]",
+            "rule_items[0].paths[1]",
+            "rule_items[1].methods",
+            "rule_items[1].paths",
+            "rule_items[2].limit_keys[0].key",
+        ],
+        "{text}"
+    );
+    assert!(text.contains(r"use `regexp:alice\|gpt\-4o`"), "{text}");
+    // A trailing `*` is a prefix, as before.
+    let ok: TokenRateLimitConfig = serde_yaml::from_str(
+        r#"
+rule_name: team-a
+rule_items:
+  - limit_by_per_header: x-user
+    paths: ["/v1/*", "/v1/chat/completions"]
+    methods: [post]
+    limit_keys: [{key: "*", token_per_minute: 10}]
+"#,
+    )
+    .unwrap();
+    TokenRateLimitLayer::from_config(ok).unwrap();
+}
+
 #[test]
 fn builder_reports_problems_too() {
     let err = TokenRateLimitLayer::builder()

@@ -766,6 +766,89 @@ global_threshold: {token_per_minute: 0}
     );
 }
 
+/// A `redis` block's mistakes are all reported at once, and nothing in it is silently
+/// ignored: the Higress connection fields next to a URL or cluster nodes (which carry their
+/// own), a negative database. A reload checks the block too, though it does not apply it.
+#[test]
+fn redis_block_mistakes_are_all_reported_and_none_ignored() {
+    let problems = |redis: serde_json::Value| -> Vec<String> {
+        let cfg: TokenRateLimitConfig = serde_json::from_value(serde_json::json!({
+            "rule_name": "r",
+            "global_threshold": {"token_per_minute": 10},
+            "redis": redis,
+        }))
+        .unwrap();
+        match TokenRateLimitLayer::from_config(cfg) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(|p| p.path.clone()).collect(),
+        }
+    };
+    assert_eq!(
+        problems(
+            serde_json::json!({"url": "redis://127.0.0.1:6379/0", "database": 5,
+            "service_port": 7000, "username": "u", "password": "pw"})
+        ),
+        [
+            "redis.service_port",
+            "redis.database",
+            "redis.username",
+            "redis.password"
+        ]
+    );
+    assert_eq!(
+        problems(serde_json::json!({"cluster_nodes": ["127.0.0.1:7000"], "database": 3})),
+        ["redis.database"]
+    );
+    assert_eq!(
+        problems(serde_json::json!({"service_name": "127.0.0.1", "database": -1})),
+        ["redis.database"]
+    );
+    assert_eq!(
+        problems(serde_json::json!({"service_name": "", "timeout": 0, "settle_interval": 999_999})),
+        [
+            "redis.service_name",
+            "redis.timeout",
+            "redis.settle_interval"
+        ]
+    );
+    assert_eq!(
+        problems(serde_json::json!({"timeout": 0})),
+        ["redis", "redis.timeout"]
+    );
+    // Still fine: the Higress fields with service_name, credentials in the URL.
+    assert!(
+        problems(
+            serde_json::json!({"service_name": "h", "service_port": 6380, "database": 2,
+            "username": "u", "password": "pw"})
+        )
+        .is_empty()
+    );
+    assert!(problems(serde_json::json!({"url": "redis://u:pw@h:6380/2"})).is_empty());
+
+    let cfg = |redis: serde_json::Value| -> TokenRateLimitConfig {
+        serde_json::from_value(serde_json::json!({
+            "rule_name": "r",
+            "global_threshold": {"token_per_minute": 10},
+            "redis": redis,
+        }))
+        .unwrap()
+    };
+    let layer = TokenRateLimitLayer::builder()
+        .rule(Rule::global().tokens_per_minute(10))
+        .build()
+        .unwrap();
+    let err = layer
+        .reload(cfg(
+            serde_json::json!({"servce_name": "typo", "timeout": 0}),
+        ))
+        .unwrap_err();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"redis.servce_name"), "{err}");
+    layer
+        .reload(cfg(serde_json::json!({"url": "redis://127.0.0.1:1/0"})))
+        .expect("a valid block is accepted (and not applied)");
+}
+
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn rediss_urls_connect_over_tls() {

@@ -331,20 +331,9 @@ impl RedisStoreBuilder {
             );
             return Err(p.into_result(()).unwrap_err());
         }
-        if self.timeout == Some(Duration::ZERO) {
-            p.push("redis.timeout", "must be > 0");
-        }
+        check_timing(&mut p, self.timeout, self.settle_interval);
         if self.breaker_failures == Some(0) {
             p.push("redis.breaker", "failures must be > 0");
-        }
-        if self
-            .settle_interval
-            .is_some_and(|i| i > MAX_SETTLE_INTERVAL)
-        {
-            p.push(
-                "redis.settle_interval",
-                "at most 60000 ms: counters show settlements this much later",
-            );
         }
         let target = if let Some(t) = self.pool {
             Some(t)
@@ -410,6 +399,19 @@ impl RedisStoreBuilder {
                 recent: Mutex::default(),
             }),
         })
+    }
+}
+
+/// The timeout and settlement interval, checked wherever they are given.
+fn check_timing(p: &mut Problems, timeout: Option<Duration>, settle_interval: Option<Duration>) {
+    if timeout == Some(Duration::ZERO) {
+        p.push("redis.timeout", "must be > 0");
+    }
+    if settle_interval.is_some_and(|i| i > MAX_SETTLE_INTERVAL) {
+        p.push(
+            "redis.settle_interval",
+            "at most 60000 ms: counters show settlements this much later",
+        );
     }
 }
 
@@ -480,6 +482,37 @@ impl RedisStore {
             config.url.is_some(),
             config.cluster_nodes.is_some(),
         ];
+        if config.database.is_some_and(|db| db < 0) {
+            p.push("redis.database", "must be >= 0");
+        }
+        // The Higress connection fields belong with `service_name`: next to a URL (which
+        // carries them) or cluster nodes they would be ignored.
+        let (elsewhere, fields) = match given {
+            [false, true, false] => (
+                "with url, put it in the URL (redis://user:password@host:port/db)",
+                &["service_port", "database", "username", "password"][..],
+            ),
+            [false, false, true] => (
+                "with cluster_nodes, give ports in the node addresses; a cluster has only database 0",
+                &["service_port", "database"][..],
+            ),
+            _ => ("", &[][..]),
+        };
+        for field in fields {
+            let set = match *field {
+                "service_port" => config.service_port.is_some(),
+                "database" => config.database.is_some(),
+                "username" => config.username.is_some(),
+                _ => config.password.is_some(),
+            };
+            if set {
+                p.push(
+                    format!("redis.{field}"),
+                    format!("only with service_name; {elsewhere}"),
+                );
+            }
+        }
+        let mut has_target = true;
         match given {
             [true, false, false] => {
                 let host = config.service_name.clone().unwrap_or_default();
@@ -518,10 +551,19 @@ impl RedisStore {
                     "redis",
                     "set exactly one of service_name (with service_port), url, or cluster_nodes",
                 );
+                has_target = false;
             }
         }
-        p.into_result(())?;
-        b.build()
+        // Every problem at once: the builder's own checks too.
+        if !has_target {
+            check_timing(
+                &mut p,
+                config.timeout.map(Duration::from_millis),
+                config.settle_interval.map(Duration::from_millis),
+            );
+            return Err(p.into_result(()).unwrap_err());
+        }
+        ConfigError::combine(p.into_result(()), b.build()).map(|((), store)| store)
     }
 
     /// Whether the circuit breaker is open (Redis considered down).
