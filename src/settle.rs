@@ -5,9 +5,9 @@
 //! once (a short lock, never a wait); for any other store the meter hands a [`Settlement`] to an
 //! unbounded channel, which never blocks and never panics, and a worker task applies it.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
@@ -73,6 +73,8 @@ impl End {
 
 /// One debit to apply.
 pub(crate) struct Settlement {
+    /// Its place in the order settlements were handed over (set by [`Settler::send`]).
+    seq: u64,
     counters: Arc<[Counter]>,
     /// The tokens used (actual or estimated).
     tokens: u64,
@@ -110,6 +112,10 @@ pub(crate) struct Reserved {
 struct Stats {
     sent: AtomicU64,
     done: AtomicU64,
+    /// Which settlements are applied: they finish out of order (one needing no write, or
+    /// a local reservation's, before a batch being written), and a flush waits for all those
+    /// handed over before it.
+    applied: Mutex<Applied>,
     notify: Notify,
     /// Callers of [`Settler::flush`] waiting: the worker writes without waiting for its
     /// interval while there are any.
@@ -159,10 +165,10 @@ impl Settler {
         Self { tx, stats }
     }
 
-    fn send(&self, settlement: Settlement) {
-        self.stats.sent.fetch_add(1, Ordering::AcqRel);
+    fn send(&self, mut settlement: Settlement) {
+        settlement.seq = self.stats.sent.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.tx.send(settlement) {
-            self.stats.done(1);
+            self.stats.done([e.0.seq]);
             tracing::error!(
                 tokens = e.0.tokens,
                 "token rate limit settlement worker is gone (its runtime shut down); debit lost"
@@ -192,7 +198,7 @@ impl Settler {
             let notified = self.stats.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.stats.done.load(Ordering::Acquire) >= target {
+            if self.stats.applied().below >= target {
                 return;
             }
             notified.await;
@@ -206,9 +212,36 @@ const MAX_IN_FLIGHT: usize = 64;
 /// Most settlements taken off the queue at once.
 const MAX_BATCH: usize = 4096;
 
+/// Applied settlements by sequence number: every one below `below`, and those in `ahead`.
+#[derive(Default)]
+struct Applied {
+    below: u64,
+    ahead: BTreeSet<u64>,
+}
+
 impl Stats {
-    fn done(&self, settlements: u64) {
-        self.done.fetch_add(settlements, Ordering::AcqRel);
+    fn applied(&self) -> MutexGuard<'_, Applied> {
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn done(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut n = 0;
+        {
+            let mut applied = self.applied();
+            for seq in seqs {
+                n += 1;
+                if seq == applied.below {
+                    applied.below += 1;
+                    while applied.ahead.first() == Some(&applied.below) {
+                        applied.ahead.pop_first();
+                        applied.below += 1;
+                    }
+                } else {
+                    applied.ahead.insert(seq);
+                }
+            }
+        }
+        self.done.fetch_add(n, Ordering::AcqRel);
         self.notify.notify_waiters();
     }
 }
@@ -234,9 +267,11 @@ async fn work(
     };
     let mut queued = Queued::default();
     // Settlements in the debit batch being written.
-    let mut batch_count = 0;
+    let mut batch_seqs = Vec::new();
     let mut batch = tokio::task::JoinSet::new();
     let mut settling = tokio::task::JoinSet::new();
+    // The sequence number of each local reservation's settlement being written, by task.
+    let mut held_seqs = std::collections::HashMap::new();
     let mut open = true;
     let interval = store.settle_interval();
     // The earliest start of the next merged write.
@@ -244,11 +279,11 @@ async fn work(
     loop {
         let due = || {
             !open
-                || queued.merged_count >= MAX_BATCH as u64
+                || queued.merged_seqs.len() >= MAX_BATCH
                 || stats.flushing.load(Ordering::Acquire) > 0
                 || Instant::now() >= next_write
         };
-        if batch.is_empty() && queued.merged_count > 0 && due() {
+        if batch.is_empty() && !queued.merged_seqs.is_empty() && due() {
             // What has been sent meanwhile goes in this write too.
             queued.take_sent(&mut rx, fallback.as_ref(), &stats);
             let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
@@ -261,18 +296,20 @@ async fn work(
             let debits = (!debits.is_empty()).then(|| store.debit_many(debits));
             let settles = (!settles.is_empty()).then(|| store.settle_many(settles));
             let write = store::in_turn([debits, settles].into_iter().flatten().collect());
-            batch_count = std::mem::take(&mut queued.merged_count);
+            batch_seqs = std::mem::take(&mut queued.merged_seqs);
             batch.spawn(async move { (write.await, tokens) });
             next_write = Instant::now() + interval;
         }
         // Settlements wait for the next write: nothing is received meanwhile (they queue in
         // the channel), so senders wake the worker once per write, not once each.
-        let waiting = batch.is_empty() && queued.merged_count > 0;
+        let waiting = batch.is_empty() && !queued.merged_seqs.is_empty();
         while settling.len() < MAX_IN_FLIGHT
             && let Some(s) = queued.held.pop_front()
         {
             let write = start(&store, fallback.as_ref(), &s);
-            settling.spawn(async move { (write.await, s.tokens) });
+            let seq = s.seq;
+            let task = settling.spawn(async move { (write.await, s.tokens) });
+            held_seqs.insert(task.id(), seq);
         }
         if !open && batch.is_empty() && settling.is_empty() {
             break;
@@ -281,11 +318,15 @@ async fn work(
             biased;
             Some(joined) = batch.join_next(), if !batch.is_empty() => {
                 report(joined);
-                stats.done(std::mem::take(&mut batch_count));
+                stats.done(std::mem::take(&mut batch_seqs));
             }
-            Some(joined) = settling.join_next(), if !settling.is_empty() => {
-                report(joined);
-                stats.done(1);
+            Some(joined) = settling.join_next_with_id(), if !settling.is_empty() => {
+                let id = match &joined {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                report(joined.map(|(_, written)| written));
+                stats.done(held_seqs.remove(&id));
             }
             () = tokio::time::sleep_until(next_write), if waiting => {}
             () = stats.wake.notified(), if waiting => {}
@@ -307,8 +348,8 @@ struct Queued {
     merged: KeyMap<Counter, u64>,
     /// Reserve-mode settlements, merged: tokens used minus reserved, per counter and window.
     settles: KeyMap<(Counter, u64), i64>,
-    /// How many settlements `merged` and `settles` hold.
-    merged_count: u64,
+    /// The settlements `merged` and `settles` hold.
+    merged_seqs: Vec<u64>,
     /// Settlements of reservations taken in the local fallback store (Redis was down).
     held: VecDeque<Settlement>,
 }
@@ -341,25 +382,25 @@ impl Queued {
             let delta = store::settlement_delta(r.amount, s.tokens);
             if delta == 0 {
                 // The reservation was exact: nothing to correct.
-                stats.done(1);
+                stats.done([s.seq]);
                 return;
             }
             for (c, window) in s.counters.iter().zip(&r.windows) {
                 let total = self.settles.entry((c.clone(), *window)).or_default();
                 *total = total.saturating_add(delta);
             }
-            self.merged_count += 1;
+            self.merged_seqs.push(s.seq);
             return;
         }
         if s.tokens == 0 {
-            stats.done(1);
+            stats.done([s.seq]);
             return;
         }
         for c in s.counters.iter() {
             let total = self.merged.entry(c.clone()).or_default();
             *total = total.saturating_add(s.tokens);
         }
-        self.merged_count += 1;
+        self.merged_seqs.push(s.seq);
     }
 }
 
@@ -572,6 +613,7 @@ impl Meter {
             }
         }
         self.shared.settler().send(Settlement {
+            seq: 0,
             counters: self.counters.clone(),
             tokens,
             reservation: self.reservation.take(),

@@ -1694,3 +1694,55 @@ async fn a_stream_that_ends_on_a_placeholder_usage_is_charged_no_less_than_the_e
         "charged {charged} for {streamed} bytes streamed"
     );
 }
+
+/// A store whose debits take a while.
+struct SlowStore(MemoryStore);
+
+impl Store for SlowStore {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        self.0.check(counters)
+    }
+
+    fn debit(&self, counters: &[Counter], tokens: u64) -> StoreFuture<()> {
+        let (inner, counters) = (self.0.clone(), counters.to_vec());
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            inner.debit(&counters, tokens).await
+        })
+    }
+}
+
+/// `flush` waits for every settlement handed over before it, however they finish: one that
+/// needs no write (0 tokens), handed over later, does not end the wait while an earlier
+/// debit is still being written.
+#[tokio::test]
+async fn flush_waits_for_earlier_settlements_whatever_finishes_first() {
+    let memory = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(SlowStore(memory.clone()))
+        .rule(Rule::global().tokens_per_minute(1_000_000))
+        .build()
+        .unwrap();
+    let addr = app(limits.clone()).await;
+    assert_eq!(
+        send(addr, CHAT, &[("x-mock-tokens", "50")], STREAM)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Its debit is being written now.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let flush = tokio::spawn({
+        let limits = limits.clone();
+        async move { limits.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        send(addr, CHAT, &[("x-mock-tokens", "0")], STREAM)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    flush.await.unwrap();
+    assert_eq!(memory.used(&key("global_threshold:60")), 50);
+}
