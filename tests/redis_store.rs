@@ -766,6 +766,43 @@ global_threshold: {token_per_minute: 0}
     );
 }
 
+/// Absurd amounts (a client's `max_tokens` of 10^18, a usage report as large) are carried
+/// to Redis clamped: the scripts do not fail part-way (Redis writes numbers from 10^17 on in
+/// exponent form, which `INCRBY` refuses), nothing is counted twice or lost, and the breaker
+/// stays closed.
+#[tokio::test]
+async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .breaker(1, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let huge = 1_000_000_000_000_000_000;
+    let r = store
+        .reserve(&[fixed_window("{h}:r", 100, 60)], huge)
+        .await
+        .unwrap();
+    assert!(r.windows.is_some(), "an empty window gives one turn");
+    let r = store
+        .reserve(&[fixed_window("{h}:r", 100, 60)], 1)
+        .await
+        .unwrap();
+    assert!(r.windows.is_none(), "then the budget is spent");
+    store
+        .debit_many(vec![
+            (fixed_window("{h}:a", 100, 60), 10),
+            (fixed_window("{h}:b", 100, 60), huge),
+        ])
+        .await
+        .unwrap();
+    assert!(!store.breaker_open());
+    assert_eq!(store.pending_debits(), 0);
+    let mut con = server.client();
+    assert_eq!(con.get::<_, u64>("{h}:a").unwrap(), 10);
+    assert!(con.get::<_, u64>("{h}:b").unwrap() >= 1 << 50);
+}
+
 /// A `redis` block's mistakes are all reported at once, and nothing in it is silently
 /// ignored: the Higress connection fields next to a URL or cluster nodes (which carry their
 /// own), a negative database. A reload checks the block too, though it does not apply it.

@@ -45,6 +45,13 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 const DEFAULT_BREAKER_FAILURES: u32 = 3;
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The most tokens one script argument carries (2^50, about 10^15, far above any budget).
+/// Lua reads arguments as doubles and Redis writes a number back for `INCRBY` with `%.17g`:
+/// from 10^17 on that is exponent notation, which `INCRBY` refuses, failing the script
+/// part-way (a client's `max_tokens` of 10^18 would fail its reservation, and through the
+/// breaker everyone's).
+const MAX_SCRIPT_TOKENS: u64 = 1 << 50;
 const DEFAULT_MAX_PENDING: usize = 100_000;
 /// The shortest wait for a write of settlements or buffered debits (no request waits for one).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -857,7 +864,7 @@ impl Inner {
         let writes = debits
             .into_iter()
             .map(|(key, p, tokens)| {
-                let args = vec![tokens.min(i64::MAX as u64), p[0], p[1], p[2]];
+                let args = vec![tokens.min(MAX_SCRIPT_TOKENS), p[0], p[1], p[2]];
                 (key, p, args, tokens)
             })
             .collect();
@@ -1018,7 +1025,7 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
         let mut args = Vec::with_capacity(1 + batch.len() * 2 + keys.len() * 3);
         args.push(batch.len() as u64);
         for w in &batch {
-            args.extend([w.amount.min(i64::MAX as u64), w.keys.len() as u64]);
+            args.extend([w.amount.min(MAX_SCRIPT_TOKENS), w.keys.len() as u64]);
             args.extend_from_slice(&w.params);
         }
         let expected = batch.len() + 3 * keys.len();
@@ -1147,7 +1154,7 @@ fn unpack_integers(mut packed: &[u8]) -> Result<Vec<i64>, StoreError> {
 
 /// Tokens as a signed count, saturating.
 fn clamp(tokens: u64) -> i64 {
-    i64::try_from(tokens).unwrap_or(i64::MAX)
+    tokens.min(MAX_SCRIPT_TOKENS) as i64
 }
 
 /// The algorithm, window (seconds) and limit the scripts take for a counter.
@@ -1300,7 +1307,14 @@ impl Store for RedisStore {
             .map(|(c, window_id, delta)| {
                 let p = params(&c);
                 let (refund, extra) = super::refund_and_extra(delta);
-                let args = vec![p[0], p[1], p[2], window_id, refund, extra];
+                let args = vec![
+                    p[0],
+                    p[1],
+                    p[2],
+                    window_id,
+                    refund.min(MAX_SCRIPT_TOKENS),
+                    extra.min(MAX_SCRIPT_TOKENS),
+                ];
                 (c.key, p, args, extra)
             })
             .collect();
