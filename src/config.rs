@@ -125,6 +125,11 @@ pub struct TokenRateLimitConfig {
     /// learned from actual usage (default 1024).
     #[serde(default)]
     pub default_output_tokens: Option<u64>,
+    /// Distinct `model` label values of the tokens metric (default 64); past them, `other`.
+    /// The metrics registry is the process's, so this is too: the last layer built or
+    /// reloaded sets it.
+    #[serde(default)]
+    pub metrics_max_models: Option<usize>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, serde_json::Value>,
 }
@@ -410,6 +415,7 @@ pub(crate) struct Compiled {
     pub(crate) request_body_limit: usize,
     pub(crate) mode: Mode,
     pub(crate) default_output_tokens: u64,
+    pub(crate) metrics_max_models: usize,
 }
 
 const SOURCES: &str = "limit_by_header, limit_by_param, limit_by_cookie, limit_by_consumer, \
@@ -875,7 +881,7 @@ impl TokenRateLimitConfig {
             &self.unknown,
             "rule_name, global_threshold, rule_items, rejected_code, rejected_msg, \
              consumer_header, trusted_proxies, key_prefix, response_headers, redis, failure_mode, cost, inject_include_usage, \
-             request_body_limit, mode, default_output_tokens",
+             request_body_limit, mode, default_output_tokens, metrics_max_models",
         );
 
         let name = self.rule_name.trim();
@@ -999,6 +1005,9 @@ impl TokenRateLimitConfig {
             request_body_limit: self.request_body_limit.unwrap_or(1 << 20),
             mode: self.mode.unwrap_or_default(),
             default_output_tokens: self.default_output_tokens.unwrap_or(1024),
+            metrics_max_models: self
+                .metrics_max_models
+                .unwrap_or(crate::telemetry::DEFAULT_MAX_MODELS),
         })
     }
 }

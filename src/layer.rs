@@ -16,6 +16,7 @@ use crate::rule::{Rule, RuleKind};
 use crate::service::TokenRateLimit;
 use crate::settle::Settler;
 use crate::store::{MemoryStore, Store};
+use crate::telemetry;
 use crate::usage::UsageExtractor;
 
 /// What every service made by one layer shares.
@@ -141,6 +142,7 @@ impl TokenRateLimitLayer {
                     .into(),
             }]));
         }
+        telemetry::set_max_models(compiled.metrics_max_models);
         self.shared.compiled.store(Arc::new(compiled));
         Ok(())
     }
@@ -289,6 +291,14 @@ impl TokenRateLimitLayerBuilder {
         self
     }
 
+    /// How many distinct models the tokens metric labels by name before it says `other`
+    /// (default 64; feature `metrics`). The metrics registry is the process's, so this is too:
+    /// the last layer built or reloaded sets it.
+    pub fn metrics_max_models(mut self, n: usize) -> Self {
+        self.config.metrics_max_models = Some(n);
+        self
+    }
+
     /// Whether streaming OpenAI chat / completions requests that did not ask for usage are made
     /// to (`stream_options.include_usage`), with the extra usage chunk removed from what the
     /// client receives (default true).
@@ -416,6 +426,7 @@ impl TokenRateLimitLayerBuilder {
             .map(|(i, source)| (self.config.rule_items[i].clone(), source))
             .collect();
         let fallback = (compiled.failure_mode == FailureMode::Local).then(MemoryStore::new);
+        telemetry::set_max_models(compiled.metrics_max_models);
         Ok(TokenRateLimitLayer {
             shared: Arc::new(Shared {
                 compiled: ArcSwap::from_pointee(compiled),

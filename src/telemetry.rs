@@ -11,15 +11,24 @@
 //! | `token_ratelimit_pending_debits` | gauge | `store` |
 //!
 //! `rule` is `<rule_name>/<global_threshold|rule_items[i]>`, never a key value. `model` is the
-//! request's model for the first 64 models seen, then `other`.
+//! request's model for the first `metrics_max_models` models seen (default 64), then `other`.
+
+/// Distinct `model` labels by default.
+pub(crate) const DEFAULT_MAX_MODELS: usize = 64;
 
 #[cfg(feature = "metrics")]
 mod on {
     use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Mutex, PoisonError};
 
-    const MAX_MODELS: usize = 64;
+    static MAX_MODELS: AtomicUsize = AtomicUsize::new(super::DEFAULT_MAX_MODELS);
     static MODELS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+    /// Sets how many distinct models get a label of their own (process-wide).
+    pub(crate) fn set_max_models(n: usize) {
+        MAX_MODELS.store(n, Ordering::Relaxed);
+    }
 
     fn model_label(model: Option<&str>) -> String {
         let Some(model) = model else {
@@ -30,7 +39,7 @@ mod on {
         if seen.contains(model) {
             return model.to_owned();
         }
-        if seen.len() < MAX_MODELS {
+        if seen.len() < MAX_MODELS.load(Ordering::Relaxed) {
             seen.insert(model.to_owned());
             return model.to_owned();
         }
@@ -82,6 +91,7 @@ pub(crate) use on::*;
 
 #[cfg(not(feature = "metrics"))]
 mod off {
+    pub(crate) fn set_max_models(_: usize) {}
     pub(crate) fn request(_: &str, _: &'static str) {}
     pub(crate) fn tokens(_: &str, _: Option<&str>, _: bool, _: u64) {}
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
