@@ -43,6 +43,16 @@ use crate::store::Algorithm;
 /// The default `key_prefix`, Higress's.
 pub const DEFAULT_KEY_PREFIX: &str = "higress-token-ratelimit";
 
+/// A block given with no value (`null`, as YAML reads a key whose lines are all commented
+/// out) is an empty block, reported by validation, rather than an absent one.
+fn null_is_empty<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
+}
+
 /// Headers whose values are always treated as secrets (hashed in keys, never logged), as a
 /// `limit_by_header` / `limit_by_per_header` source or a composite's `header:<name>` part:
 /// credentials (`authorization`, `proxy-authorization`) and the providers' API-key headers
@@ -74,8 +84,9 @@ pub struct TokenRateLimitConfig {
     /// Names this set of limits; part of every counter key (required).
     #[serde(default)]
     pub rule_name: String,
-    /// One limit on every request together.
-    #[serde(default)]
+    /// One limit on every request together. Given empty (YAML `global_threshold:` with its
+    /// lines commented out) it is an error, not the absence of a global limit.
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub global_threshold: Option<ThresholdConfig>,
     /// Limits per key source; all matching items apply.
     #[serde(default)]
@@ -100,8 +111,9 @@ pub struct TokenRateLimitConfig {
     #[serde(default)]
     pub response_headers: Option<ResponseHeadersConfig>,
     /// Where counters live: absent → the in-memory store; present → Redis (standalone or
-    /// Cluster).
-    #[serde(default)]
+    /// Cluster). Given empty (YAML `redis:` with its lines commented out) it is an error, not
+    /// the in-memory store.
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub redis: Option<RedisConfig>,
     /// What to do when the store cannot answer (default `open`).
     #[serde(default)]

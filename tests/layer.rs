@@ -821,6 +821,22 @@ rule_items:
     )
     .unwrap();
     TokenRateLimitLayer::from_config(ok).unwrap();
+    // Blocks whose lines are all commented out are empty blocks, not absent ones: a
+    // deployment that meant Redis does not run on the in-memory store unawares.
+    let commented: TokenRateLimitConfig = serde_yaml::from_str(
+        r#"
+rule_name: team-a
+global_threshold:
+#  token_per_minute: 100
+redis:
+#  service_name: redis.internal
+"#,
+    )
+    .unwrap();
+    let err = TokenRateLimitLayer::from_config(commented).unwrap_err();
+    let paths: Vec<&str> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"global_threshold"), "{err}");
+    assert!(paths.contains(&"redis"), "{err}");
 }
 
 #[test]
