@@ -106,8 +106,14 @@ impl Categories {
         } else {
             output
         };
+        // What a reported total holds beyond the categories is input the provider counts
+        // apart (Gemini's `toolUsePromptTokenCount`: tool results read back into the prompt).
+        let counted = [uncached, cached, created, visible, reasoning]
+            .into_iter()
+            .fold(0u64, u64::saturating_add);
+        let beyond = u.total_tokens.map_or(0, |t| t.saturating_sub(counted));
         Self {
-            input: uncached,
+            input: uncached.saturating_add(beyond),
             cached_input: cached,
             cache_creation: created,
             output: visible,

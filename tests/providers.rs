@@ -276,3 +276,68 @@ async fn each_cost_preset_charges_the_hand_computed_value() {
         }
     }
 }
+
+/// Anthropic documents `cache_creation_input_tokens` as nullable: cache reads are still
+/// outside its input, in a stream or a body, whatever the cost.
+#[test]
+fn anthropic_cache_reads_count_without_a_cache_creation_count() {
+    use tower_token_ratelimit::usage::{BodyFormat, UsageScanner};
+    use tower_token_ratelimit::{Cost, CostWeights};
+
+    let scan = |format: BodyFormat, body: &str| {
+        let mut s = UsageScanner::new(format);
+        s.feed(body.as_bytes());
+        s.finish().unwrap()
+    };
+    let stream = scan(
+        BodyFormat::Sse,
+        concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":1000,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":20}}\n\n",
+        ),
+    );
+    let body = scan(
+        BodyFormat::Json,
+        r#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":null,"cache_read_input_tokens":1000,"output_tokens":20}}"#,
+    );
+    let ones = Cost::Weights(CostWeights::default());
+    for u in [stream, body] {
+        assert_eq!(Cost::Total.tokens(&u), 1030, "{u:?}");
+        assert_eq!(ones.tokens(&u), 1030, "{u:?}");
+    }
+}
+
+/// Gemini's total holds tool-use prompt tokens (`toolUsePromptTokenCount`: search results,
+/// code output read back) that no other count does: weights count them as input.
+#[test]
+fn gemini_tool_use_prompt_tokens_count_as_input_under_weights() {
+    use tower_token_ratelimit::usage::{BodyFormat, UsageScanner};
+    use tower_token_ratelimit::{Cost, CostWeights};
+
+    for (event, total) in [
+        (
+            "{\"promptTokenCount\":100,\"candidatesTokenCount\":50,\"totalTokenCount\":1150,\"toolUsePromptTokenCount\":1000}",
+            1150,
+        ),
+        (
+            "{\"promptTokenCount\":100,\"candidatesTokenCount\":50,\"totalTokenCount\":1350,\"toolUsePromptTokenCount\":1000,\"thoughtsTokenCount\":200}",
+            1350,
+        ),
+    ] {
+        let mut s = UsageScanner::new(BodyFormat::Sse);
+        s.feed(format!("data: {{\"candidates\":[],\"usageMetadata\":{event}}}\r\n\r\n").as_bytes());
+        let u = s.finish().unwrap();
+        assert_eq!(Cost::Total.tokens(&u), total);
+        assert_eq!(
+            Cost::Weights(CostWeights::default()).tokens(&u),
+            total,
+            "{u:?}"
+        );
+        // Priced as input: doubling the input weight adds them twice.
+        let input_twice = Cost::Weights(CostWeights {
+            input: 2.0,
+            ..CostWeights::default()
+        });
+        assert_eq!(input_twice.tokens(&u), total + 1100);
+    }
+}

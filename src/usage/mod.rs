@@ -79,7 +79,8 @@ pub struct Usage {
     /// `cachedContentTokenCount` (Gemini, part of the input).
     pub cached_input_tokens: Option<u64>,
     /// Input tokens written to a cache: `cache_creation_input_tokens` (Anthropic only, not part
-    /// of the input).
+    /// of the input; 0 when an Anthropic usage reports cache reads without it, which marks
+    /// those reads as outside the input too).
     pub cache_creation_input_tokens: Option<u64>,
     /// Reasoning tokens: `reasoning_tokens` of the output details (OpenAI),
     /// `thoughtsTokenCount` (Gemini), `output_tokens_details.thinking_tokens` (Anthropic,
@@ -315,7 +316,15 @@ impl Accumulator {
         self.provisional = report.provisional;
         match report.merge {
             Merge::Replace => self.usage = Some(report.usage),
-            Merge::Fieldwise => self.usage.get_or_insert_default().overlay(&report.usage),
+            Merge::Fieldwise => {
+                let usage = self.usage.get_or_insert_default();
+                usage.overlay(&report.usage);
+                // Anthropic's cache reads are outside its input; a cache-creation count (0
+                // when it reports none) is what tells `total` and the cost so.
+                if usage.cached_input_tokens.is_some() {
+                    usage.cache_creation_input_tokens.get_or_insert(0);
+                }
+            }
         }
     }
 }
