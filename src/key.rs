@@ -310,12 +310,14 @@ fn forwarded_ip(headers: &HeaderMap, name: &HeaderName, trusted: &[IpNet]) -> Op
     let is_forwarded = name == http::header::FORWARDED;
     let mut last_trusted = None;
     for value in headers.get_all(name).iter().rev() {
-        let value = value.to_str().unwrap_or("");
-        for entry in value.rsplit(',') {
+        // Entry by entry: a byte that is not text in an entry a client wrote further left
+        // must not hide the address a trusted proxy appended.
+        for entry in value.as_bytes().rsplit(|&b| b == b',') {
+            let entry = std::str::from_utf8(entry).ok();
             let entry = if is_forwarded {
-                forwarded_for(entry)
+                entry.and_then(forwarded_for)
             } else {
-                Some(entry)
+                entry
             };
             let Some(ip) = entry.and_then(parse_ip_entry) else {
                 // An unparsable entry where the client address should be: nothing usable.
@@ -386,6 +388,43 @@ mod tests {
         assert_eq!(xff(&["1.2.3.4:5678"], &[]), ip("1.2.3.4"));
         assert_eq!(xff(&["garbage, 10.0.0.2"], &["10.0.0.0/8"]), ip("10.0.0.2"));
         assert_eq!(xff(&["garbage"], &[]), None);
+    }
+
+    /// A byte that is not text in an entry the client wrote does not hide the address the
+    /// trusted proxy appended (the whole value was dropped, and the proxy's own address used).
+    #[test]
+    fn bytes_that_are_not_text_spoil_only_their_own_entry() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        for (name, value, want) in [
+            ("x-forwarded-for", &b"\x80, 203.0.113.9"[..], "203.0.113.9"),
+            (
+                "x-forwarded-for",
+                &b"caf\xc3\xa9, 203.0.113.9, 10.0.0.2"[..],
+                "203.0.113.9",
+            ),
+            (
+                "forwarded",
+                &b"for=\x80, for=203.0.113.9"[..],
+                "203.0.113.9",
+            ),
+        ] {
+            let mut headers = HeaderMap::new();
+            let name = HeaderName::from_static(name);
+            headers.insert(&name, http::HeaderValue::from_bytes(value).unwrap());
+            assert_eq!(
+                forwarded_ip(&headers, &name, &trusted),
+                Some(want.parse().unwrap()),
+                "{value:?}"
+            );
+        }
+        // Where the client address should be, such an entry is still nothing usable.
+        let mut headers = HeaderMap::new();
+        let name = HeaderName::from_static("x-forwarded-for");
+        headers.insert(
+            &name,
+            http::HeaderValue::from_bytes(b"1.2.3.4, \x80").unwrap(),
+        );
+        assert_eq!(forwarded_ip(&headers, &name, &trusted), None);
     }
 
     #[test]
