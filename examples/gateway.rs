@@ -162,7 +162,8 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// `None` unless `url` is `http://HOST[:PORT][/PATH]` (this example has no TLS).
+    /// `None` unless `url` is `http://HOST[:PORT][/PATH]` (this example has no TLS; no
+    /// credentials, which would go out as the `Host` header).
     fn new(url: &str, h2c: bool, timeout: Duration) -> Option<Self> {
         let uri: Uri = url.parse().ok()?;
         let (Some("http"), Some(authority), None) =
@@ -170,6 +171,9 @@ impl Upstream {
         else {
             return None;
         };
+        if authority.as_str().contains('@') {
+            return None;
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true); // small SSE chunks must not wait for Nagle
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -193,7 +197,9 @@ async fn forward(
     mut req: Request,
 ) -> Response {
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let Ok(uri) = format!("{}{path}", upstream.base).parse::<Uri>() else {
+    // Only origin-form targets name a path to forward (`OPTIONS *` does not).
+    let uri = format!("{}{path}", upstream.base).parse::<Uri>();
+    let (true, Ok(uri)) = (path.starts_with('/'), uri) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid request path",

@@ -459,6 +459,15 @@ async fn bad_arguments_exit_2_with_usage() {
             "--config",
             config,
         ][..],
+        // Credentials in the upstream URL would go out as the Host header.
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://user:pw@127.0.0.1:9",
+            "--config",
+            config,
+        ][..],
         &[
             "--listen",
             "127.0.0.1:0",
@@ -490,6 +499,27 @@ async fn unreachable_upstream_is_a_502_json_error() {
     let error = &r.json()["error"];
     assert_eq!(error["type"], "upstream_error");
     assert!(error["message"].is_string());
+}
+
+/// `OPTIONS *` names no path to forward: a 400, not a 502 blaming a healthy upstream.
+#[tokio::test]
+async fn an_asterisk_request_target_is_a_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (_llm, upstream) = Llm::start(None).await;
+    let config = config_file("asterisk", &per_user_config(1_000_000));
+    let (_gw, addr) = Gateway::start(&format!("http://{upstream}"), &config).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
 
 #[cfg(unix)]
