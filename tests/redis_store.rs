@@ -803,6 +803,47 @@ async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
     assert!(con.get::<_, u64>("{h}:b").unwrap() >= 1 << 50);
 }
 
+/// A reservation whose caller goes away while the script runs (the request was dropped) is
+/// given back: it would otherwise stay charged for a request never admitted.
+#[tokio::test]
+async fn a_reservation_whose_caller_left_is_given_back() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let c = fixed_window("{c}:r", 10_000, 60);
+    // Connected, and the script loaded.
+    store.reserve(std::slice::from_ref(&c), 1).await.unwrap();
+    let mut con = server.client();
+    assert_eq!(con.get::<_, u64>("{c}:r").unwrap(), 1);
+    // Redis busy: the next script waits in its queue, and its caller leaves meanwhile.
+    let busy = server.busy_for(0.3);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let call = tokio::spawn({
+        let (store, c) = (store.clone(), c.clone());
+        async move { store.reserve(&[c], 1234).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    call.abort();
+    tokio::task::spawn_blocking(move || busy.join().unwrap())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = con.get::<_, u64>("{c}:r").unwrap();
+        if used == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{used} used: the 1,234 stayed reserved"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A `redis` block's mistakes are all reported at once, and nothing in it is silently
 /// ignored: the Higress connection fields next to a URL or cluster nodes (which carry their
 /// own), a negative database. A reload checks the block too, though it does not apply it.

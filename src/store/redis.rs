@@ -1047,6 +1047,7 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
         match answer {
             Ok(values) => {
                 let mut rest = &values[..];
+                let mut refunds = Vec::new();
                 for w in batch {
                     let (part, after) = rest.split_at(1 + 3 * w.keys.len());
                     rest = after;
@@ -1054,7 +1055,20 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
                     if reservation.windows.is_some() {
                         inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
                     }
-                    let _ = w.answer.send(Ok(reservation));
+                    // A caller gone while the script ran (the request was dropped) gets its
+                    // reservation given back, or it would stay charged for nothing.
+                    if let Err(Ok(Reservation {
+                        windows: Some(windows),
+                        ..
+                    })) = w.answer.send(Ok(reservation))
+                    {
+                        inner.note_debits(w.keys.iter().map(|key| (key, -clamp(w.amount))));
+                        refunds.extend(refund_writes(&w.keys, &w.params, w.amount, &windows));
+                    }
+                }
+                if !refunds.is_empty() {
+                    let inner = inner.clone();
+                    tokio::spawn(async move { inner.write(&SETTLE, refunds).await });
                 }
             }
             Err(e) => {
@@ -1064,6 +1078,32 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
             }
         }
     }
+}
+
+/// The settlement writes that give a whole reservation of `amount` on `keys` back.
+fn refund_writes(keys: &[Arc<str>], params: &[u64], amount: u64, windows: &[u64]) -> Vec<KeyWrite> {
+    let delta = super::settlement_delta(amount, 0);
+    keys.iter()
+        .zip(params.chunks_exact(3))
+        .zip(windows)
+        .map(|((key, p), window_id)| {
+            settle_write(key.clone(), [p[0], p[1], p[2]], *window_id, delta)
+        })
+        .collect()
+}
+
+/// The settle script's write of `delta` (actual − reserved) to a counter's window.
+fn settle_write(key: Arc<str>, p: [u64; 3], window_id: u64, delta: i64) -> KeyWrite {
+    let (refund, extra) = super::refund_and_extra(delta);
+    let args = vec![
+        p[0],
+        p[1],
+        p[2],
+        window_id,
+        refund.min(MAX_SCRIPT_TOKENS),
+        extra.min(MAX_SCRIPT_TOKENS),
+    ];
+    (key, p, args, extra)
 }
 
 /// While the breaker is open: PING on a fresh connection every probe interval; on an answer,
@@ -1306,16 +1346,7 @@ impl Store for RedisStore {
             .filter(|(_, _, delta)| *delta != 0)
             .map(|(c, window_id, delta)| {
                 let p = params(&c);
-                let (refund, extra) = super::refund_and_extra(delta);
-                let args = vec![
-                    p[0],
-                    p[1],
-                    p[2],
-                    window_id,
-                    refund.min(MAX_SCRIPT_TOKENS),
-                    extra.min(MAX_SCRIPT_TOKENS),
-                ];
-                (c.key, p, args, extra)
+                settle_write(c.key, p, window_id, delta)
             })
             .collect();
         Box::pin(async move {
