@@ -46,3 +46,27 @@ async fn a_million_expired_keys_are_reclaimed() {
     assert_eq!(store.used("live"), 3);
     assert_eq!(store.len(), 1);
 }
+
+/// A reservation on several counters is taken on all of them or none, even when the store is
+/// full: making room for one of its counters never evicts another it has just taken.
+#[tokio::test]
+async fn a_full_store_still_reserves_all_counters_or_none() {
+    let store = MemoryStore::with_max_counters(1);
+    let counter = |key: String| Counter {
+        key: key.into(),
+        limit: 1_000,
+        window: Duration::from_secs(60),
+        algorithm: Algorithm::FixedWindow,
+    };
+    for i in 0..400 {
+        let (a, b) = (counter(format!("a{i}")), counter(format!("b{i}")));
+        let r = store.reserve(&[a.clone(), b.clone()], 100).await.unwrap();
+        if r.windows.is_some() {
+            assert_eq!(
+                (store.used(&a.key), store.used(&b.key)),
+                (100, 100),
+                "pair {i}"
+            );
+        }
+    }
+}

@@ -307,7 +307,17 @@ impl Inner {
 
     /// Adds `amount` (negative: a refund, never below zero). With a window id, a refund from a
     /// window that has ended is dropped and extra usage goes to the current window.
-    fn add(&self, map: &mut Shard, c: &Counter, now: Instant, amount: i128, wid: Option<u64>) {
+    /// `room`: a new counter may evict others from a full shard (a reservation makes its room
+    /// before it adds anything, so that it never evicts one of its own counters).
+    fn add(
+        &self,
+        map: &mut Shard,
+        c: &Counter,
+        now: Instant,
+        amount: i128,
+        wid: Option<u64>,
+        room: bool,
+    ) {
         if amount == 0 {
             return;
         }
@@ -363,8 +373,8 @@ impl Inner {
             *slot = entry;
             return;
         }
-        if map.len() >= self.max_per_shard {
-            make_room(map, self.max_per_shard, now);
+        if room && map.len() >= self.max_per_shard {
+            make_room(map, self.max_per_shard, now, &[]);
         }
         map.insert(c.key.clone(), entry);
     }
@@ -385,11 +395,20 @@ impl Inner {
                 windows: None,
             };
         }
+        // Room first for the counters this reservation creates, none of its own evicted: all
+        // of them are taken, or none. A shard too small for them all holds them anyway.
+        let own: Vec<&str> = counters.iter().map(|c| &*c.key).collect();
+        for c in counters {
+            let map = locked.map(&c.key);
+            if !map.contains_key(&c.key) && map.len() >= self.max_per_shard {
+                make_room(map, self.max_per_shard, now, &own);
+            }
+        }
         let windows = counters
             .iter()
             .map(|c| {
                 let map = locked.map(&c.key);
-                self.add(map, c, now, i128::from(amount), None);
+                self.add(map, c, now, i128::from(amount), None, false);
                 self.status(map.get(&c.key), c, now).1
             })
             .collect();
@@ -409,7 +428,14 @@ impl Inner {
     ) {
         let delta = i128::from(actual) - i128::from(reserved);
         for (c, &window) in counters.iter().zip(windows) {
-            self.add(&mut lock(self.shard(&c.key)), c, now, delta, Some(window));
+            self.add(
+                &mut lock(self.shard(&c.key)),
+                c,
+                now,
+                delta,
+                Some(window),
+                true,
+            );
         }
     }
 
@@ -439,21 +465,22 @@ impl Inner {
                 now,
                 i128::from(tokens),
                 None,
+                true,
             );
         }
     }
 }
 
 /// Frees expired counters, then, if the shard is still full, the least-used eighth of the
-/// counters that are not in debt.
-fn make_room(map: &mut Shard, max: usize, now: Instant) {
+/// counters that are not in debt, `spare` excepted.
+fn make_room(map: &mut Shard, max: usize, now: Instant, spare: &[&str]) {
     map.retain(|_, e| e.expires_at > now);
     if map.len() < max {
         return;
     }
     let mut candidates: Vec<(u64, Arc<str>)> = map
         .iter()
-        .filter(|(_, e)| !e.in_debt())
+        .filter(|(k, e)| !e.in_debt() && !spare.contains(&&***k))
         .map(|(k, e)| (e.weight(), k.clone()))
         .collect();
     let n = (max / 8).max(1).min(candidates.len());
