@@ -953,7 +953,7 @@ impl TokenRateLimitConfig {
             );
         }
 
-        let items: Vec<Item> = self
+        let mut items: Vec<Item> = self
             .rule_items
             .iter()
             .enumerate()
@@ -979,6 +979,12 @@ impl TokenRateLimitConfig {
             .consumer_header
             .as_deref()
             .and_then(|h| header_name(&mut p, "consumer_header".into(), h));
+        // A consumer read from a secret header (a key used as the identity) is a secret too.
+        if consumer_header.as_ref().is_some_and(is_secret_header) {
+            for item in items.iter_mut().filter(|i| i.source.uses_consumer()) {
+                item.secret = true;
+            }
+        }
 
         let mut trusted_proxies = Vec::new();
         for (i, t) in self.trusted_proxies.iter().enumerate() {

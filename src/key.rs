@@ -151,6 +151,15 @@ pub(crate) struct ExtractContext<'c> {
 }
 
 impl KeySource {
+    /// Whether the value comes from the consumer, alone or as a composite's part.
+    pub(crate) fn uses_consumer(&self) -> bool {
+        match self {
+            KeySource::Consumer => true,
+            KeySource::Composite(parts) => parts.iter().any(KeySource::uses_consumer),
+            _ => false,
+        }
+    }
+
     /// Whether the value needs the request body (the model).
     pub(crate) fn needs_model(&self) -> bool {
         match self {

@@ -410,3 +410,41 @@ async fn composite_keys_keep_non_utf8_values_apart() {
     assert_eq!(store.used(&key(&hashed(b"u|\xfe"))), 100);
     assert_eq!(store.len(), 5);
 }
+
+/// A consumer read from a secret header (`consumer_header: x-api-key`: the key is the
+/// identity) is hashed in counter keys like the header itself would be.
+#[tokio::test]
+async fn a_consumer_from_a_secret_header_is_hashed() {
+    let store = MemoryStore::new();
+    let config: tower_token_ratelimit::TokenRateLimitConfig =
+        serde_json::from_value(serde_json::json!({
+            "rule_name": "default",
+            "consumer_header": "x-api-key",
+            "rule_items": [
+                {"limit_by_per_consumer": "", "limit_keys": [{"key": "*", "token_per_minute": 1_000_000}]}
+            ]
+        }))
+        .unwrap();
+    let limits = TokenRateLimitLayer::builder()
+        .config(config)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    let secret = &b"sk-live-SECRET"[..];
+    assert_eq!(
+        call(&app, chat_request(&[("x-api-key", secret)])).await.0,
+        StatusCode::OK
+    );
+    limits.flush().await;
+    let prefix = "limit_by_per_consumer:60:x-mse-consumer:";
+    assert_eq!(
+        store.used(&counter(&format!("{prefix}sk-live-SECRET"))),
+        0,
+        "stored raw"
+    );
+    assert_eq!(
+        store.used(&counter(&format!("{prefix}{}", hashed(secret)))),
+        100
+    );
+}
