@@ -111,7 +111,6 @@ pub(crate) struct Reserved {
 #[derive(Default)]
 struct Stats {
     sent: AtomicU64,
-    done: AtomicU64,
     /// Which settlements are applied: they finish out of order (one needing no write, or
     /// a local reservation's, before a batch being written), and a flush waits for all those
     /// handed over before it.
@@ -178,7 +177,8 @@ impl Settler {
 
     /// Settlements handed over but not yet applied.
     pub(crate) fn pending(&self) -> u64 {
-        let done = self.stats.done.load(Ordering::Acquire);
+        let applied = self.stats.applied();
+        let done = applied.below + applied.ahead.len() as u64;
         self.stats.sent.load(Ordering::Acquire).saturating_sub(done)
     }
 
@@ -225,11 +225,9 @@ impl Stats {
     }
 
     fn done(&self, seqs: impl IntoIterator<Item = u64>) {
-        let mut n = 0;
         {
             let mut applied = self.applied();
             for seq in seqs {
-                n += 1;
                 if seq == applied.below {
                     applied.below += 1;
                     while applied.ahead.first() == Some(&applied.below) {
@@ -241,7 +239,6 @@ impl Stats {
                 }
             }
         }
-        self.done.fetch_add(n, Ordering::AcqRel);
         self.notify.notify_waiters();
     }
 }
@@ -535,6 +532,13 @@ impl Meter {
         self.request_tokens.saturating_add(output)
     }
 
+    /// What is charged without usage: in reserve mode the reservation stands as the estimate.
+    fn fallback(&self) -> u64 {
+        self.reservation
+            .as_ref()
+            .map_or_else(|| self.estimate(), |r| r.amount)
+    }
+
     /// Settles, once; later calls do nothing.
     pub(crate) fn settle(&mut self, end: End) {
         if std::mem::replace(&mut self.settled, true) {
@@ -546,12 +550,6 @@ impl Meter {
             (None, _) => None,
         }
         .or(self.reported);
-        // Without usage: in reserve mode the reservation stands as the estimate.
-        let fallback = |m: &Self| {
-            m.reservation
-                .as_ref()
-                .map_or_else(|| m.estimate(), |r| r.amount)
-        };
         let provisional = self
             .scanner
             .as_ref()
@@ -562,7 +560,7 @@ impl Meter {
             // `message_start`'s): no less than the estimate is charged, or a client would
             // stream for free by leaving early.
             Some(reported) if end != End::Complete || provisional => {
-                let estimate = fallback(self);
+                let estimate = self.fallback();
                 if estimate > reported {
                     (estimate, true)
                 } else {
@@ -572,7 +570,7 @@ impl Meter {
             Some(reported) => (reported, false),
             // The provider reported no usage for a request it refused: it bills nothing.
             None if self.error_status => (0, false),
-            None => (fallback(self), true),
+            None => (self.fallback(), true),
         };
         if let Some(r) = &self.reservation
             && r.learns
