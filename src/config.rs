@@ -897,6 +897,8 @@ impl TokenRateLimitConfig {
         );
 
         let name = self.rule_name.trim();
+        // `,` separates rule names in the `rules` of metrics and tracing.
+        let bad = |s: &str| has_bad_chars(s) || s.contains(',');
         let hash_tag = if name.is_empty() {
             p.push(
                 "rule_name",
@@ -904,15 +906,14 @@ impl TokenRateLimitConfig {
             );
             String::new()
         } else if name.len() > 2 && name.starts_with('{') && name.ends_with('}') {
-            // `,` separates rule names in the `rules` of metrics and tracing.
-            if has_bad_chars(&name[1..name.len() - 1]) || name.contains(',') {
+            if bad(&name[1..name.len() - 1]) {
                 p.push(
                     "rule_name",
                     "must not contain control characters, `,` or inner `{`/`}`",
                 );
             }
             name.to_string()
-        } else if has_bad_chars(name) || name.contains(',') {
+        } else if bad(name) {
             p.push(
                 "rule_name",
                 "must not contain control characters, `,` (it separates rule names in metrics) \

@@ -494,30 +494,32 @@ impl RedisStore {
         }
         // The Higress connection fields belong with `service_name`: next to a URL (which
         // carries them) or cluster nodes they would be ignored.
-        let (elsewhere, fields) = match given {
+        // (field, given, ignored next to cluster nodes too: those take the credentials)
+        let fields = [
+            ("service_port", config.service_port.is_some(), true),
+            ("database", config.database.is_some(), true),
+            ("username", config.username.is_some(), false),
+            ("password", config.password.is_some(), false),
+        ];
+        let (elsewhere, nodes) = match given {
             [false, true, false] => (
                 "with url, put it in the URL (redis://user:password@host:port/db)",
-                &["service_port", "database", "username", "password"][..],
+                false,
             ),
             [false, false, true] => (
                 "with cluster_nodes, give ports in the node addresses; a cluster has only database 0",
-                &["service_port", "database"][..],
+                true,
             ),
-            _ => ("", &[][..]),
+            _ => ("", false),
         };
-        for field in fields {
-            let set = match *field {
-                "service_port" => config.service_port.is_some(),
-                "database" => config.database.is_some(),
-                "username" => config.username.is_some(),
-                _ => config.password.is_some(),
-            };
-            if set {
-                p.push(
-                    format!("redis.{field}"),
-                    format!("only with service_name; {elsewhere}"),
-                );
-            }
+        let ignored = fields
+            .into_iter()
+            .filter(|&(_, set, with_nodes)| set && !elsewhere.is_empty() && (with_nodes || !nodes));
+        for (field, _, _) in ignored {
+            p.push(
+                format!("redis.{field}"),
+                format!("only with service_name; {elsewhere}"),
+            );
         }
         let mut has_target = true;
         match given {
@@ -1192,7 +1194,7 @@ fn unpack_integers(mut packed: &[u8]) -> Result<Vec<i64>, StoreError> {
     Ok(values)
 }
 
-/// Tokens as a signed count, saturating.
+/// Tokens as a signed count, clamped to what a script argument carries.
 fn clamp(tokens: u64) -> i64 {
     tokens.min(MAX_SCRIPT_TOKENS) as i64
 }
