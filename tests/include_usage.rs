@@ -60,19 +60,21 @@ async fn openai_like(State(seen): State<Seen>, h: HeaderMap, body: Bytes) -> Res
         .unwrap()
 }
 
+/// 10,000 tokens a minute per `x-user`, counted in `store`.
+fn per_user(store: &MemoryStore) -> tower_token_ratelimit::TokenRateLimitLayerBuilder {
+    TokenRateLimitLayer::builder().store(store.clone()).rule(
+        Rule::per_header("x-user")
+            .any_value()
+            .tokens_per_minute(10_000),
+    )
+}
+
 async fn setup(
     inject: bool,
     body_limit: Option<usize>,
 ) -> (std::net::SocketAddr, Seen, MemoryStore, TokenRateLimitLayer) {
     let store = MemoryStore::new();
-    let mut builder = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .inject_include_usage(inject)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        );
+    let mut builder = per_user(&store).inject_include_usage(inject);
     if let Some(limit) = body_limit {
         builder = builder.request_body_limit(limit);
     }
@@ -301,15 +303,7 @@ async fn events_ending_in_carriage_returns_reach_the_client_as_they_come() {
         }
     };
     let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
-        .build()
-        .unwrap();
+    let limits = per_user(&store).build().unwrap();
     let addr = serve(
         Router::new()
             .route(CHAT, post(upstream))
@@ -360,14 +354,7 @@ async fn a_rewritten_chunked_request_has_a_length_and_no_transfer_encoding() {
             "{}"
         }
     };
-    let limits = TokenRateLimitLayer::builder()
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
-        .build()
-        .unwrap();
+    let limits = per_user(&MemoryStore::new()).build().unwrap();
     let app = Router::new().route(CHAT, post(upstream)).layer(limits);
     let request = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
     let pieces: Vec<Result<Bytes, Infallible>> = request
