@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::{mock_chat, send, serve};
+use common::{mock_chat, send, serve, serve_chat};
 use tower::ServiceExt;
 use tower_token_ratelimit::store::{Counter, CounterStatus, MemoryStore, Store, StoreFuture};
 use tower_token_ratelimit::{Consumer, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
@@ -24,9 +24,11 @@ fn key(kind_window_name_value: &str) -> String {
     format!("higress-token-ratelimit:{{default}}:{kind_window_name_value}")
 }
 
-/// An app with the mock upstream behind `layer`, served on a real socket.
-async fn app(layer: TokenRateLimitLayer) -> SocketAddr {
-    serve(Router::new().route(CHAT, post(mock_chat)).layer(layer)).await
+/// A per-user limit: every value of `x-user` gets `tokens_per_minute`.
+fn per_user(tokens_per_minute: u64) -> Rule {
+    Rule::per_header("x-user")
+        .any_value()
+        .tokens_per_minute(tokens_per_minute)
 }
 
 fn layer(store: &MemoryStore, rules: Vec<Rule>) -> TokenRateLimitLayer {
@@ -43,15 +45,8 @@ fn layer(store: &MemoryStore, rules: Vec<Rule>) -> TokenRateLimitLayer {
 #[tokio::test]
 async fn budget_admits_while_used_below_limit_then_rejects_with_headers() {
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(250),
-        ],
-    );
-    let addr = app(limits.clone()).await;
+    let limits = layer(&store, vec![per_user(250)]);
+    let addr = serve_chat(limits.clone()).await;
     let alice = [("x-user", "alice"), ("x-mock-tokens", "100")];
 
     for remaining in ["250", "150", "50"] {
@@ -95,15 +90,8 @@ async fn budget_admits_while_used_below_limit_then_rejects_with_headers() {
 #[tokio::test]
 async fn rejects_when_used_equals_limit() {
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(200),
-        ],
-    );
-    let addr = app(limits.clone()).await;
+    let limits = layer(&store, vec![per_user(200)]);
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
     for _ in 0..2 {
         assert_eq!(send(addr, CHAT, &h, "{}").await.status, StatusCode::OK);
@@ -123,7 +111,7 @@ async fn window_expiry_restores_the_budget() {
         &store,
         vec![Rule::per_header("x-user").any_value().tokens_per_second(50)],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "60")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
     limits.flush().await;
@@ -137,15 +125,8 @@ async fn window_expiry_restores_the_budget() {
 #[tokio::test]
 async fn json_responses_are_metered_too() {
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
-        ],
-    );
-    let addr = app(limits.clone()).await;
+    let limits = layer(&store, vec![per_user(1000)]);
+    let addr = serve_chat(limits.clone()).await;
     let r = send(
         addr,
         CHAT,
@@ -170,7 +151,7 @@ async fn requests_that_match_nothing_are_not_limited_or_metered() {
                 .tokens_per_minute(1),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     for h in [&[][..], &[("x-user", "outsider")][..]] {
         for _ in 0..3 {
             let r = send(addr, CHAT, h, STREAM).await;
@@ -208,9 +189,7 @@ async fn every_limit_by_source() {
         },
         Case {
             name: "per_header",
-            rule: Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(150),
+            rule: per_user(150),
             a: vec![("x-user", "u1")],
             path_a: CHAT,
             other: vec![("x-user", "u2")],
@@ -257,7 +236,7 @@ async fn every_limit_by_source() {
     for case in cases {
         let store = MemoryStore::new();
         let limits = layer(&store, vec![case.rule]);
-        let addr = app(limits.clone()).await;
+        let addr = serve_chat(limits.clone()).await;
         let mut a = case.a.clone();
         a.push(("x-mock-tokens", "100"));
         for expected in [
@@ -331,7 +310,7 @@ async fn consumer_from_extension_and_trusted_header() {
         .rule(Rule::consumer().value("bob").tokens_per_minute(100))
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let bob = [("x-mse-consumer", "bob")];
     assert_eq!(send(addr, CHAT, &bob, STREAM).await.status, StatusCode::OK);
     limits.flush().await;
@@ -357,7 +336,7 @@ async fn per_ip_from_remote_addr_over_a_real_socket() {
         &store,
         vec![Rule::per_ip().ip("127.0.0.0/8").tokens_per_minute(100)],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     assert_eq!(send(addr, CHAT, &[], STREAM).await.status, StatusCode::OK);
     limits.flush().await;
     assert_eq!(
@@ -435,7 +414,7 @@ async fn forged_left_most_x_forwarded_for_does_not_change_the_key() {
         )
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     for (i, expected) in [
         StatusCode::OK,
         StatusCode::OK,
@@ -471,7 +450,7 @@ async fn forged_left_most_x_forwarded_for_does_not_change_the_key() {
         )
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     send(
         addr,
         CHAT,
@@ -507,7 +486,7 @@ async fn key_matching_exact_any_regexp_cidr_and_first_match_wins() {
                 .tokens_per_hour(3000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let limit = |r: &common::Reply| r.header("x-ratelimit-limit-tokens").map(str::to_owned);
     let r = send(addr, CHAT, &[("x-user", "vip-42")], STREAM).await;
     assert_eq!(
@@ -531,15 +510,13 @@ async fn all_matching_items_apply_and_any_can_reject() {
         &store,
         vec![
             Rule::global().tokens_per_minute(10_000),
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
+            per_user(1000),
             Rule::per_param("project")
                 .any_value()
                 .tokens_per_minute(250),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let path = "/v1/chat/completions?project=p1";
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
     let r = send(addr, path, &h, STREAM).await;
@@ -583,7 +560,7 @@ async fn several_windows_in_one_entry_all_apply() {
                 .tokens_per_day(150),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
     limits.flush().await;
@@ -622,14 +599,10 @@ async fn client_disconnect_mid_stream_is_charged_an_estimate_exactly_once() {
     let store = CountingStore::default();
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
+        .rule(per_user(10_000))
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
 
     // A raw client: send the request, read the first bytes of the stream, hang up.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -682,11 +655,8 @@ async fn client_disconnect_mid_stream_is_charged_an_estimate_exactly_once() {
 #[tokio::test]
 async fn grpc_requests_are_rejected_with_resource_exhausted() {
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![Rule::per_header("x-user").any_value().tokens_per_minute(50)],
-    );
-    let addr = app(limits.clone()).await;
+    let limits = layer(&store, vec![per_user(50)]);
+    let addr = serve_chat(limits.clone()).await;
     send(addr, CHAT, &[("x-user", "g")], STREAM).await;
     limits.flush().await;
     let r = send(
@@ -716,7 +686,7 @@ async fn secret_header_values_are_hashed_in_keys() {
                 .tokens_per_minute(500),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     send(addr, CHAT, &[("x-api-key", "sk-secret")], STREAM).await;
     limits.flush().await;
     assert_eq!(
@@ -909,7 +879,7 @@ async fn custom_rejected_msg_and_code() {
     }))
     .unwrap();
     let limits = TokenRateLimitLayer::from_config(cfg).unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     send(addr, CHAT, &[], STREAM).await;
     limits.flush().await;
     let r = send(addr, CHAT, &[], STREAM).await;
@@ -944,15 +914,8 @@ async fn upstream_without_usage_is_charged_an_estimate_marked_in_tracing() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        ],
-    );
-    let addr = app(limits.clone()).await;
+    let limits = layer(&store, vec![per_user(10_000)]);
+    let addr = serve_chat(limits.clone()).await;
     let r = send(
         addr,
         CHAT,
@@ -1030,11 +993,7 @@ async fn usage_in_trailers_and_headers_through_an_extractor() {
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
         .usage_extractor(HeaderUsage::new())
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
+        .rule(per_user(10_000))
         .build()
         .unwrap();
     // A gRPC-like service: usage in the trailers.
@@ -1094,14 +1053,7 @@ async fn usage_in_trailers_and_headers_through_an_extractor() {
 #[tokio::test]
 async fn works_under_route_layer_and_service_builder() {
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(150),
-        ],
-    );
+    let limits = layer(&store, vec![per_user(150)]);
     let app = Router::new()
         .route(CHAT, post(mock_chat))
         .route_layer(tower::ServiceBuilder::new().layer(limits.clone()));
@@ -1137,7 +1089,7 @@ async fn reload_changes_limits_and_keeps_used_tokens() {
         .store(store.clone())
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "r")];
     for expected in [
         StatusCode::OK,
@@ -1179,14 +1131,10 @@ async fn openai_and_ietf_headers_agree_with_the_store() {
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
         .ietf_headers(true)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(250),
-        )
+        .rule(per_user(250))
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "i"), ("x-mock-tokens", "100")];
     send(addr, CHAT, &h, STREAM).await;
     limits.flush().await;
@@ -1224,11 +1172,8 @@ async fn openai_and_ietf_headers_agree_with_the_store() {
             .starts_with(r#""tokens";r=0;"#)
     );
     // Off by default.
-    let plain = layer(
-        &MemoryStore::new(),
-        vec![Rule::per_header("x-user").any_value().tokens_per_minute(9)],
-    );
-    let r = send(app(plain).await, CHAT, &h, STREAM).await;
+    let plain = layer(&MemoryStore::new(), vec![per_user(9)]);
+    let r = send(serve_chat(plain).await, CHAT, &h, STREAM).await;
     assert_eq!(r.header("ratelimit"), None);
 }
 
@@ -1282,14 +1227,10 @@ async fn debits_that_queue_while_one_is_written_are_merged_per_counter() {
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
         .rule(Rule::global().tokens_per_minute(1_000_000))
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        )
+        .rule(per_user(1_000_000))
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     // The first debit is being written (held at the gate) ...
     let h =
         |user: &'static str, tokens: &'static str| [("x-user", user), ("x-mock-tokens", tokens)];
@@ -1347,14 +1288,7 @@ async fn trailers_end_the_body_when_nothing_is_polled_after_them() {
         ("sse", "text/event-stream", format!("data: {usage}")),
     ] {
         let store = MemoryStore::new();
-        let limits = layer(
-            &store,
-            vec![
-                Rule::per_header("x-user")
-                    .any_value()
-                    .tokens_per_minute(1_000_000),
-            ],
-        );
+        let limits = layer(&store, vec![per_user(1_000_000)]);
         let svc = tower::service_fn(move |_req: Request<Body>| {
             let data = data.clone();
             async move {
@@ -1403,14 +1337,7 @@ async fn leaving_before_the_final_usage_is_charged_no_less_than_the_estimate() {
     use http_body_util::BodyExt;
 
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        ],
-    );
+    let limits = layer(&store, vec![per_user(1_000_000)]);
     let start = Bytes::from_static(
         b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
     );
@@ -1469,14 +1396,7 @@ async fn a_chunked_request_body_is_estimated_like_one_with_a_length() {
     use http_body_util::BodyExt;
 
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        ],
-    );
+    let limits = layer(&store, vec![per_user(1_000_000)]);
     let app = Router::new()
         .route(CHAT, post(mock_chat))
         .layer(limits.clone());
@@ -1535,7 +1455,7 @@ async fn reload_keeps_per_key_rules_and_applies_every_setting() {
         .store(store.clone())
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-tenant", "t1")];
     let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
     let mut statuses = Vec::new();
@@ -1574,11 +1494,7 @@ async fn capped_answers_do_not_teach_the_output_allowance() {
         .store(store.clone())
         .mode(Mode::Reserve)
         .default_output_tokens(1000)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        )
+        .rule(per_user(1_000_000))
         .build()
         .unwrap();
     let app = Router::new()
@@ -1627,11 +1543,7 @@ async fn reserve_mode_headers_count_the_requests_own_reservation() {
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
         .mode(Mode::Reserve)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        )
+        .rule(per_user(10_000))
         .build()
         .unwrap();
     let app = Router::new()
@@ -1668,14 +1580,7 @@ async fn a_stream_that_ends_on_a_placeholder_usage_is_charged_no_less_than_the_e
     use http_body_util::BodyExt;
 
     let store = MemoryStore::new();
-    let limits = layer(
-        &store,
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        ],
-    );
+    let limits = layer(&store, vec![per_user(1_000_000)]);
     let mut stream = String::from(
         "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
     );
@@ -1739,7 +1644,7 @@ async fn flush_waits_for_earlier_settlements_whatever_finishes_first() {
         .rule(Rule::global().tokens_per_minute(1_000_000))
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     assert_eq!(
         send(addr, CHAT, &[("x-mock-tokens", "50")], STREAM)
             .await

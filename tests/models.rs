@@ -6,7 +6,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::{mock_chat, send, serve};
+use common::{mock_chat, send, serve, serve_chat};
 use tower_token_ratelimit::store::MemoryStore;
 use tower_token_ratelimit::{Consumer, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
 
@@ -29,12 +29,7 @@ async fn each_model_has_its_own_budget() {
         .rule(Rule::model().value("gpt-4o").tokens_per_minute(1000))
         .build()
         .unwrap();
-    let addr = serve(
-        Router::new()
-            .route("/v1/chat/completions", post(mock_chat))
-            .layer(limits.clone()),
-    )
-    .await;
+    let addr = serve_chat(limits.clone()).await;
     for expected in [
         StatusCode::OK,
         StatusCode::OK,
@@ -97,12 +92,7 @@ async fn a_model_that_cannot_be_read_is_not_a_way_around_model_limits() {
         .rule(Rule::per_model().any_value().tokens_per_minute(150))
         .build()
         .unwrap();
-    let addr = serve(
-        Router::new()
-            .route("/v1/chat/completions", post(mock_chat))
-            .layer(limits.clone()),
-    )
-    .await;
+    let addr = serve_chat(limits.clone()).await;
     let send_body = |body: String, headers: &'static [(&'static str, &'static str)]| {
         let limits = limits.clone();
         async move {

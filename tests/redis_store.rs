@@ -3,14 +3,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::http::StatusCode;
-use axum::routing::post;
 use common::redis::{RedisCluster, RedisServer};
-use common::{mock_chat, send, serve};
+use common::{send, serve_chat};
 use deadpool_redis::redis::{self, Commands};
 use tower_token_ratelimit::store::{Algorithm, Counter, DEFAULT_CHECK_REUSE, RedisStore, Store};
 use tower_token_ratelimit::{FailureMode, Rule, TokenRateLimitConfig, TokenRateLimitLayer};
@@ -28,8 +25,13 @@ fn fixed_window(key: &str, limit: u64, window_secs: u64) -> Counter {
     }
 }
 
-async fn app(layer: TokenRateLimitLayer) -> SocketAddr {
-    serve(Router::new().route(CHAT, post(mock_chat)).layer(layer)).await
+/// A store on `server` whose calls may take 5 s (a loaded machine must not fail them).
+fn patient_store(server: &RedisServer) -> RedisStore {
+    RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
 }
 
 fn layer(store: RedisStore, rule_name: &str, rules: Vec<Rule>) -> TokenRateLimitLayer {
@@ -69,7 +71,7 @@ async fn counters_use_the_higress_key_layout() {
                 .tokens_per_day(10_000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [
         ("x-user", "alice"),
         ("authorization", "Bearer sk-live-SECRET"),
@@ -127,7 +129,7 @@ async fn two_replicas_sharing_redis_enforce_one_budget() {
         )
     };
     let (l1, l2) = (replica(), replica());
-    let (a1, a2) = (app(l1.clone()).await, app(l2.clone()).await);
+    let (a1, a2) = (serve_chat(l1.clone()).await, serve_chat(l2.clone()).await);
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
     // 5 × 100 tokens across both replicas spend the budget. A replica reuses the answer to
     // its last check for `check_reuse` (adding its own debits): past that, it sees the other's.
@@ -169,7 +171,7 @@ async fn scripts_are_reloaded_after_script_flush() {
                 .tokens_per_minute(1000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "10")];
     send(addr, CHAT, &h, STREAM).await;
     limits.flush().await;
@@ -203,7 +205,7 @@ async fn a_key_without_ttl_is_repaired() {
                 .tokens_per_minute(1000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     send(
         addr,
         CHAT,
@@ -237,7 +239,7 @@ async fn two_script_calls_per_request_and_no_ping() {
                 .tokens_per_minute(u64::MAX / 2),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     // Warm up (script load, connection), then count.
     send(addr, CHAT, &[("x-user", "w")], STREAM).await;
     limits.flush().await;
@@ -302,7 +304,7 @@ async fn the_same_on_a_three_master_cluster() {
         )
     };
     let (l1, l2) = (replica(), replica());
-    let (a1, a2) = (app(l1.clone()).await, app(l2.clone()).await);
+    let (a1, a2) = (serve_chat(l1.clone()).await, serve_chat(l2.clone()).await);
     // Many users: their keys land in one slot per rule name (the {cl} hash tag).
     for user in ["a", "b", "c", "d"] {
         let h = [("x-user", user), ("x-mock-tokens", "100")];
@@ -407,7 +409,7 @@ async fn a_cluster_master_failover_loses_no_debit() {
                 .tokens_per_minute(100_000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "10")];
     let key = "higress-token-ratelimit:{fo}:limit_by_per_header:60:x-user:u";
     let mut sent = 0;
@@ -512,7 +514,7 @@ async fn a_failed_debit_is_retried_without_further_traffic() {
                 .tokens_per_minute(10_000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     server.kill();
     let h = [("x-user", "u"), ("x-mock-tokens", "9")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
@@ -554,7 +556,7 @@ async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
                 .tokens_per_minute(10_000),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "7")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
     limits.flush().await;
@@ -631,7 +633,7 @@ async fn redis_down_fail_closed_answers_503() {
         )
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     assert_eq!(
         send(addr, CHAT, &[("x-user", "u")], STREAM).await.status,
         StatusCode::OK
@@ -658,7 +660,7 @@ async fn redis_down_fail_local_keeps_limits_per_process() {
         )
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
     limits.flush().await;
@@ -689,7 +691,7 @@ async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
         "p",
         vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let t = Instant::now();
     assert_eq!(
         send(addr, CHAT, &[("x-user", "u")], STREAM).await.status,
@@ -712,7 +714,7 @@ async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
         "h",
         vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     for _ in 0..5 {
         let t = Instant::now();
         assert_eq!(
@@ -808,11 +810,7 @@ async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
 #[tokio::test]
 async fn a_reservation_whose_caller_left_is_given_back() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let store = patient_store(&server);
     let c = fixed_window("{c}:r", 10_000, 60);
     // Connected, and the script loaded.
     store.reserve(std::slice::from_ref(&c), 1).await.unwrap();
@@ -948,7 +946,7 @@ async fn rediss_urls_connect_over_tls() {
                 .tokens_per_minute(150),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "t"), ("x-mock-tokens", "100")];
     for expected in [
         StatusCode::OK,
@@ -974,7 +972,7 @@ async fn rediss_urls_connect_over_tls() {
                 .tokens_per_minute(150),
         ],
     );
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     // Fail open: served, but no budget could be read.
     let r = send(addr, CHAT, &h, STREAM).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -1202,7 +1200,7 @@ global_threshold: {{token_per_hour: 100000, algorithm: sliding_window}}
     ))
     .unwrap();
     let limits = TokenRateLimitLayer::from_config(cfg).unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "100")];
     for expected in [
         StatusCode::OK,
@@ -1238,7 +1236,7 @@ async fn an_existing_deadpool_pool_can_be_used() {
         )
         .build()
         .unwrap();
-    let addr = app(limits.clone()).await;
+    let addr = serve_chat(limits.clone()).await;
     send(
         addr,
         CHAT,
@@ -1288,11 +1286,7 @@ async fn debits_past_the_buffer_bound_are_counted_not_silently_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_of_the_same_counters_share_one_call() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let store = patient_store(&server);
     let counters = |limit: u64| vec![fixed_window("{c}:k", limit, 60)];
     store.debit(&counters(100), 7).await.unwrap();
     // Loads the check script.
@@ -1453,11 +1447,7 @@ async fn check_reuse_from_the_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reservations_share_scripts_and_stay_exact() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let store = patient_store(&server);
     let shared = fixed_window("{b}:shared", 100, 60);
     // Loads the script.
     store
@@ -1551,7 +1541,7 @@ async fn settlements_wait_for_the_interval_and_go_in_one_write() {
             "s",
             vec![Rule::global().tokens_per_minute(1_000_000)],
         );
-        let addr = app(limits.clone()).await;
+        let addr = serve_chat(limits.clone()).await;
         // The first settlement goes at once (the check before each request has read Redis).
         send(addr, CHAT, &[], STREAM).await;
         wait_for(&mut con, key, 100, "the first debit was never written").await;

@@ -111,6 +111,16 @@ pub async fn mock_chat(headers: HeaderMap, body: Bytes) -> Response<Body> {
         .unwrap()
 }
 
+/// The mock upstream's chat completions route behind `layer`, served on 127.0.0.1:0.
+pub async fn serve_chat(layer: tower_token_ratelimit::TokenRateLimitLayer) -> SocketAddr {
+    serve(
+        Router::new()
+            .route("/v1/chat/completions", axum::routing::post(mock_chat))
+            .layer(layer),
+    )
+    .await
+}
+
 /// Serves `app` on 127.0.0.1:0 (with `ConnectInfo<SocketAddr>`) until the test ends.
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
