@@ -492,8 +492,8 @@ impl Meter {
         self.format == Some(BodyFormat::Sse) && self.decoder.is_none() && self.scanner.is_some()
     }
 
-    /// Reads a frame of the response. Returns whether the frame is known to hold no usage key
-    /// other than `"usage": null` (`false`: not known, or the body is encoded).
+    /// Reads a frame of the response. Returns whether the frame is known to hold no key a token
+    /// count is read from (`false`: not known, or the body is encoded).
     pub(crate) fn on_data(&mut self, data: &[u8]) -> bool {
         let Self {
             scanner,

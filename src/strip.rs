@@ -54,8 +54,8 @@ impl UsageChunkFilter {
     }
 
     /// Takes a frame's data; what to send is then read with [`pop`](Self::pop). `usage_free`:
-    /// the frame is known to hold no `"usage` key but `"usage": null` ones, so the events
-    /// wholly inside it are passed on unsearched.
+    /// the events wholly inside the frame are known to hold no token count, so they are passed
+    /// on unsearched (a usage chunk without a count, which no provider sends, goes on too).
     pub(crate) fn push(&mut self, mut data: Bytes, usage_free: bool) {
         if self.disabled {
             self.ready.push_back(data);

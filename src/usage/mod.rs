@@ -207,7 +207,7 @@ impl UsageScanner {
         let body = match format {
             BodyFormat::Sse => Body::Sse(
                 sse::EventSplitter::new(carries_usage, DEFAULT_MAX_EVENT_BYTES)
-                    .with_candidates(usage_candidate),
+                    .with_candidates(count_key_candidate),
             ),
             BodyFormat::Json => Body::Json(json::JsonBody::new(DEFAULT_MAX_EVENT_BYTES)),
         };
@@ -234,8 +234,8 @@ impl UsageScanner {
         self.feed_checked(chunk);
     }
 
-    /// [`feed`](Self::feed), returning whether the frame is known to hold no `"usage` key
-    /// other than `"usage": null` (`false`: not known).
+    /// [`feed`](Self::feed), returning whether the frame's whole events are known to hold
+    /// no key a token count is read from (`false`: not known).
     pub(crate) fn feed_checked(&mut self, chunk: &[u8]) -> bool {
         if self.finished {
             return false;
@@ -564,18 +564,24 @@ fn carries_usage(document: &[u8]) -> bool {
         .any(|at| usage_value_at(document, at).is_some())
 }
 
-/// The first usage key in `bytes` that may carry a usage: every one but `"usage":null`
-/// (which OpenAI streams asked for usage put in every chunk).
-fn usage_candidate(bytes: &[u8]) -> Option<usize> {
-    USAGE_FINDER.positions(bytes).find(|&at| {
-        let rest = &bytes[at + USAGE_NEEDLE.len()..];
-        let blank = |b: &u8| matches!(b, b' ' | b'\t');
-        let null = rest.strip_prefix(b"\"").and_then(|r| {
-            let r = &r[r.iter().take_while(|b| blank(b)).count()..];
-            let r = r.strip_prefix(b":")?;
-            Some(r[r.iter().take_while(|b| blank(b)).count()..].starts_with(b"null"))
-        });
-        null != Some(true)
+/// Part of every key a count is read from: all of them end in `tokens` or `TokenCount`
+/// (`prompt_tokens`, `cache_read_input_tokens`, `promptTokenCount`, …).
+const COUNT_KEY_NEEDLE: &[u8] = b"oken";
+
+static COUNT_KEY_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(COUNT_KEY_NEEDLE));
+
+/// Where the first key in `bytes` that may name a token count starts (`…okens"` or
+/// `…okenCount"`; at the very end of `bytes`, any `oken`, the rest may follow in the next
+/// chunk). An event without one reports no usage whatever usage key it has (the
+/// `"usage":null` OpenAI puts in every chunk, Gemini's `{"trafficType": …}`), so the events
+/// before it are passed over unread, and the search does not stop at every chunk's usage key.
+fn count_key_candidate(bytes: &[u8]) -> Option<usize> {
+    COUNT_KEY_FINDER.positions(bytes).find(|&at| {
+        let rest = &bytes[at + COUNT_KEY_NEEDLE.len()..];
+        [&b"s\""[..], b"Count\""].iter().any(|end| {
+            let n = end.len().min(rest.len());
+            rest[..n] == end[..n]
+        })
     })
 }
 
@@ -1011,6 +1017,65 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Over SSE streams of such documents (pretty ones as one data line per line, so that a
+        /// usage key and its counts may be on different lines), cut anywhere: what the scanner
+        /// reports, passing over the events before a count key unread, is what parsing every
+        /// event whole reports.
+        #[test]
+        fn passing_over_events_without_a_count_key_changes_nothing(
+            events in proptest::collection::vec((stream_event(), proptest::bool::ANY), 1..8),
+            cuts in proptest::collection::vec(0usize..4096, 0..6),
+        ) {
+            let mut stream = Vec::new();
+            let mut expected = Accumulator::default();
+            for (doc, pretty) in &events {
+                let text = if *pretty {
+                    serde_json::to_string_pretty(doc).unwrap()
+                } else {
+                    serde_json::to_string(doc).unwrap()
+                };
+                stream.extend_from_slice(b"event: x\n");
+                for line in text.lines() {
+                    stream.extend_from_slice(format!("data: {line}\n").as_bytes());
+                }
+                stream.push(b'\n');
+                parse_whole(text.as_bytes(), &mut expected);
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut scanner = UsageScanner::new(BodyFormat::Sse);
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                scanner.feed(&stream[from..cut]);
+                from = cut;
+            }
+            proptest::prop_assert_eq!(scanner.finish(), expected.usage);
+            proptest::prop_assert_eq!(scanner.is_provisional(), expected.provisional);
+        }
+    }
+
+    /// An event's data: each provider's kind of chunk, with or without counts, or any document
+    /// [`json_document`] makes.
+    fn stream_event() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let chunk = prop::sample::select(vec![
+            r#"{"choices":[{"delta":{"content":"@ tokens"}}],"usage":null}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":@,"completion_tokens":@,"total_tokens":@}}"#,
+            r#"{"candidates":[{"content":{"parts":[{"text":"x"}]}}],"usageMetadata":{"promptTokenCount":@,"totalTokenCount":@}}"#,
+            r#"{"candidates":[],"usageMetadata":{"trafficType":"ON_DEMAND"}}"#,
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":@,"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":@}}"#,
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":@,"output_tokens":@}}}"#,
+        ]);
+        prop_oneof![
+            json_document(),
+            (chunk, 0u32..1000).prop_map(|(chunk, n)| {
+                serde_json::from_str(&chunk.replace('@', &n.to_string())).unwrap()
+            }),
+        ]
+    }
+
     fn json_document() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
         use proptest::prelude::*;
         let key = prop::sample::select(vec![
@@ -1033,8 +1098,15 @@ mod tests {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             (0u64..100).prop_map(serde_json::Value::from),
-            prop::sample::select(vec!["message_start", "message_delta", "x", "\"usage\":{}"])
-                .prop_map(serde_json::Value::from),
+            prop::sample::select(vec![
+                "message_start",
+                "message_delta",
+                "x",
+                "\"usage\":{}",
+                "\"prompt_tokens\": 3",
+                "tokens",
+            ])
+            .prop_map(serde_json::Value::from),
         ];
         let value = leaf.prop_recursive(4, 40, 6, move |inner| {
             prop_oneof![

@@ -6,8 +6,9 @@
 //! way whatever the chunk boundaries.
 //!
 //! The splitter only hands over events with a data line its predicate wants (one with a
-//! non-null usage key), so most events are dropped after a memchr-class pass over their
-//! bytes. An event that lies inside one chunk is read in place; only the part of an event that
+//! non-null usage key), and passes over the events before the first candidate its caller
+//! finds (a key naming a token count) without reading their lines, so most events are dropped
+//! after a memchr-class pass over their bytes. An event that lies inside one chunk is read in place; only the part of an event that
 //! spans a chunk boundary is copied, and at most `max_event` bytes of it: a larger event is
 //! dropped up to its blank line.
 
@@ -30,8 +31,8 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 pub(crate) struct EventSplitter {
     /// Whether a data line makes its event worth handing over.
     wanted: fn(&[u8]) -> bool,
-    /// Where in some bytes the first wanted data line could be (`None`: nowhere); whole
-    /// events before it are skipped without reading their lines.
+    /// Where in some bytes the first event worth handing over could be (`None`: nowhere);
+    /// whole events before it are skipped without reading their lines.
     candidate: fn(&[u8]) -> Option<usize>,
     max_event: usize,
     /// Data of the current event copied from earlier chunks (its data lines joined with `\n`),
@@ -84,8 +85,10 @@ impl EventSplitter {
         }
     }
 
-    /// Sets where a wanted line could first be: given the rest of a chunk, a position no wanted
-    /// data line lies wholly before (`None`: no wanted line in it).
+    /// Sets where the first event worth handing over could be: given the rest of a chunk, a
+    /// position such that the events ending before its line may be dropped unread (`None`: all
+    /// of the chunk's complete events may). An event read is still handed over only if it has a
+    /// wanted data line.
     pub(crate) fn with_candidates(mut self, candidate: fn(&[u8]) -> Option<usize>) -> Self {
         self.candidate = candidate;
         self
