@@ -135,7 +135,8 @@ pub(crate) enum KeyValue<'a> {
     /// Text to match keys against. `raw` holds the original bytes when they were not UTF-8
     /// (the text is then a lossy copy, and the counter key uses a hash of the raw bytes so two
     /// different values never share a counter). For a composite, `raw` is the parts' raw bytes
-    /// joined with `|`, set when any part was not UTF-8.
+    /// with `\` and `|` escaped, joined with `|`, set when a part was not UTF-8 or held `\` or
+    /// `|`.
     Text {
         text: Cow<'a, str>,
         raw: Option<Cow<'a, [u8]>>,
@@ -192,14 +193,17 @@ impl KeySource {
             KeySource::Ip(source) => client_ip(req, source, cx.trusted_proxies).map(KeyValue::Ip),
             KeySource::Model => cx.model.map(|m| text(Cow::Owned(m.to_owned()))),
             KeySource::Composite(parts) => {
+                // The text joins the parts as they are, for matching; the counter key is read
+                // from the parts' bytes with `\` and `|` escaped by `\`, joined with `|`,
+                // whenever a part is not UTF-8 or holds one of those, so that two different
+                // lists of parts (`a|b`, `c` and `a`, `b|c`) never share a counter.
                 let mut joined = String::new();
-                // The parts' raw bytes joined the same way, once a part is not UTF-8 (until then
-                // they are the bytes of `joined`), so that values whose lossy text is the same
-                // still get different counters.
-                let mut raw: Option<Vec<u8>> = None;
+                let mut encoded = Vec::new();
+                let mut distinct = false;
                 for (i, part) in parts.iter().enumerate() {
                     if i > 0 {
                         joined.push('|');
+                        encoded.push(b'|');
                     }
                     let start = joined.len();
                     let part_raw = match part.extract(req, cx)? {
@@ -212,21 +216,18 @@ impl KeySource {
                             None
                         }
                     };
-                    if let Some(all) = &mut raw {
-                        // Set by an earlier part: this one is not the first.
-                        all.push(b'|');
-                        all.extend_from_slice(
-                            part_raw.as_deref().unwrap_or(&joined.as_bytes()[start..]),
-                        );
-                    } else if let Some(part_raw) = part_raw {
-                        let mut all = joined.as_bytes()[..start].to_vec();
-                        all.extend_from_slice(&part_raw);
-                        raw = Some(all);
+                    distinct |= part_raw.is_some();
+                    for &b in part_raw.as_deref().unwrap_or(&joined.as_bytes()[start..]) {
+                        if matches!(b, b'|' | b'\\') {
+                            encoded.push(b'\\');
+                            distinct = true;
+                        }
+                        encoded.push(b);
                     }
                 }
                 Some(KeyValue::Text {
                     text: Cow::Owned(joined),
-                    raw: raw.map(Cow::Owned),
+                    raw: distinct.then_some(Cow::Owned(encoded)),
                 })
             }
             KeySource::Custom(extractor) => extractor.extract(req).map(|v| text(Cow::Owned(v))),

@@ -411,6 +411,63 @@ async fn composite_keys_keep_non_utf8_values_apart() {
     assert_eq!(store.len(), 5);
 }
 
+/// Parts are joined with `|` in the text a `regexp:` sees, but a part holding `|` (or the `\`
+/// that escapes it) cannot make its list of parts address another list's counter.
+#[tokio::test]
+async fn composite_parts_holding_the_separator_keep_apart() {
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::composite(["header:x-user", "header:x-team"])
+                .any_value()
+                .tokens_per_minute(100),
+        )
+        .build()
+        .unwrap();
+    let app = app(&limits);
+    // The first joins to the victim's text, `a|b|c`; the other two would share a counter if
+    // only `|` were escaped (both `a\|b\|c`).
+    let victim: &[(&str, &[u8])] = &[("x-user", b"a"), ("x-team", b"b|c")];
+    let others: [&[(&str, &[u8])]; 3] = [
+        &[("x-user", b"a|b"), ("x-team", b"c")],
+        &[("x-user", b"a\\"), ("x-team", b"b|c")],
+        &[("x-user", b"a|b\\"), ("x-team", b"c")],
+    ];
+    for other in others {
+        assert_eq!(call(&app, chat_request(other)).await.0, StatusCode::OK);
+    }
+    limits.flush().await;
+    assert_eq!(
+        call(&app, chat_request(victim)).await.0,
+        StatusCode::OK,
+        "parts that join to the same text share a counter"
+    );
+    limits.flush().await;
+    assert_eq!(
+        call(&app, chat_request(victim)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Each list of parts has its own counter, stored hashed; plain parts keep their readable key.
+    let key = |v: &str| {
+        counter(&format!(
+            "limit_by_composite:60:header:x-user+header:x-team:{v}"
+        ))
+    };
+    for encoded in [&b"a|b\\|c"[..], b"a\\|b|c", b"a\\\\|b\\|c", b"a\\|b\\\\|c"] {
+        assert_eq!(store.used(&key(&hashed(encoded))), 100, "{encoded:?}");
+    }
+    assert_eq!(store.len(), 4);
+    assert_eq!(
+        call(&app, chat_request(&[("x-user", b"u"), ("x-team", b"t")]))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    limits.flush().await;
+    assert_eq!(store.used(&key("u|t")), 100);
+}
+
 /// A consumer read from a secret header (`consumer_header: x-api-key`: the key is the
 /// identity) is hashed in counter keys like the header itself would be.
 #[tokio::test]
