@@ -842,6 +842,58 @@ async fn a_reservation_whose_caller_left_is_given_back() {
     }
 }
 
+/// A reservation script that gets no answer within the timeout may still run once Redis is
+/// back: its callers were answered with the timeout (and will never settle it), so what it
+/// reserved is given back when its answer comes.
+#[tokio::test]
+async fn a_reservation_answered_after_its_timeout_is_given_back() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let c = fixed_window("{c}:late", 10_000, 60);
+    // Connected, and the script loaded.
+    store.reserve(std::slice::from_ref(&c), 1).await.unwrap();
+    let mut con = server.client();
+    assert_eq!(con.get::<_, u64>("{c}:late").unwrap(), 1);
+    // Redis busy past the timeout: the script waits in its queue and runs afterwards.
+    server.reset_stats();
+    let busy = server.busy_for(1.0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let error = store
+        .reserve(std::slice::from_ref(&c), 1234)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no answer within"), "{error}");
+    assert!(started.elapsed() < Duration::from_millis(800));
+    tokio::task::spawn_blocking(move || busy.join().unwrap())
+        .await
+        .unwrap();
+    let reserved = || {
+        common::redis::command_calls(&server)
+            .iter()
+            .any(|(name, calls)| name == "incrby" && *calls > 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = con.get::<_, u64>("{c}:late").unwrap();
+        if used == 1 && reserved() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{used} used: the 1,234 reserved after the timeout stayed charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Later reservations are answered and kept as usual.
+    store.reserve(std::slice::from_ref(&c), 10).await.unwrap();
+    assert_eq!(con.get::<_, u64>("{c}:late").unwrap(), 11);
+}
+
 /// A `redis` block's mistakes are all reported at once, and nothing in it is silently
 /// ignored: the Higress connection fields next to a URL or cluster nodes (which carry their
 /// own), a negative database. A reload checks the block too, though it does not apply it.

@@ -1,6 +1,8 @@
 //! The Redis store: counters shared by every replica, in standalone Redis or Redis Cluster.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -55,6 +57,9 @@ const MAX_SCRIPT_TOKENS: u64 = 1 << 50;
 const DEFAULT_MAX_PENDING: usize = 100_000;
 /// The shortest wait for a write of settlements or buffered debits (no request waits for one).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the answer of a reservation script that timed out is still awaited, to give back
+/// what it reserved (see [`give_back_late`]).
+const LATE_ANSWER: Duration = Duration::from_secs(10);
 /// How long a check's answer is reused by default.
 pub const DEFAULT_CHECK_REUSE: Duration = Duration::from_millis(10);
 /// The shortest time between two settlement writes by default.
@@ -270,7 +275,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// A standalone Redis pool the application already has.
+    /// A standalone Redis pool the application already has. Its connections' response timeout
+    /// (redis-rs's default: 500 ms) bounds how long the answer of a reservation script that
+    /// timed out is awaited to give its reservation back; the store's own pools wait 10 s.
     pub fn pool(mut self, pool: deadpool_redis::Pool) -> Self {
         self.pool = Some(Target::Single(pool));
         self
@@ -346,9 +353,9 @@ impl RedisStoreBuilder {
             Some(t)
         } else if let Some(url) = self.url {
             check_url(&mut p, "redis.url", &url);
-            single(&mut p, deadpool_redis::Config::from_url(url))
+            single(&mut p, url.as_str())
         } else if let Some(info) = self.connection {
-            single(&mut p, deadpool_redis::Config::from_connection_info(info))
+            single(&mut p, info)
         } else {
             let nodes = self.cluster_nodes.unwrap_or_default();
             if nodes.is_empty() {
@@ -429,8 +436,20 @@ fn check_url(p: &mut Problems, path: &str, url: &str) {
     }
 }
 
-fn single(p: &mut Problems, config: deadpool_redis::Config) -> Option<Target> {
-    match config.create_pool(Some(Runtime::Tokio1)) {
+/// A pool of connections to one node that wait for an answer as long as a reservation's late
+/// answer is awaited ([`LATE_ANSWER`]; redis-rs's own default gives up after 500 ms). Every
+/// call still has its own, shorter timeout.
+fn single(p: &mut Problems, target: impl redis::IntoConnectionInfo) -> Option<Target> {
+    let connections = redis::AsyncConnectionConfig::new().set_response_timeout(Some(LATE_ANSWER));
+    let pool = deadpool_redis::Manager::new_with_config(target, connections)
+        .map_err(|e| e.to_string())
+        .and_then(|manager| {
+            deadpool_redis::Pool::builder(manager)
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+    match pool {
         Ok(pool) => Some(Target::Single(pool)),
         Err(e) => {
             p.push("redis", format!("cannot make a Redis pool: {e}"));
@@ -604,30 +623,37 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// An `EVALSHA` of `script`, built directly (one buffer), rather than through
+/// `ScriptInvocation`, which copies every key and argument into a vector of its own first.
+fn evalsha(script: &Script, keys: &[Arc<str>], args: &[u64]) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + 24 * args.len());
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+    for k in keys {
+        cmd.arg(&**k);
+    }
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd
+}
+
+/// A script call still on its way after its timeout: Redis may yet run it.
+type LateCall<T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+
 impl Conn {
+    /// Runs `cmd`, an [`evalsha`] of `script`, loading the script first if Redis lacks it.
     async fn invoke<T: FromRedisValue>(
         &mut self,
         script: &Script,
-        keys: &[Arc<str>],
-        args: &[u64],
+        cmd: &redis::Cmd,
     ) -> redis::RedisResult<T> {
-        // The command built directly (one buffer), rather than through `ScriptInvocation`,
-        // which copies every key and argument into a vector of its own first.
-        let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + 24 * args.len());
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
-        for k in keys {
-            cmd.arg(&**k);
-        }
-        for a in args {
-            cmd.arg(*a);
-        }
-        match self.query(&cmd).await {
+        match self.query(cmd).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 match self {
                     Conn::Single(c) => script.load_async(c).await?,
                     Conn::Cluster(c) => script.load_async(c).await?,
                 };
-                self.query(&cmd).await
+                self.query(cmd).await
             }
             other => other,
         }
@@ -664,9 +690,9 @@ impl Inner {
     }
 
     /// Runs a script within the timeout, feeding the breaker.
-    async fn invoke<T: FromRedisValue>(
+    async fn invoke<T: FromRedisValue + Send + 'static>(
         self: &Arc<Self>,
-        script: &Script,
+        script: &'static Script,
         keys: &[Arc<str>],
         args: &[u64],
     ) -> Result<T, StoreError> {
@@ -674,30 +700,49 @@ impl Inner {
     }
 
     /// [`invoke`](Self::invoke) with another timeout.
-    async fn invoke_within<T: FromRedisValue>(
+    async fn invoke_within<T: FromRedisValue + Send + 'static>(
         self: &Arc<Self>,
         timeout: Duration,
-        script: &Script,
+        script: &'static Script,
         keys: &[Arc<str>],
         args: &[u64],
     ) -> Result<T, StoreError> {
+        self.invoke_or_late(timeout, script, keys, args)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`invoke_within`](Self::invoke_within), handing back with a timeout's error the call
+    /// itself, still on its way, to be awaited further or dropped.
+    async fn invoke_or_late<T: FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        timeout: Duration,
+        script: &'static Script,
+        keys: &[Arc<str>],
+        args: &[u64],
+    ) -> Result<T, (StoreError, Option<LateCall<T>>)> {
         if self.open.load(Ordering::Acquire) {
-            return Err(StoreError::new("redis unavailable (circuit breaker open)"));
+            return Err((
+                StoreError::new("redis unavailable (circuit breaker open)"),
+                None,
+            ));
         }
-        let call = async {
-            let mut conn = self.connection().await?;
-            conn.invoke::<T>(script, keys, args)
+        let cmd = evalsha(script, keys, args);
+        let inner = self.clone();
+        let mut call: LateCall<T> = Box::pin(async move {
+            let mut conn = inner.connection().await?;
+            conn.invoke::<T>(script, &cmd)
                 .await
                 .map_err(|e| e.to_string())
-        };
+        });
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(timeout, call).await;
+        let result = tokio::time::timeout(timeout, &mut call).await;
         telemetry::store_call(
             "redis",
             started.elapsed().as_secs_f64(),
             matches!(result, Ok(Ok(_))),
         );
-        let error = match result {
+        let (error, late) = match result {
             Ok(Ok(v)) => {
                 self.failures.store(0, Ordering::Release);
                 if !lock(&self.pending).is_empty() {
@@ -705,8 +750,8 @@ impl Inner {
                 }
                 return Ok(v);
             }
-            Ok(Err(e)) => e,
-            Err(_) => format!("no answer within {timeout:?}"),
+            Ok(Err(e)) => (e, None),
+            Err(_) => (format!("no answer within {timeout:?}"), Some(call)),
         };
         // Start over with a fresh connection next time, and reuse no answer read before.
         lock(&self.conn).take();
@@ -717,7 +762,7 @@ impl Inner {
             tracing::error!(error = %error, failures, "redis failing: circuit breaker open, probing for its return");
             tokio::spawn(probe(Arc::downgrade(self)));
         }
-        Err(StoreError::new(error))
+        Err((StoreError::new(error), late))
     }
 
     /// The check script's answer for `id`, from a call already on its way or from a new one,
@@ -876,7 +921,7 @@ impl Inner {
     /// Runs `script` over many keys: one call per hash slot and at most
     /// [`MAX_KEYS_PER_SCRIPT`] keys. Each key comes with its [`params`], its arguments, and
     /// the tokens kept as a pending debit if its call fails. Returns how many calls failed.
-    async fn write(self: &Arc<Self>, script: &Script, writes: Vec<KeyWrite>) -> usize {
+    async fn write(self: &Arc<Self>, script: &'static Script, writes: Vec<KeyWrite>) -> usize {
         let mut groups: Vec<Vec<KeyWrite>> = Vec::new();
         match self.target {
             Target::Single(_) => groups.push(writes),
@@ -1030,55 +1075,97 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
             args.extend([w.amount.min(MAX_SCRIPT_TOKENS), w.keys.len() as u64]);
             args.extend_from_slice(&w.params);
         }
-        let expected = batch.len() + 3 * keys.len();
-        let answer = inner
-            .invoke::<Vec<u8>>(&RESERVE, &keys, &args)
+        match inner
+            .invoke_or_late::<Vec<u8>>(inner.timeout, &RESERVE, &keys, &args)
             .await
-            .and_then(|packed| unpack_integers(&packed))
-            .and_then(|values| {
-                if values.len() == expected {
-                    return Ok(values);
+        {
+            Ok(packed) => match reserve_answer(&packed, &batch, keys.len()) {
+                Ok(values) => hand_out(&inner, batch, &values),
+                Err(e) => {
+                    fail(batch, &e);
                 }
-                Err(StoreError::new(format!(
-                    "reserve script answered {} values for {} reservations of {} counters",
-                    values.len(),
-                    batch.len(),
-                    keys.len()
-                )))
-            });
-        match answer {
-            Ok(values) => {
-                let mut rest = &values[..];
-                let mut refunds = Vec::new();
-                for w in batch {
-                    let (part, after) = rest.split_at(1 + 3 * w.keys.len());
-                    rest = after;
-                    let reservation = parse_reserve(part, &w.params);
-                    if reservation.windows.is_some() {
-                        inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
-                    }
-                    // A caller gone while the script ran (the request was dropped) gets its
-                    // reservation given back, or it would stay charged for nothing.
-                    if let Err(Ok(Reservation {
-                        windows: Some(windows),
-                        ..
-                    })) = w.answer.send(Ok(reservation))
-                    {
-                        inner.note_debits(w.keys.iter().map(|key| (key, -clamp(w.amount))));
-                        refunds.extend(refund_writes(&w.keys, &w.params, w.amount, &windows));
-                    }
-                }
-                if !refunds.is_empty() {
-                    let inner = inner.clone();
-                    tokio::spawn(async move { inner.write(&SETTLE, refunds).await });
-                }
-            }
-            Err(e) => {
-                for w in batch {
-                    let _ = w.answer.send(Err(e.clone()));
+            },
+            Err((e, late)) => {
+                let batch = fail(batch, &e);
+                if let Some(late) = late {
+                    tokio::spawn(give_back_late(inner.clone(), late, batch, keys.len()));
                 }
             }
         }
+    }
+}
+
+/// The integers of a reserve script's answer for `batch` (of `keys` counters in all).
+fn reserve_answer(packed: &[u8], batch: &[Waiting], keys: usize) -> Result<Vec<i64>, StoreError> {
+    let values = unpack_integers(packed)?;
+    if values.len() == batch.len() + 3 * keys {
+        return Ok(values);
+    }
+    Err(StoreError::new(format!(
+        "reserve script answered {} values for {} reservations of {} counters",
+        values.len(),
+        batch.len(),
+        keys
+    )))
+}
+
+/// Hands each reservation of `batch` its part of the script's answer.
+fn hand_out(inner: &Arc<Inner>, batch: Vec<Waiting>, values: &[i64]) {
+    let mut rest = values;
+    let mut refunds = Vec::new();
+    for w in batch {
+        let (part, after) = rest.split_at(1 + 3 * w.keys.len());
+        rest = after;
+        let reservation = parse_reserve(part, &w.params);
+        if reservation.windows.is_some() {
+            inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
+        }
+        // A caller gone while the script ran (the request was dropped, or it was answered
+        // with a timeout) gets its reservation given back, or it would stay charged for
+        // nothing.
+        if let Err(Ok(Reservation {
+            windows: Some(windows),
+            ..
+        })) = w.answer.send(Ok(reservation))
+        {
+            inner.note_debits(w.keys.iter().map(|key| (key, -clamp(w.amount))));
+            refunds.extend(refund_writes(&w.keys, &w.params, w.amount, &windows));
+        }
+    }
+    if !refunds.is_empty() {
+        let inner = inner.clone();
+        tokio::spawn(async move { inner.write(&SETTLE, refunds).await });
+    }
+}
+
+/// Answers every reservation of `batch` with `error`; returns them with their answer sent.
+fn fail(batch: Vec<Waiting>, error: &StoreError) -> Vec<Waiting> {
+    batch
+        .into_iter()
+        .map(|w| {
+            let _ = w.answer.send(Err(error.clone()));
+            Waiting {
+                answer: oneshot::channel().0,
+                ..w
+            }
+        })
+        .collect()
+}
+
+/// A reservation script that timed out may still run: Redis was slow, not gone. Its callers
+/// were answered with the timeout and will never settle what it reserved, which would stay
+/// charged to the end of the window: if its answer comes within [`LATE_ANSWER`], all of it is
+/// given back (`batch`'s answers go nowhere).
+async fn give_back_late(
+    inner: Arc<Inner>,
+    late: LateCall<Vec<u8>>,
+    batch: Vec<Waiting>,
+    keys: usize,
+) {
+    if let Ok(Ok(packed)) = tokio::time::timeout(LATE_ANSWER, late).await
+        && let Ok(values) = reserve_answer(&packed, &batch, keys)
+    {
+        hand_out(&inner, batch, &values);
     }
 }
 
