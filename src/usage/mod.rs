@@ -571,17 +571,23 @@ const COUNT_KEY_NEEDLE: &[u8] = b"oken";
 static COUNT_KEY_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(COUNT_KEY_NEEDLE));
 
 /// Where the first key in `bytes` that may name a token count starts (`…okens"` or
-/// `…okenCount"`; at the very end of `bytes`, any `oken`, the rest may follow in the next
-/// chunk). An event without one reports no usage whatever usage key it has (the
-/// `"usage":null` OpenAI puts in every chunk, Gemini's `{"trafficType": …}`), so the events
-/// before it are passed over unread, and the search does not stop at every chunk's usage key.
+/// `…okenCount"`, but not `max_…`, the request's caps that Responses and Anthropic events
+/// echo; at the very end of `bytes`, any `oken`, the rest may follow in the next chunk). An
+/// event without one reports no usage whatever usage key it has (the `"usage":null` OpenAI
+/// puts in every chunk, Gemini's `{"trafficType": …}`), so the events before it are passed over
+/// unread, and the search does not stop at every chunk's usage key.
 fn count_key_candidate(bytes: &[u8]) -> Option<usize> {
     COUNT_KEY_FINDER.positions(bytes).find(|&at| {
         let rest = &bytes[at + COUNT_KEY_NEEDLE.len()..];
-        [&b"s\""[..], b"Count\""].iter().any(|end| {
+        let names_a_count = [&b"s\""[..], b"Count\""].iter().any(|end| {
             let n = end.len().min(rest.len());
             rest[..n] == end[..n]
-        })
+        });
+        let is_a_cap = || {
+            memchr::memrchr(b'"', &bytes[..at])
+                .is_some_and(|q| bytes[q + 1..at].starts_with(b"max_"))
+        };
+        names_a_count && !is_a_cap()
     })
 }
 
@@ -1066,7 +1072,8 @@ mod tests {
             r#"{"candidates":[],"usageMetadata":{"trafficType":"ON_DEMAND"}}"#,
             r#"{"type":"message_start","message":{"usage":{"input_tokens":@,"output_tokens":1}}}"#,
             r#"{"type":"message_delta","usage":{"output_tokens":@}}"#,
-            r#"{"type":"response.completed","response":{"usage":{"input_tokens":@,"output_tokens":@}}}"#,
+            r#"{"type":"response.created","response":{"max_output_tokens":@,"usage":null}}"#,
+            r#"{"type":"response.completed","response":{"max_output_tokens":9,"usage":{"input_tokens":@,"output_tokens":@}}}"#,
         ]);
         prop_oneof![
             json_document(),
