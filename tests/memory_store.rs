@@ -1,5 +1,7 @@
 //! The in-memory store reclaims the memory of expired counters by itself.
 
+mod common;
+
 use std::time::Duration;
 
 use tower_token_ratelimit::store::{Algorithm, Counter, MemoryStore, Store};
@@ -69,4 +71,9 @@ async fn a_full_store_still_reserves_all_counters_or_none() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_sliding_refund_after_the_window_rolled_comes_off_the_previous_window() {
+    common::a_sliding_refund_after_the_window_rolled(&MemoryStore::new(), "s").await;
 }

@@ -1237,6 +1237,19 @@ async fn sliding_window_and_token_bucket_in_redis() {
 }
 
 #[tokio::test]
+async fn a_sliding_refund_after_the_window_rolled_comes_off_the_previous_window() {
+    let server = RedisServer::start();
+    // Every check reads Redis (a reused answer adds this replica's own settlements to it).
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .check_reuse(Duration::ZERO)
+        .build()
+        .unwrap();
+    common::a_sliding_refund_after_the_window_rolled(&store, "{s}:late").await;
+}
+
+#[tokio::test]
 async fn algorithms_from_the_config_through_the_layer() {
     let server = RedisServer::start();
     let cfg: TokenRateLimitConfig = serde_yaml::from_str(&format!(

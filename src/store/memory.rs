@@ -319,8 +319,9 @@ impl Inner {
     }
 
     /// Adds `amount` to counter `c`, held under `id` (negative: a refund, never below zero).
-    /// With a window id, a refund from a window that has ended is dropped and extra usage goes
-    /// to the current window.
+    /// With a window id, a refund from a window that has ended is dropped (a sliding window's
+    /// previous window, which still weighs in, takes it) and extra usage goes to the current
+    /// window.
     /// `room`: a new counter may evict others from a full shard (a reservation makes its room
     /// before it adds anything, so that it never evicts one of its own counters).
     fn add(
@@ -340,7 +341,11 @@ impl Inner {
         let e = slot.as_deref();
         let (status, current) = self.status(e, c, now);
         let same_window = wid.is_none_or(|w| w == current);
-        if amount < 0 && !same_window {
+        let refund_to_previous = amount < 0
+            && !same_window
+            && c.algorithm == Algorithm::SlidingWindow
+            && wid.is_some_and(|w| w.checked_add(1) == Some(current));
+        if amount < 0 && !same_window && !refund_to_previous {
             return;
         }
         let w = c.window.as_millis().max(1) as u64;
@@ -360,13 +365,14 @@ impl Inner {
             }
             Algorithm::SlidingWindow => {
                 let (idx, _) = self.window_index(now, w);
-                let (cur, prev) = sliding(e, idx);
+                let (mut cur, mut prev) = sliding(e, idx);
+                if refund_to_previous {
+                    prev = clamp_add(prev, amount);
+                } else {
+                    cur = clamp_add(cur, amount);
+                }
                 Entry {
-                    state: State::Sliding {
-                        idx,
-                        cur: clamp_add(cur, amount),
-                        prev,
-                    },
+                    state: State::Sliding { idx, cur, prev },
                     limit: c.limit,
                     expires_at: self.epoch + Duration::from_millis(w.saturating_mul(idx + 2)),
                 }

@@ -178,8 +178,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reserve mode, at the end of the response: adds `actual - reserved` (a refund when
     /// negative, never below zero) to each counter whose window is still the one in `windows`.
-    /// Where the window has ended since, a refund is dropped and extra usage goes to the
-    /// current window.
+    /// Where the window has ended since, extra usage goes to the current window and a refund is
+    /// dropped, except that a sliding window's refund comes off the previous window's count
+    /// while that window still weighs in.
     fn settle(
         &self,
         counters: &[Counter],

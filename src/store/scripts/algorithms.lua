@@ -67,7 +67,8 @@ local function fixed_state(key, window)
 end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund
--- from a window that has ended is dropped and extra usage goes to the current window.
+-- from a window that has ended is dropped (a sliding window's previous window, which still
+-- weighs in, takes it) and extra usage goes to the current window.
 -- `expiring`: the fixed-window key is known (read in this script) to have an expiry.
 local function add(key, algo, window, limit, amount, wid, expiring)
   local w = window * 1000
@@ -92,7 +93,8 @@ local function add(key, algo, window, limit, amount, wid, expiring)
   local now = now_ms()
   if algo == 2 then
     local idx_now = math.floor(now / w)
-    if amount < 0 and wid ~= nil and wid ~= idx_now then return end
+    local earlier = amount < 0 and wid ~= nil and wid ~= idx_now
+    if earlier and wid ~= idx_now - 1 then return end
     local h = redis.call('HMGET', key, 'idx', 'cur', 'prev')
     local idx, cur, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
     if idx == idx_now - 1 then
@@ -100,7 +102,11 @@ local function add(key, algo, window, limit, amount, wid, expiring)
     elseif idx ~= idx_now then
       prev, cur = 0, 0
     end
-    cur = math.max(0, cur + amount)
+    if earlier then
+      prev = math.max(0, prev + amount)
+    else
+      cur = math.max(0, cur + amount)
+    end
     redis.call('HSET', key, 'idx', idx_now, 'cur', cur, 'prev', prev)
     redis.call('PEXPIRE', key, 2 * w)
     return
