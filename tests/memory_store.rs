@@ -1,6 +1,7 @@
 //! The in-memory store reclaims the memory of expired counters by itself.
 
-mod common;
+#[path = "common/stores.rs"]
+mod stores;
 
 use std::time::Duration;
 
@@ -75,5 +76,5 @@ async fn a_full_store_still_reserves_all_counters_or_none() {
 
 #[tokio::test]
 async fn a_sliding_refund_after_the_window_rolled_comes_off_the_previous_window() {
-    common::a_sliding_refund_after_the_window_rolled(&MemoryStore::new(), "s").await;
+    stores::a_sliding_refund_after_the_window_rolled(&MemoryStore::new(), "s").await;
 }

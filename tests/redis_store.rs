@@ -1246,7 +1246,7 @@ async fn a_sliding_refund_after_the_window_rolled_comes_off_the_previous_window(
         .check_reuse(Duration::ZERO)
         .build()
         .unwrap();
-    common::a_sliding_refund_after_the_window_rolled(&store, "{s}:late").await;
+    common::stores::a_sliding_refund_after_the_window_rolled(&store, "{s}:late").await;
 }
 
 #[tokio::test]
