@@ -8,9 +8,9 @@
 //! The splitter only hands over events with a data line its predicate wants (one with a
 //! non-null usage key), and passes over the events before the first candidate its caller
 //! finds (a key naming a token count) without reading their lines, so most events are dropped
-//! after a memchr-class pass over their bytes. An event that lies inside one chunk is read in place; only the part of an event that
-//! spans a chunk boundary is copied, and at most `max_event` bytes of it: a larger event is
-//! dropped up to its blank line.
+//! after a memchr-class pass over their bytes. An event that lies inside one chunk is read in
+//! place; only the part of an event that spans a chunk boundary is copied, and at most
+//! `max_event` bytes of it: a larger event is dropped up to its blank line.
 
 use std::mem;
 use std::ops::Range;
