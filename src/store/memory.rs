@@ -65,8 +65,9 @@ struct Inner {
 }
 
 /// A counter's identity: its key's 128-bit SipHash under the store's random key (two 64-bit
-/// hashes of the key, told apart by a prefix). The low bits pick the shard.
-type Id = u128;
+/// hashes of the key, told apart by a prefix), as two words: a `u128`'s 16-byte alignment would
+/// pad every map slot. The second picks the shard.
+type Id = [u64; 2];
 
 type Shard = KeyMap<Id, Entry>;
 
@@ -88,12 +89,16 @@ impl Locked<'_> {
     }
 }
 
+/// Nanoseconds since the store's epoch: times are kept in 8 bytes rather than an `Instant`'s
+/// 16, so that an entry and its id take 56 bytes of the map instead of 80.
+type Nanos = u64;
+
 /// One counter: its algorithm's state, its limit, and when it can be forgotten.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     state: State,
     limit: u64,
-    expires_at: Instant,
+    expires_at: Nanos,
 }
 
 impl Entry {
@@ -116,10 +121,11 @@ impl Entry {
 enum State {
     /// Tokens used in the window ending at `expires_at`.
     Fixed { used: u64 },
-    /// Tokens used in window `idx` (windows aligned to the store's epoch) and in the one before.
-    Sliding { idx: u64, cur: u64, prev: u64 },
+    /// Tokens used in window `idx` (windows aligned to the store's epoch; its low 32 bits: an
+    /// entry lives two windows) and in the one before.
+    Sliding { idx: u32, cur: u64, prev: u64 },
     /// Tokens used as of `at`; they drain at `limit` per window.
-    Bucket { used: f64, at: Instant },
+    Bucket { used: f64, at: Nanos },
 }
 
 impl Default for MemoryStore {
@@ -171,12 +177,12 @@ impl MemoryStore {
 
     /// Frees every expired counter now (the sweeper does this every second on its own).
     pub fn sweep(&self) {
-        self.inner.sweep(Instant::now());
+        self.inner.sweep(self.inner.now());
     }
 
     /// Reads one counter (tokens used in its current window), mainly for tests and dashboards.
     pub fn used(&self, key: &str) -> u64 {
-        let now = Instant::now();
+        let now = self.inner.now();
         let id = self.inner.id(key);
         lock(self.inner.shard(id))
             .get(&id)
@@ -219,7 +225,7 @@ async fn sweeper(store: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = store.upgrade() else { return };
-        inner.sweep(Instant::now());
+        inner.sweep(inner.now());
     }
 }
 
@@ -230,20 +236,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Inner {
     fn id(&self, key: &str) -> Id {
-        let half = |side: u8| Id::from(self.hasher.hash_one((side, key)));
-        half(0) << 64 | half(1)
+        let half = |side: u8| self.hasher.hash_one((side, key));
+        [half(0), half(1)]
     }
 
     fn shard_index(&self, id: Id) -> usize {
-        (id as u64 % self.shards.len() as u64) as usize
+        (id[1] % self.shards.len() as u64) as usize
     }
 
     fn shard(&self, id: Id) -> &Mutex<Shard> {
         &self.shards[self.shard_index(id)]
     }
 
-    fn window_id(&self, expires_at: Instant) -> u64 {
-        u64::try_from((expires_at - self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    /// The time now, since the epoch.
+    fn now(&self) -> Nanos {
+        u64::try_from(Instant::now().duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Locks every shard the counters live in, in index order, so two requests can never
@@ -262,7 +269,7 @@ impl Inner {
     }
 
     /// A counter's tokens used, time until its budget frees, and window id.
-    fn status(&self, e: Option<&Entry>, c: &Counter, now: Instant) -> (CounterStatus, u64) {
+    fn status(&self, e: Option<&Entry>, c: &Counter, now: Nanos) -> (CounterStatus, u64) {
         let idle = (
             CounterStatus {
                 used: 0,
@@ -280,9 +287,9 @@ impl Inner {
                 }) if expires_at > now => (
                     CounterStatus {
                         used,
-                        reset: expires_at - now,
+                        reset: Duration::from_nanos(expires_at - now),
                     },
-                    self.window_id(expires_at),
+                    expires_at,
                 ),
                 _ => idle,
             },
@@ -313,8 +320,8 @@ impl Inner {
 
     /// The index of the window `now` falls in (windows of `w` ms from the epoch), and how far
     /// into it `now` is.
-    fn window_index(&self, now: Instant, w: u64) -> (u64, u64) {
-        let ms = u64::try_from((now - self.epoch).as_millis()).unwrap_or(u64::MAX);
+    fn window_index(&self, now: Nanos, w: u64) -> (u64, u64) {
+        let ms = now / 1_000_000;
         (ms / w, ms % w)
     }
 
@@ -328,7 +335,7 @@ impl Inner {
         &self,
         map: &mut Shard,
         (c, id): (&Counter, Id),
-        now: Instant,
+        now: Nanos,
         amount: i128,
         wid: Option<u64>,
         room: bool,
@@ -354,7 +361,7 @@ impl Inner {
                 let live = status.used > 0 || e.is_some_and(|e| e.expires_at > now);
                 let expires_at = match e {
                     Some(e) if live => e.expires_at,
-                    _ => now + c.window,
+                    _ => now.saturating_add(nanos(c.window)),
                 };
                 let used = clamp_add(if live { status.used } else { 0 }, amount);
                 Entry {
@@ -372,9 +379,14 @@ impl Inner {
                     cur = clamp_add(cur, amount);
                 }
                 Entry {
-                    state: State::Sliding { idx, cur, prev },
+                    // The low bits: `sliding` compares them with wrapping.
+                    state: State::Sliding {
+                        idx: idx as u32,
+                        cur,
+                        prev,
+                    },
                     limit: c.limit,
-                    expires_at: self.epoch + Duration::from_millis(w.saturating_mul(idx + 2)),
+                    expires_at: w.saturating_mul(idx + 2).saturating_mul(1_000_000),
                 }
             }
             Algorithm::TokenBucket => {
@@ -384,8 +396,10 @@ impl Inner {
                     state: State::Bucket { used, at: now },
                     limit: c.limit,
                     expires_at: now
-                        + Duration::try_from_secs_f64(drain).unwrap_or(Duration::MAX / 4)
-                        + c.window,
+                        .saturating_add(nanos(
+                            Duration::try_from_secs_f64(drain).unwrap_or(Duration::MAX),
+                        ))
+                        .saturating_add(nanos(c.window)),
                 }
             }
         };
@@ -399,7 +413,7 @@ impl Inner {
         map.insert(id, entry);
     }
 
-    fn reserve(&self, counters: &[Counter], amount: u64, now: Instant) -> Reservation {
+    fn reserve(&self, counters: &[Counter], amount: u64, now: Nanos) -> Reservation {
         let ids: Vec<Id> = counters.iter().map(|c| self.id(&c.key)).collect();
         let mut locked = self.lock_all(&ids);
         let statuses: Vec<CounterStatus> = counters
@@ -446,7 +460,7 @@ impl Inner {
         windows: &[u64],
         reserved: u64,
         actual: u64,
-        now: Instant,
+        now: Nanos,
     ) {
         let delta = i128::from(actual) - i128::from(reserved);
         for (c, &window) in counters.iter().zip(windows) {
@@ -462,7 +476,7 @@ impl Inner {
         }
     }
 
-    fn sweep(&self, now: Instant) {
+    fn sweep(&self, now: Nanos) {
         for shard in self.shards.iter() {
             let mut map = lock(shard);
             map.retain(|_, e| e.expires_at > now);
@@ -473,7 +487,7 @@ impl Inner {
         }
     }
 
-    fn check(&self, counters: &[Counter], now: Instant) -> Vec<CounterStatus> {
+    fn check(&self, counters: &[Counter], now: Nanos) -> Vec<CounterStatus> {
         counters
             .iter()
             .map(|c| {
@@ -483,7 +497,7 @@ impl Inner {
             .collect()
     }
 
-    fn debit(&self, counters: &[Counter], tokens: u64, now: Instant) {
+    fn debit(&self, counters: &[Counter], tokens: u64, now: Nanos) {
         for c in counters {
             let id = self.id(&c.key);
             self.add(
@@ -500,7 +514,7 @@ impl Inner {
 
 /// Frees expired counters, then, if the shard is still full, the least-used eighth of the
 /// counters that are not in debt, `spare` excepted.
-fn make_room(map: &mut Shard, max: usize, now: Instant, spare: &[Id]) {
+fn make_room(map: &mut Shard, max: usize, now: Nanos, spare: &[Id]) {
     map.retain(|_, e| e.expires_at > now);
     if map.len() < max {
         return;
@@ -526,19 +540,25 @@ fn clamp_add(v: u64, amount: i128) -> u64 {
 
 /// A sliding counter's current and previous windows as of window `idx`.
 fn sliding(e: Option<&Entry>, idx: u64) -> (u64, u64) {
+    let idx = idx as u32;
     match e.map(|e| e.state) {
         Some(State::Sliding { idx: i, cur, prev }) if i == idx => (cur, prev),
-        Some(State::Sliding { idx: i, cur, .. }) if i + 1 == idx => (0, cur),
+        Some(State::Sliding { idx: i, cur, .. }) if i.wrapping_add(1) == idx => (0, cur),
         _ => (0, 0),
     }
 }
 
+/// `d` in nanoseconds, saturating.
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A bucket's tokens used as of `now`, after draining.
-fn bucket(e: Option<&Entry>, c: &Counter, now: Instant) -> f64 {
+fn bucket(e: Option<&Entry>, c: &Counter, now: Nanos) -> f64 {
     match e.map(|e| e.state) {
         Some(State::Bucket { used, at }) => {
             let rate = c.limit as f64 / c.window.as_secs_f64().max(1e-3);
-            (used - (now - at).as_secs_f64() * rate).max(0.0)
+            (used - now.saturating_sub(at) as f64 / 1e9 * rate).max(0.0)
         }
         _ => 0.0,
     }
@@ -546,17 +566,17 @@ fn bucket(e: Option<&Entry>, c: &Counter, now: Instant) -> f64 {
 
 impl MemoryStore {
     pub(crate) fn check_now(&self, counters: &[Counter]) -> Vec<CounterStatus> {
-        self.inner.check(counters, Instant::now())
+        self.inner.check(counters, self.inner.now())
     }
 
     pub(crate) fn debit_now(&self, counters: &[Counter], tokens: u64) {
         self.ensure_sweeper();
-        self.inner.debit(counters, tokens, Instant::now());
+        self.inner.debit(counters, tokens, self.inner.now());
     }
 
     pub(crate) fn reserve_now(&self, counters: &[Counter], amount: u64) -> Reservation {
         self.ensure_sweeper();
-        self.inner.reserve(counters, amount, Instant::now())
+        self.inner.reserve(counters, amount, self.inner.now())
     }
 
     pub(crate) fn settle_now(
@@ -567,7 +587,7 @@ impl MemoryStore {
         actual: u64,
     ) {
         self.inner
-            .settle(counters, windows, reserved, actual, Instant::now());
+            .settle(counters, windows, reserved, actual, self.inner.now());
     }
 }
 
@@ -620,6 +640,13 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_and_its_id_take_56_bytes() {
+        // What a live counter costs in the map, besides the map's own slack.
+        assert_eq!(std::mem::size_of::<Entry>(), 40);
+        assert_eq!(std::mem::size_of::<(Id, Entry)>(), 56);
+    }
 
     fn counter(key: &str, limit: u64, secs: u64) -> Counter {
         Counter {
