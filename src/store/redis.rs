@@ -689,17 +689,7 @@ impl Inner {
         Ok(c)
     }
 
-    /// Runs a script within the timeout, feeding the breaker.
-    async fn invoke<T: FromRedisValue + Send + 'static>(
-        self: &Arc<Self>,
-        script: &'static Script,
-        keys: &[Arc<str>],
-        args: &[u64],
-    ) -> Result<T, StoreError> {
-        self.invoke_within(self.timeout, script, keys, args).await
-    }
-
-    /// [`invoke`](Self::invoke) with another timeout.
+    /// Runs a script within `timeout`, feeding the breaker.
     async fn invoke_within<T: FromRedisValue + Send + 'static>(
         self: &Arc<Self>,
         timeout: Duration,
@@ -790,7 +780,7 @@ impl Inner {
                     // Whatever happens to this caller, the next check makes its own call.
                     let leave = Leave(self, id);
                     let answer = self
-                        .invoke::<Vec<Value>>(&CHECK, &id.0, &id.1)
+                        .invoke_within::<Vec<Value>>(self.timeout, &CHECK, &id.0, &id.1)
                         .await
                         .map(Arc::new);
                     drop(leave);
