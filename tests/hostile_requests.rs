@@ -353,8 +353,8 @@ async fn gemini_and_proxy_credentials_are_hashed() {
     }
 }
 
-#[tokio::test]
-async fn composite_keys_keep_non_utf8_values_apart() {
+/// A memory store and a layer with 100 tokens a minute per `x-user` × `x-team` pair.
+fn user_team_limits() -> (MemoryStore, TokenRateLimitLayer) {
     let store = MemoryStore::new();
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
@@ -365,6 +365,19 @@ async fn composite_keys_keep_non_utf8_values_apart() {
         )
         .build()
         .unwrap();
+    (store, limits)
+}
+
+/// The counter of [`user_team_limits`] for the stored value `v`.
+fn user_team_key(v: &str) -> String {
+    counter(&format!(
+        "limit_by_composite:60:header:x-user+header:x-team:{v}"
+    ))
+}
+
+#[tokio::test]
+async fn composite_keys_keep_non_utf8_values_apart() {
+    let (store, limits) = user_team_limits();
     let app = app(&limits);
     // Both decode (lossily) to `\u{fffd}|t`.
     let a: &[(&str, &[u8])] = &[("x-user", b"\xff"), ("x-team", b"t")];
@@ -397,17 +410,12 @@ async fn composite_keys_keep_non_utf8_values_apart() {
         StatusCode::OK
     );
     limits.flush().await;
-    let key = |v: &str| {
-        counter(&format!(
-            "limit_by_composite:60:header:x-user+header:x-team:{v}"
-        ))
-    };
-    assert_eq!(store.used(&key("alice|t")), 100);
+    assert_eq!(store.used(&user_team_key("alice|t")), 100);
     // The raw bytes joined with `|`, hashed as a single non-UTF-8 value is.
-    assert_eq!(store.used(&key(&hashed(b"\xff|t"))), 100);
-    assert_eq!(store.used(&key(&hashed(b"\xfe|t"))), 100);
-    assert_eq!(store.used(&key(&hashed(b"u|\xff"))), 100);
-    assert_eq!(store.used(&key(&hashed(b"u|\xfe"))), 100);
+    assert_eq!(store.used(&user_team_key(&hashed(b"\xff|t"))), 100);
+    assert_eq!(store.used(&user_team_key(&hashed(b"\xfe|t"))), 100);
+    assert_eq!(store.used(&user_team_key(&hashed(b"u|\xff"))), 100);
+    assert_eq!(store.used(&user_team_key(&hashed(b"u|\xfe"))), 100);
     assert_eq!(store.len(), 5);
 }
 
@@ -415,16 +423,7 @@ async fn composite_keys_keep_non_utf8_values_apart() {
 /// that escapes it) cannot make its list of parts address another list's counter.
 #[tokio::test]
 async fn composite_parts_holding_the_separator_keep_apart() {
-    let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .rule(
-            Rule::composite(["header:x-user", "header:x-team"])
-                .any_value()
-                .tokens_per_minute(100),
-        )
-        .build()
-        .unwrap();
+    let (store, limits) = user_team_limits();
     let app = app(&limits);
     // The first joins to the victim's text, `a|b|c`; the other two would share a counter if
     // only `|` were escaped (both `a\|b\|c`).
@@ -449,13 +448,12 @@ async fn composite_parts_holding_the_separator_keep_apart() {
         StatusCode::TOO_MANY_REQUESTS
     );
     // Each list of parts has its own counter, stored hashed; plain parts keep their readable key.
-    let key = |v: &str| {
-        counter(&format!(
-            "limit_by_composite:60:header:x-user+header:x-team:{v}"
-        ))
-    };
     for encoded in [&b"a|b\\|c"[..], b"a\\|b|c", b"a\\\\|b\\|c", b"a\\|b\\\\|c"] {
-        assert_eq!(store.used(&key(&hashed(encoded))), 100, "{encoded:?}");
+        assert_eq!(
+            store.used(&user_team_key(&hashed(encoded))),
+            100,
+            "{encoded:?}"
+        );
     }
     assert_eq!(store.len(), 4);
     assert_eq!(
@@ -465,7 +463,7 @@ async fn composite_parts_holding_the_separator_keep_apart() {
         StatusCode::OK
     );
     limits.flush().await;
-    assert_eq!(store.used(&key("u|t")), 100);
+    assert_eq!(store.used(&user_team_key("u|t")), 100);
 }
 
 /// A consumer read from a secret header (`consumer_header: x-api-key`: the key is the

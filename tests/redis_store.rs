@@ -27,9 +27,14 @@ fn fixed_window(key: &str, limit: u64, window_secs: u64) -> Counter {
 
 /// A store on `server` whose calls may take 5 s (a loaded machine must not fail them).
 fn patient_store(server: &RedisServer) -> RedisStore {
+    store_within(server, Duration::from_secs(5))
+}
+
+/// A store on `server` whose calls wait at most `timeout`.
+fn store_within(server: &RedisServer, timeout: Duration) -> RedisStore {
     RedisStore::builder()
         .url(server.url())
-        .timeout(Duration::from_secs(5))
+        .timeout(timeout)
         .build()
         .unwrap()
 }
@@ -224,11 +229,7 @@ async fn two_script_calls_per_request_and_no_ping() {
     let server = RedisServer::start();
     // A generous timeout: this counts commands, and a debug build under 200 concurrent
     // requests must not fail open.
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    let store = store_within(&server, Duration::from_secs(2));
     let limits = layer(
         store,
         "r",
@@ -848,11 +849,7 @@ async fn a_reservation_whose_caller_left_is_given_back() {
 #[tokio::test]
 async fn a_reservation_answered_after_its_timeout_is_given_back() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let store = store_within(&server, Duration::from_millis(200));
     let c = fixed_window("{c}:late", 10_000, 60);
     // Connected, and the script loaded.
     store.reserve(std::slice::from_ref(&c), 1).await.unwrap();
@@ -1034,11 +1031,7 @@ async fn rediss_urls_connect_over_tls() {
 #[tokio::test]
 async fn reservations_settle_in_the_window_they_were_taken_in() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let store = store_within(&server, Duration::from_secs(1));
     let c = |k: &str| fixed_window(&format!("{{t}}:{k}"), 100, 1);
     let both = [c("a"), c("b")];
     let mut con = server.client();
@@ -1177,11 +1170,7 @@ async fn a_refused_reservation_leaves_every_counter_as_it_was() {
 #[tokio::test]
 async fn sliding_window_and_token_bucket_in_redis() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let store = store_within(&server, Duration::from_secs(1));
     let counter = |k: &str, algorithm| Counter {
         key: format!("{{alg}}:{k}").into(),
         limit: 100,
