@@ -198,12 +198,14 @@ impl KeySource {
                 // whenever a part is not UTF-8 or holds one of those, so that two different
                 // lists of parts (`a|b`, `c` and `a`, `b|c`) never share a counter.
                 let mut joined = String::new();
-                let mut encoded = Vec::new();
-                let mut distinct = false;
+                // Made when a part first needs it: until then it would equal `joined`.
+                let mut encoded: Option<Vec<u8>> = None;
                 for (i, part) in parts.iter().enumerate() {
                     if i > 0 {
                         joined.push('|');
-                        encoded.push(b'|');
+                        if let Some(e) = &mut encoded {
+                            e.push(b'|');
+                        }
                     }
                     let start = joined.len();
                     let part_raw = match part.extract(req, cx)? {
@@ -216,18 +218,23 @@ impl KeySource {
                             None
                         }
                     };
-                    distinct |= part_raw.is_some();
-                    for &b in part_raw.as_deref().unwrap_or(&joined.as_bytes()[start..]) {
-                        if matches!(b, b'|' | b'\\') {
-                            encoded.push(b'\\');
-                            distinct = true;
+                    let bytes = part_raw.as_deref().unwrap_or(&joined.as_bytes()[start..]);
+                    let escaped = |b: &u8| matches!(b, b'|' | b'\\');
+                    if encoded.is_none() && (part_raw.is_some() || bytes.iter().any(escaped)) {
+                        encoded = Some(joined.as_bytes()[..start].to_vec());
+                    }
+                    if let Some(e) = &mut encoded {
+                        for b in bytes {
+                            if escaped(b) {
+                                e.push(b'\\');
+                            }
+                            e.push(*b);
                         }
-                        encoded.push(b);
                     }
                 }
                 Some(KeyValue::Text {
                     text: Cow::Owned(joined),
-                    raw: distinct.then_some(Cow::Owned(encoded)),
+                    raw: encoded.map(Cow::Owned),
                 })
             }
             KeySource::Custom(extractor) => extractor.extract(req).map(|v| text(Cow::Owned(v))),
