@@ -348,11 +348,12 @@ impl Inner {
         let e = slot.as_deref();
         let (status, current) = self.status(e, c, now);
         let same_window = wid.is_none_or(|w| w == current);
-        let refund_to_previous = amount < 0
-            && !same_window
+        // A refund for a window that has ended since.
+        let earlier = amount < 0 && !same_window;
+        let refund_to_previous = earlier
             && c.algorithm == Algorithm::SlidingWindow
             && wid.is_some_and(|w| w.checked_add(1) == Some(current));
-        if amount < 0 && !same_window && !refund_to_previous {
+        if earlier && !refund_to_previous {
             return;
         }
         let w = c.window.as_millis().max(1) as u64;
