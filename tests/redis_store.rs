@@ -467,9 +467,12 @@ async fn a_cluster_master_failover_loses_no_debit() {
         }
         assert!(
             Instant::now() < deadline,
-            "{used:?} of {} tokens on the new master, {} pending",
+            "{used:?} of {} tokens on the new master (node {promoted}, the killed one {master}), \
+             {} pending, {} dropped; {}",
             sent * 10,
-            store.pending_debits()
+            store.pending_debits(),
+            store.dropped_debits(),
+            cluster.describe(key, other)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

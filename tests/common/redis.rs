@@ -396,6 +396,31 @@ impl RedisCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// For a failing test's message: `key`'s value on every node (a dead node answers
+    /// nothing), and the cluster as node `seen_by` sees it.
+    pub fn describe(&self, key: &str, seen_by: usize) -> String {
+        let values: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "get", key])
+                    .output()
+                    .unwrap();
+                format!(
+                    "{}: {:?}",
+                    n.port,
+                    String::from_utf8_lossy(&out.stdout).trim()
+                )
+            })
+            .collect();
+        format!(
+            "{key} per node: {}\ncluster nodes seen by node {seen_by}:\n{}",
+            values.join(", "),
+            self.cluster_nodes(seen_by)
+        )
+    }
+
     /// Whether node `i` reports `cluster_state:ok`.
     pub fn node_ok(&self, i: usize) -> bool {
         let info = Command::new("redis-cli")
