@@ -453,11 +453,22 @@ async fn a_cluster_master_failover_loses_no_debit() {
     );
 
     // After it, every debit reaches the new master, the outage's included.
+    let mut con = cluster.nodes[promoted].client();
+    // What the new master and the store hold along the way, for a failure's message.
+    let mut seen = vec![format!(
+        "at the promotion, after {sent} requests: {:?} on the new master, {} pending",
+        con.get::<_, Option<u64>>(key).unwrap(),
+        store.pending_debits()
+    )];
     for _ in 0..10 {
         assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
         sent += 1;
     }
-    let mut con = cluster.nodes[promoted].client();
+    seen.push(format!(
+        "after {sent} requests: {:?}, {} pending",
+        con.get::<_, Option<u64>>(key).unwrap(),
+        store.pending_debits()
+    ));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         limits.flush().await;
@@ -468,10 +479,11 @@ async fn a_cluster_master_failover_loses_no_debit() {
         assert!(
             Instant::now() < deadline,
             "{used:?} of {} tokens on the new master (node {promoted}, the killed one {master}), \
-             {} pending, {} dropped; {}",
+             {} pending, {} dropped; {}; {}",
             sent * 10,
             store.pending_debits(),
             store.dropped_debits(),
+            seen.join("; "),
             cluster.describe(key, other)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
