@@ -423,7 +423,13 @@ async fn a_cluster_master_failover_loses_no_debit() {
     let mut con = cluster.nodes[master].client();
     assert_eq!(con.get::<_, u64>(key).unwrap(), 100);
     // Replicated before the kill (replication is asynchronous: an unreplicated write would be
-    // the cluster's loss, not the store's).
+    // the cluster's loss, not the store's). WAIT waits for this connection's own last write,
+    // which the replication stream carries after the store's.
+    let () = redis::cmd("SET")
+        .arg("{fo}:replicated")
+        .arg(1)
+        .query(&mut con)
+        .unwrap();
     let acked: u64 = redis::cmd("WAIT").arg(1).arg(5000).query(&mut con).unwrap();
     assert_eq!(acked, 1, "the replica has the counter");
 

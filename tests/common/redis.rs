@@ -378,8 +378,13 @@ impl RedisCluster {
         let cluster = RedisCluster { nodes, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         for i in 0..cluster.nodes.len() {
-            // Every node agrees, and each master's replicas have joined it.
-            while !cluster.node_ok(i) || cluster.replicas_known(i) < 3 * replicas {
+            // Every node agrees, each master's replicas have joined it, and a replica has its
+            // master's data (its first sync can wait seconds: until then a failover would
+            // promote it empty).
+            while !cluster.node_ok(i)
+                || cluster.replicas_known(i) < 3 * replicas
+                || !cluster.synced(i)
+            {
                 assert!(Instant::now() < deadline, "cluster did not become ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -428,6 +433,16 @@ impl RedisCluster {
             .output()
             .unwrap();
         String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+    }
+
+    /// Whether node `i` is a master, or a replica whose link to its master is up.
+    fn synced(&self, i: usize) -> bool {
+        let info = Command::new("redis-cli")
+            .args(["-p", &self.nodes[i].port.to_string(), "info", "replication"])
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        info.contains("role:master") || info.contains("master_link_status:up")
     }
 
     fn replicas_known(&self, i: usize) -> usize {
