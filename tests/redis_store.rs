@@ -1583,6 +1583,46 @@ async fn concurrent_reservations_share_scripts_and_stay_exact() {
     );
 }
 
+/// A batch is cut only once the tasks already woken have run up to their own reservation: one
+/// woken with the answer to the script before (here a request that reserves again at once)
+/// goes in the next script with those that queued while that script ran, not in a third.
+#[tokio::test]
+async fn reservations_of_tasks_woken_with_an_answer_join_the_next_script() {
+    let server = RedisServer::start();
+    let store = patient_store(&server);
+    let counter = |key: String| vec![fixed_window(&key, 1000, 60)];
+    // Loads the script.
+    store.reserve(&counter("{w}:warm".into()), 1).await.unwrap();
+    server.reset_stats();
+    // Redis busy for 300 ms: the first reservation's script waits, the next five queue.
+    let sleeper = server.busy_for(0.3);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let a = store.reserve(&counter("{w}:a".into()), 10).await.unwrap();
+            let again = store.reserve(&counter("{w}:a".into()), 10).await.unwrap();
+            (a, again)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let others: Vec<_> = (0..5)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.reserve(&counter(format!("{{w}}:b{i}")), 10).await })
+        })
+        .collect();
+    let (a, again) = first.await.unwrap();
+    assert_eq!(a.statuses[0].used, 0);
+    assert_eq!(again.statuses[0].used, 10);
+    for t in others {
+        assert!(t.await.unwrap().unwrap().windows.is_some());
+    }
+    sleeper.join().unwrap();
+    let (scripts, _) = common::redis::client_commands(&server);
+    assert_eq!(scripts, 2, "{scripts} scripts for 7 reservations");
+}
+
 /// Settlements that end within `settle_interval` of the last write wait for the next one and
 /// go in it, merged; the first after a quiet spell goes at once, a flush does not wait out the
 /// interval, and without a flush they are written once it has passed.
