@@ -392,31 +392,28 @@ impl RedisCluster {
         cluster
     }
 
-    /// `CLUSTER NODES` as node `i` sees it: one line per node.
-    fn cluster_nodes(&self, i: usize) -> String {
+    /// What `redis-cli` prints for `args` sent to node `i` (nothing from a dead node).
+    fn cli(&self, i: usize, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
-            .args(["-p", &self.nodes[i].port.to_string(), "cluster", "nodes"])
+            .args(["-p", &self.nodes[i].port.to_string()])
+            .args(args)
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `CLUSTER NODES` as node `i` sees it: one line per node.
+    fn cluster_nodes(&self, i: usize) -> String {
+        self.cli(i, &["cluster", "nodes"])
+    }
+
     /// For a failing test's message: `key`'s value on every node (a dead node answers
     /// nothing), and the cluster as node `seen_by` sees it.
     pub fn describe(&self, key: &str, seen_by: usize) -> String {
-        let values: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "get", key])
-                    .output()
-                    .unwrap();
-                format!(
-                    "{}: {:?}",
-                    n.port,
-                    String::from_utf8_lossy(&out.stdout).trim()
-                )
+        let values: Vec<String> = (0..self.nodes.len())
+            .map(|i| {
+                let value = self.cli(i, &["get", key]);
+                format!("{}: {:?}", self.nodes[i].port, value.trim())
             })
             .collect();
         format!(
@@ -428,20 +425,13 @@ impl RedisCluster {
 
     /// Whether node `i` reports `cluster_state:ok`.
     pub fn node_ok(&self, i: usize) -> bool {
-        let info = Command::new("redis-cli")
-            .args(["-p", &self.nodes[i].port.to_string(), "cluster", "info"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok")
+        self.cli(i, &["cluster", "info"])
+            .contains("cluster_state:ok")
     }
 
     /// Whether node `i` is a master, or a replica whose link to its master is up.
     fn synced(&self, i: usize) -> bool {
-        let info = Command::new("redis-cli")
-            .args(["-p", &self.nodes[i].port.to_string(), "info", "replication"])
-            .output()
-            .unwrap();
-        let info = String::from_utf8_lossy(&info.stdout);
+        let info = self.cli(i, &["info", "replication"]);
         info.contains("role:master") || info.contains("master_link_status:up")
     }
 
@@ -454,17 +444,11 @@ impl RedisCluster {
 
     /// The node that node `seen_by` names as the master serving `key`'s slot, if any.
     pub fn master_of(&self, key: &str, seen_by: usize) -> Option<usize> {
-        let out = Command::new("redis-cli")
-            .args([
-                "-p",
-                &self.nodes[seen_by].port.to_string(),
-                "cluster",
-                "keyslot",
-                key,
-            ])
-            .output()
+        let slot: u16 = self
+            .cli(seen_by, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
             .unwrap();
-        let slot: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <state> <slots>...`
         let nodes = self.cluster_nodes(seen_by);
         let line = nodes.lines().find(|l| {
