@@ -234,7 +234,7 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Probe<'a> {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe<'a>, A::Error> {
                 let mut p = Probe::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(key)) = map.next_key()? {
                     let field = match &*key {
                         "stream" => &mut p.stream,
                         "stream_options" => &mut p.stream_options,
@@ -254,6 +254,32 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Probe<'a> {
             }
         }
         d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// An object's key, borrowed from the body unless it holds escapes (serde's own `Cow<str>` is
+/// always an owned copy: one allocation per key).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        d.deserialize_str(Visit)
     }
 }
 
@@ -309,7 +335,7 @@ impl<'de: 'a, 'a> Lenient<'de> for Seen<'a> {
 
     fn on_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let (mut include_usage, mut max_output_tokens) = (None, None);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key()? {
             match &*key {
                 "include_usage" => include_usage = map.next_value::<Seen<'de>>()?.as_bool(),
                 "maxOutputTokens" => max_output_tokens = map.next_value::<Seen<'de>>()?.as_count(),
@@ -426,6 +452,21 @@ mod tests {
         let escaped = Probe::of(br#"{"model": "gpt\u002d4o", "max_tokens": 5.0}"#).unwrap();
         assert_eq!(model(Some(&escaped), "/v1/chat").as_deref(), Some("gpt-4o"));
         assert_eq!(max_output_tokens(&escaped), None);
+        // So is an escaped key, at the top and inside an object (keys are borrowed from the
+        // body unless they hold escapes).
+        let keys = Probe::of(
+            br#"{"mod\u0065l": "m", "max_\u0074okens": 3, "generationConfig": {"maxOutputT\u006fkens": 8}}"#,
+        )
+        .unwrap();
+        assert_eq!(model(Some(&keys), "/v1/chat").as_deref(), Some("m"));
+        assert_eq!(keys.max_tokens.as_ref().and_then(Seen::as_count), Some(3));
+        assert_eq!(
+            keys.generation_config,
+            Some(Seen::Object {
+                include_usage: None,
+                max_output_tokens: Some(8)
+            })
+        );
         let odd = Probe::of(
             br#"{"model": 7, "max_tokens": -1, "stream": "yes", "generationConfig": [1]}"#,
         )
@@ -460,6 +501,14 @@ mod tests {
                 .is_none()
         );
         assert!(inject_include_usage(br#"{"stream":false}"#).is_none());
+        // Escaped keys are the fields they name.
+        assert!(inject_include_usage(br#"{"str\u0065am":true}"#).is_some());
+        assert!(
+            inject_include_usage(
+                br#"{"stream":true,"stream_\u006fptions":{"include_\u0075sage":true}}"#
+            )
+            .is_none()
+        );
         assert!(inject_include_usage(br#"{"model":"m"}"#).is_none());
         assert!(inject_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
         assert!(inject_include_usage(b"not json").is_none());
