@@ -31,7 +31,9 @@ const GRPC_UNAVAILABLE: HeaderValue = HeaderValue::from_static("14");
 
 /// Whole seconds, rounded up, at least 1: a client retrying after this is past the reset.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
 }
 
 /// Writes OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3s`.
@@ -258,6 +260,12 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
         assert_eq!(openai_duration(Duration::from_secs(3605)), "1h0m5s");
+        // A token bucket's reset after a debt of 2^64 tokens saturates at `Duration::MAX`.
+        assert_eq!(ceil_secs(Duration::MAX), u64::MAX);
+        assert_eq!(
+            openai_duration(Duration::MAX),
+            format!("{}h0m15s", u64::MAX / 3600)
+        );
     }
 
     #[test]

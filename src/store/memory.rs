@@ -296,14 +296,19 @@ impl Inner {
             Algorithm::SlidingWindow => {
                 let (idx, into) = self.window_index(now, w);
                 let (cur, prev) = sliding(e, idx);
-                let used = (prev as f64 * (w - into) as f64 / w as f64) as u64 + cur;
+                let used =
+                    ((prev as f64 * (w - into) as f64 / w as f64) as u64).saturating_add(cur);
                 let reset = Duration::from_millis(w - into);
                 (CounterStatus { used, reset }, idx)
             }
             Algorithm::TokenBucket => {
                 let used = bucket(e, c, now);
                 let reset = if used > 0.0 {
-                    Duration::from_secs_f64(used * c.window.as_secs_f64() / c.limit.max(1) as f64)
+                    // Huge debts (a client's `max_tokens` of 2^64) saturate, never panic.
+                    Duration::try_from_secs_f64(
+                        used * c.window.as_secs_f64() / c.limit.max(1) as f64,
+                    )
+                    .unwrap_or(Duration::MAX)
                 } else {
                     c.window
                 };
@@ -799,6 +804,46 @@ mod tests {
         let store = MemoryStore::new();
         store.debit(&[counter("k", 1, 1)], 0).await.unwrap();
         assert!(store.is_empty());
+    }
+
+    /// Counts near `u64::MAX` (a client's `max_tokens` of 2^64 - 1 reserved, or absurd usage)
+    /// saturate in every algorithm: no panic, and a spent counter stays spent.
+    #[tokio::test(start_paused = true)]
+    async fn huge_counts_saturate_in_every_algorithm() {
+        let store = MemoryStore::new();
+        for algorithm in [
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindow,
+            Algorithm::TokenBucket,
+        ] {
+            // Less than a token a second: a debt of 2^64 takes longer to drain than a
+            // `Duration` holds.
+            let c = with(
+                counter(&format!("{algorithm:?}"), 50_000, 86_400),
+                algorithm,
+            );
+            let one = std::slice::from_ref(&c);
+            store.debit(one, 600).await.unwrap();
+            // Into the next window: a sliding window's previous one still weighs in.
+            tokio::time::advance(Duration::from_secs(86_400)).await;
+            // An empty counter gives an oversized request its one turn (the sliding window
+            // still holds the previous window's 600).
+            let r = store.reserve(one, u64::MAX).await.unwrap();
+            assert_eq!(
+                r.windows.is_some(),
+                algorithm != Algorithm::SlidingWindow,
+                "{algorithm:?}"
+            );
+            store.debit(one, u64::MAX / 2 + 1).await.unwrap();
+            store.debit(one, u64::MAX / 2 + 1).await.unwrap();
+            let s = store.check(one).await.unwrap()[0];
+            assert!(s.used >= c.limit, "{algorithm:?}: {} used", s.used);
+            assert!(s.reset > Duration::ZERO, "{algorithm:?}");
+            assert!(
+                store.reserve(one, 1).await.unwrap().windows.is_none(),
+                "{algorithm:?}: a spent counter takes nothing more"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
