@@ -177,13 +177,8 @@ impl KeySource {
     ) -> Option<KeyValue<'a>> {
         match self {
             KeySource::Header(name) => header_value(req.headers, name),
-            KeySource::Param(name) => {
-                let query = req.uri.query()?;
-                form_urlencoded::parse(query.as_bytes())
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| text(Cow::Owned(v.into_owned())))
-            }
-            KeySource::Cookie(name) => cookie_value(req.headers, name).map(text),
+            KeySource::Param(name) => param_value(req.uri.query()?, name),
+            KeySource::Cookie(name) => cookie_value(req.headers, name),
             KeySource::Consumer => {
                 if let Some(c) = req.extensions.get::<Consumer>() {
                     return Some(text(Cow::Owned(c.as_str().to_owned())));
@@ -248,25 +243,66 @@ fn text(text: Cow<'_, str>) -> KeyValue<'_> {
 }
 
 fn header_value<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<KeyValue<'a>> {
-    let value = headers.get(name)?;
-    Some(match value.to_str() {
-        Ok(s) => text(Cow::Borrowed(s)),
-        Err(_) => KeyValue::Text {
-            text: String::from_utf8_lossy(value.as_bytes()),
-            raw: Some(Cow::Borrowed(value.as_bytes())),
+    // Not `HeaderValue::to_str`, which refuses every byte over 0x7f: `josé` is text.
+    Some(bytes_value(Cow::Borrowed(headers.get(name)?.as_bytes())))
+}
+
+/// Bytes as a value: text when they are UTF-8, else raw (their text a lossy copy).
+fn bytes_value(bytes: Cow<'_, [u8]>) -> KeyValue<'_> {
+    match bytes {
+        Cow::Borrowed(b) => match std::str::from_utf8(b) {
+            Ok(s) => text(Cow::Borrowed(s)),
+            Err(_) => KeyValue::Text {
+                text: String::from_utf8_lossy(b),
+                raw: Some(Cow::Borrowed(b)),
+            },
         },
+        Cow::Owned(b) => match String::from_utf8(b) {
+            Ok(s) => text(Cow::Owned(s)),
+            Err(e) => KeyValue::Text {
+                text: Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                raw: Some(Cow::Owned(e.into_bytes())),
+            },
+        },
+    }
+}
+
+/// The first value of query parameter `name`, decoded as a form does (`+` is a space, `%XX`
+/// a byte). Decoded bytes that are not UTF-8 stay raw, so `%FF` and `%FE` never share a
+/// counter (a lossy decoding would read both as U+FFFD).
+fn param_value<'a>(query: &'a str, name: &str) -> Option<KeyValue<'a>> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (*form_decode(key) == *name.as_bytes()).then(|| bytes_value(form_decode(value)))
     })
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<Cow<'a, str>> {
+fn form_decode(s: &str) -> Cow<'_, [u8]> {
+    if !s.contains('+') {
+        return percent_encoding::percent_decode_str(s).into();
+    }
+    let spaced = s.replace('+', " ");
+    Cow::Owned(percent_encoding::percent_decode_str(&spaced).collect())
+}
+
+/// The first cookie `name` of the `Cookie` headers. Each `;`-separated pair is parsed on its
+/// own, so that a pair that is not UTF-8 hides no other; a value that is not UTF-8 stays raw.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<KeyValue<'a>> {
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(cookie::Cookie::split_parse)
-        .filter_map(Result::ok)
-        .find(|c| c.name() == name)
-        .map(|c| Cow::Owned(c.value().to_owned()))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| match std::str::from_utf8(pair) {
+            Ok(pair) => cookie::Cookie::parse(pair)
+                .ok()
+                .filter(|c| c.name() == name)
+                .map(|c| text(Cow::Owned(c.value().to_owned()))),
+            Err(_) => {
+                let at = pair.iter().position(|&b| b == b'=')?;
+                (pair[..at].trim_ascii() == name.as_bytes())
+                    .then(|| bytes_value(Cow::Borrowed(pair[at + 1..].trim_ascii())))
+            }
+        })
 }
 
 /// The TCP peer's address, from axum's `ConnectInfo<SocketAddr>` (also set by

@@ -218,6 +218,93 @@ async fn a_pathological_regex_matches_a_long_value_quickly() {
 }
 
 /// A counter key of the default rule.
+/// Sends each request of `requests` in turn (after the last one's debit) and gives the statuses.
+async fn statuses(limits: &TokenRateLimitLayer, requests: Vec<Request<Body>>) -> Vec<u16> {
+    let app = app(limits);
+    let mut out = Vec::new();
+    for req in requests {
+        out.push(call(&app, req).await.0.as_u16());
+        limits.flush().await;
+    }
+    out
+}
+
+fn with_header(name: &str, value: &[u8]) -> Request<Body> {
+    chat_request(&[(name, value)])
+}
+
+fn to(uri: &str) -> Request<Body> {
+    Request::post(uri).body(Body::from("{}")).unwrap()
+}
+
+/// Values are read as sent: UTF-8 beyond ASCII is text (an exact key `josé` applies), a cookie
+/// pair that is not UTF-8 hides no other cookie, and query values that decode to bytes that are
+/// not UTF-8 keep apart (each request costs 100 of a limit of 100: a second one on the same
+/// counter is rejected).
+#[tokio::test]
+async fn utf8_values_and_odd_cookie_and_query_bytes_are_read_as_sent() {
+    let exact = TokenRateLimitLayer::builder()
+        .rule(Rule::header("x-user").value("josé").tokens_per_minute(100))
+        .build()
+        .unwrap();
+    let josé = "josé".as_bytes();
+    assert_eq!(
+        statuses(
+            &exact,
+            vec![with_header("x-user", josé), with_header("x-user", josé)]
+        )
+        .await,
+        [200, 429],
+        "the listed key `josé` applies"
+    );
+
+    let cookie = TokenRateLimitLayer::builder()
+        .rule(
+            Rule::per_cookie("session")
+                .any_value()
+                .tokens_per_minute(100),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(
+        statuses(
+            &cookie,
+            vec![
+                with_header("cookie", b"session=abc"),
+                with_header("cookie", b"session=abc; x=\xe9"),
+                with_header("cookie", b"x=\xe9; session=abc"),
+                with_header("cookie", b"session=\xff"),
+                with_header("cookie", b"session=\xfe"),
+                with_header("cookie", b"a=1; session=\xff"),
+            ]
+        )
+        .await,
+        [200, 429, 429, 200, 200, 429],
+        "a byte that is not UTF-8 elsewhere in the header hides no cookie, and values that \
+         are not UTF-8 keep apart"
+    );
+
+    let param = TokenRateLimitLayer::builder()
+        .rule(Rule::per_param("key").any_value().tokens_per_minute(100))
+        .build()
+        .unwrap();
+    assert_eq!(
+        statuses(
+            &param,
+            vec![
+                to(&format!("{CHAT}?key=%FF")),
+                to(&format!("{CHAT}?key=%FE")),
+                to(&format!("{CHAT}?x=1&key=%FF")),
+                to(&format!("{CHAT}?key=a+b")),
+                to(&format!("{CHAT}?k%65y=a%20b")),
+            ]
+        )
+        .await,
+        [200, 200, 429, 200, 429],
+        "%FF and %FE keep apart; `+` and `%20` are both a space, in names too"
+    );
+}
+
 fn counter(rest: &str) -> String {
     format!("higress-token-ratelimit:{{default}}:{rest}")
 }
