@@ -186,6 +186,12 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
                     // The body now has a length; a message must not give both.
                     self.head.headers.remove(http::header::TRANSFER_ENCODING);
                 }
+                // The usage chunk asked for is removed from a plain stream only: an encoded
+                // one would reach the client with it. `identity` is always acceptable.
+                self.head.headers.insert(
+                    http::header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
                 ReqBody::rebuild(body, None)
             }
             None => ReqBody::rebuild(prefix, rest),

@@ -301,7 +301,8 @@ impl TokenRateLimitLayerBuilder {
 
     /// Whether streaming OpenAI chat / completions requests that did not ask for usage are made
     /// to (`stream_options.include_usage`), with the extra usage chunk removed from what the
-    /// client receives (default true).
+    /// client receives (default true). Such a request also asks for an unencoded response
+    /// (`Accept-Encoding: identity`): the chunk cannot be removed from a compressed stream.
     pub fn inject_include_usage(mut self, on: bool) -> Self {
         self.config.inject_include_usage = Some(on);
         self

@@ -23,7 +23,8 @@ const CHAT: &str = "/v1/chat/completions";
 struct Seen(Arc<Mutex<Vec<(Bytes, Bytes)>>>);
 
 /// Like OpenAI: the usage chunk (and `"usage":null` on the others) only when asked for.
-/// `x-frames`: the frame size, or `event` for one event per frame (default 37).
+/// `x-frames`: the frame size, or `event` for one event per frame (default 37). Gzipped, in
+/// one frame, when the request accepts gzip.
 async fn openai_like(State(seen): State<Seen>, h: HeaderMap, body: Bytes) -> Response<Body> {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let with_usage = v["stream_options"]["include_usage"] == true;
@@ -40,6 +41,18 @@ async fn openai_like(State(seen): State<Seen>, h: HeaderMap, body: Bytes) -> Res
     out.push_str("data: [DONE]\n\n");
     let bytes = Bytes::from(out);
     seen.0.lock().unwrap().push((body, bytes.clone()));
+    if h.get("accept-encoding")
+        .is_some_and(|v| v.to_str().unwrap().contains("gzip"))
+    {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("content-encoding", "gzip")
+            .body(Body::from(gz.finish().unwrap()))
+            .unwrap();
+    }
     let framing = h.get("x-frames").map(|v| v.to_str().unwrap().to_owned());
     let frames: Vec<Result<Bytes, Infallible>> = match framing.as_deref() {
         Some("event") => bytes
@@ -130,6 +143,37 @@ async fn a_client_that_did_not_ask_gets_no_usage_chunk_and_is_charged_exactly() 
         24,
         "charged the reported usage, not an estimate"
     );
+}
+
+/// A client that accepts gzip and did not ask for usage: the layer asks the upstream for
+/// usage and for an unencoded stream, the one it can remove the usage chunk from. One that asked
+/// for usage itself gets the upstream's gzip, and is charged from it as well.
+#[tokio::test]
+async fn a_client_accepting_gzip_gets_no_usage_chunk_it_did_not_ask_for() {
+    let (addr, seen, store, limits) = setup(true, None).await;
+    let headers = [
+        ("x-user", "a"),
+        ("content-type", "application/json"),
+        ("accept-encoding", "gzip, deflate"),
+    ];
+    let r = send(addr, CHAT, &headers, r#"{"model":"m","stream":true}"#).await;
+    assert_eq!(r.headers.get("content-encoding"), None);
+    let body = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(body.contains("Once"), "{body}");
+    assert!(!body.contains("total_tokens"), "{body}");
+    limits.flush().await;
+    assert_eq!(used(&store, "a"), 24);
+
+    let asked = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+    let r = send(addr, CHAT, &headers, asked).await;
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let mut plain = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut plain)
+        .unwrap();
+    assert_eq!(plain.as_bytes(), seen.0.lock().unwrap()[1].1);
+    assert!(plain.contains("\"total_tokens\":24"));
+    limits.flush().await;
+    assert_eq!(used(&store, "a"), 48);
 }
 
 /// However the upstream frames its stream (one event per frame, as LLM servers flush, or
