@@ -576,10 +576,23 @@ impl Meter {
             && r.learns
             && !estimated
         {
+            // The output's cost: the charge less the reported input's. Less the prompt
+            // estimate instead, a request whose bytes overstate its prompt (an inline image in
+            // base64) would teach an allowance of nothing, and the next small request would
+            // reserve no output at all.
+            let input = match usage {
+                Some(u) if u.input_tokens.is_some() => self.cost.tokens(&Usage {
+                    input_tokens: u.input_tokens,
+                    cached_input_tokens: u.cached_input_tokens,
+                    cache_creation_input_tokens: u.cache_creation_input_tokens,
+                    ..Usage::default()
+                }),
+                _ => r.prompt,
+            };
             self.shared.allowances.record(
                 &self.rules,
                 r.model.as_deref(),
-                tokens.saturating_sub(r.prompt),
+                tokens.saturating_sub(input),
             );
         }
         telemetry::tokens(&self.rules, self.model.as_deref(), estimated, tokens);

@@ -1534,6 +1534,58 @@ async fn capped_answers_do_not_teach_the_output_allowance() {
     drop(r);
 }
 
+/// The output allowance is learned from the output the upstream reports, not from the charge
+/// less the prompt estimate: requests whose bytes overstate their prompt (4 KB of base64 for
+/// 10 prompt tokens) must not teach an allowance of nothing, which would let the next small
+/// request reserve no output.
+#[tokio::test]
+async fn the_output_allowance_is_learned_from_the_reported_output() {
+    use http_body_util::BodyExt;
+    use tower_token_ratelimit::Mode;
+
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .mode(Mode::Reserve)
+        .default_output_tokens(1000)
+        .rule(per_user(1_000_000))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone());
+    let k = key("limit_by_per_header:60:x-user:u");
+    let request = |body: String, hang: bool| {
+        let mut r = Request::post(CHAT).header("x-user", "u");
+        if hang {
+            r = r.header("x-mock-hang", "1");
+        }
+        r.body(Body::from(body)).unwrap()
+    };
+    let stream = r#""model":"m","stream":true,"stream_options":{"include_usage":true}"#;
+    // Three answers of 10 prompt and 90 output tokens to bodies estimated at ~1,000.
+    let padded = format!(r#"{{{stream},"image":"{}"}}"#, "A".repeat(4000));
+    for _ in 0..3 {
+        let r = app
+            .clone()
+            .oneshot(request(padded.clone(), false))
+            .await
+            .unwrap();
+        r.into_body().collect().await.unwrap();
+        limits.flush().await;
+    }
+    assert_eq!(store.used(&k), 300);
+    // A small request reserves its prompt estimate and the 90 learned.
+    let r = app
+        .clone()
+        .oneshot(request(format!("{{{stream}}}"), true))
+        .await
+        .unwrap();
+    let reserved = store.used(&k) - 300;
+    assert!((90..150).contains(&reserved), "reserved {reserved}");
+    drop(r);
+}
+
 /// In reserve mode the budget left in the headers counts the request's own reservation.
 #[tokio::test]
 async fn reserve_mode_headers_count_the_requests_own_reservation() {
