@@ -696,6 +696,27 @@ fn compile_item(
     let mut entries = Vec::new();
     for (j, lk) in item.limit_keys.iter().enumerate() {
         let at = format!("{path}.limit_keys[{j}]");
+        // The first matching entry wins: one after `*`, or repeating a key, never applies.
+        if let Some(i) = item.limit_keys[..j]
+            .iter()
+            .position(|e| e.key == "*" || e.key == lk.key)
+        {
+            let earlier = &item.limit_keys[i].key;
+            p.push(
+                format!("{at}.key"),
+                if earlier == "*" {
+                    format!(
+                        "never applies: limit_keys[{i}] (`*`) matches every value first; \
+                         put `*` last"
+                    )
+                } else {
+                    format!(
+                        "`{earlier}` again: limit_keys[{i}] matches first, so this entry never \
+                         applies; put its windows in that entry (all of an entry's windows apply)"
+                    )
+                },
+            );
+        }
         let matcher = matcher(p, &format!("{at}.key"), &lk.key, kind, source_field);
         let limits = limits(
             p,

@@ -744,7 +744,8 @@ rule_items:
 
 /// Settings that would be silently ineffective are errors: a `*` inside a path (only a
 /// trailing one is a prefix), empty `paths` / `methods` (they would mean all), a `,` in
-/// `rule_name` (it separates rule names in metrics); a literal composite key is pointed to
+/// `rule_name` (it separates rule names in metrics), a `limit_keys` entry after `*` or
+/// repeating a key (the first matching entry wins); a literal composite key is pointed to
 /// the `regexp:` that matches it.
 #[test]
 fn settings_that_would_do_nothing_are_errors() {
@@ -760,6 +761,15 @@ rule_items:
     limit_keys: [{key: "*", token_per_minute: 10}]
   - limit_by_composite: [consumer, model]
     limit_keys: [{key: "alice|gpt-4o", token_per_minute: 10}]
+  - limit_by_per_header: x-user
+    limit_keys:
+      - {key: "*", token_per_minute: 10}
+      - {key: "regexp:vip-.*", token_per_minute: 1000}
+  - limit_by_header: x-tier
+    limit_keys:
+      - {key: gold, token_per_minute: 1000}
+      - {key: silver, token_per_minute: 100}
+      - {key: gold, token_per_day: 10000}
 "#;
     let cfg: TokenRateLimitConfig = serde_yaml::from_str(yaml).unwrap();
     let err = TokenRateLimitLayer::from_config(cfg).unwrap_err();
@@ -774,7 +784,14 @@ rule_items:
             "rule_items[1].methods",
             "rule_items[1].paths",
             "rule_items[2].limit_keys[0].key",
+            "rule_items[3].limit_keys[1].key",
+            "rule_items[4].limit_keys[2].key",
         ],
+        "{text}"
+    );
+    assert!(text.contains("put `*` last"), "{text}");
+    assert!(
+        text.contains("`gold` again: limit_keys[0] matches first"),
         "{text}"
     );
     assert!(text.contains(r"use `regexp:alice\|gpt\-4o`"), "{text}");
