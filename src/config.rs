@@ -214,7 +214,9 @@ pub struct RuleItemConfig {
     /// [`secret`](Self::secret) lists) or not UTF-8.
     #[serde(default)]
     pub limit_by_composite: Option<Vec<String>>,
-    /// The item applies only to these request paths: exact, or a prefix ending in `*`.
+    /// The item applies only to these request paths: exact, or a prefix ending in `*`. An
+    /// item with `paths` or `methods` counts in counters of its own (its key name gets `@` and
+    /// a hash of the conditions).
     #[serde(default)]
     pub paths: Option<Vec<String>>,
     /// The item applies only to these methods (`POST`, ...).

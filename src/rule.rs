@@ -186,7 +186,9 @@ impl Rule {
         })
     }
 
-    /// Applies the rule only to these paths: exact, or a prefix ending in `*`.
+    /// Applies the rule only to these paths: exact, or a prefix ending in `*`. A rule with
+    /// paths or methods counts in counters of its own, apart from a rule on the same values
+    /// without them or with others.
     pub fn paths<I>(mut self, paths: I) -> Self
     where
         I: IntoIterator,
@@ -391,6 +393,24 @@ pub(crate) struct Item {
 }
 
 impl Item {
+    /// What an item limited to some paths or methods adds to its counters' key name: `@` and
+    /// 64 bits of the SHA-256 of its conditions (sorted), so that two items differing only in
+    /// them keep separate budgets. Empty for an item without conditions: Higress's layout.
+    fn conditions(&self) -> String {
+        if self.paths.is_empty() && self.methods.is_empty() {
+            return String::new();
+        }
+        let mut paths: Vec<&str> = self.paths.iter().map(String::as_str).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let mut methods: Vec<&str> = self.methods.iter().map(http::Method::as_str).collect();
+        methods.sort_unstable();
+        methods.dedup();
+        let digest = Sha256::digest(format!("{}\n\n{}", paths.join("\n"), methods.join("\n")));
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("@{hex}")
+    }
+
     fn applies(&self, req: &RequestView<'_>) -> bool {
         let path = req.uri().path();
         (self.methods.is_empty() || self.methods.contains(req.method()))
@@ -441,13 +461,18 @@ impl Rules {
         }
         for (i, item) in items.iter_mut().enumerate() {
             item.rule = format!("{rule_name}/rule_items[{i}]").into();
+            let conditions = item.conditions();
             for entry in &mut item.entries {
                 entry.key_prefixes = entry
                     .limits
                     .iter()
                     .map(|limit| {
                         let window = limit.window_key();
-                        format!("{key_base}:{}:{window}:{}:", item.limit_type, item.key_name).into()
+                        format!(
+                            "{key_base}:{}:{window}:{}{conditions}:",
+                            item.limit_type, item.key_name
+                        )
+                        .into()
                     })
                     .collect();
             }

@@ -269,6 +269,41 @@ async fn path_and_method_conditions() {
         "other paths"
     );
 
+    // Two items on one header that differ only in their paths keep separate budgets (the
+    // counters' key names carry a hash of the conditions).
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150)
+                .paths(["/v1/chat/completions"]),
+        )
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000)
+                .paths(["/v1/embeddings"]),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(mock_chat))
+        .route("/v1/embeddings", post(mock_chat))
+        .layer(limits.clone());
+    let addr = serve(app).await;
+    let mut statuses = Vec::new();
+    for path in ["/v1/embeddings"; 3]
+        .into_iter()
+        .chain(["/v1/chat/completions"; 3])
+    {
+        statuses.push(send(addr, path, &h, &chat("m")).await.status.as_u16());
+        limits.flush().await;
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    assert_eq!(store.len(), 2);
+
     let bad: TokenRateLimitConfig = serde_yaml::from_str(
         "rule_name: r\nrule_items:\n- limit_by_per_header: x\n  paths: [v1]\n  methods: [\"G T\"]\n  limit_keys: [{key: '*', token_per_minute: 1}]\n- limit_by_composite: [consumer, colour]\n  limit_keys: [{key: '*', token_per_minute: 1}]\n",
     )
