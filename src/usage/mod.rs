@@ -193,7 +193,14 @@ pub struct UsageScanner {
     body: Body,
     seen: Accumulator,
     finished: bool,
+    /// Bytes of a byte order mark matched at the body's start while it is not yet known
+    /// whether one is there; `None` once it is.
+    bom: Option<u8>,
 }
+
+/// UTF-8's byte order mark, dropped at the start of a body: SSE ignores it, and a JSON parser
+/// would refuse the body.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Debug)]
 enum Body {
@@ -215,6 +222,7 @@ impl UsageScanner {
             body,
             seen: Accumulator::default(),
             finished: false,
+            bom: Some(0),
         }
     }
 
@@ -236,10 +244,29 @@ impl UsageScanner {
 
     /// [`feed`](Self::feed), returning whether the frame's whole events are known to hold
     /// no key a token count is read from (`false`: not known).
-    pub(crate) fn feed_checked(&mut self, chunk: &[u8]) -> bool {
+    pub(crate) fn feed_checked(&mut self, mut chunk: &[u8]) -> bool {
         if self.finished {
             return false;
         }
+        if let Some(seen) = self.bom {
+            let rest = &BOM[usize::from(seen)..];
+            let n = rest.len().min(chunk.len());
+            if chunk[..n] == rest[..n] {
+                if n < rest.len() {
+                    self.bom = Some(seen + n as u8);
+                    return false;
+                }
+                chunk = &chunk[n..];
+            } else {
+                // No mark: the bytes held back are the body's first.
+                self.feed_body(&BOM[..usize::from(seen)]);
+            }
+            self.bom = None;
+        }
+        self.feed_body(chunk)
+    }
+
+    fn feed_body(&mut self, chunk: &[u8]) -> bool {
         match &mut self.body {
             Body::Sse(splitter) => {
                 let seen = &mut self.seen;
@@ -256,6 +283,9 @@ impl UsageScanner {
     /// Returns the usage if any was reported. Calling it again returns the same.
     pub fn finish(&mut self) -> Option<Usage> {
         if !self.finished {
+            if let Some(seen) = self.bom.take() {
+                self.feed_body(&BOM[..usize::from(seen)]);
+            }
             self.finished = true;
             match &mut self.body {
                 Body::Sse(splitter) => {
@@ -622,6 +652,40 @@ mod tests {
         let mut scanner = UsageScanner::new(BodyFormat::Json);
         scanner.feed(body);
         scanner.finish()
+    }
+
+    /// A byte order mark at the start of a body is dropped, however the frames cut it; bytes
+    /// that only begin like one are the body's own.
+    #[test]
+    fn a_leading_byte_order_mark_is_dropped_at_any_split() {
+        let usage = r#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        for (format, body) in [
+            (BodyFormat::Json, usage.to_owned()),
+            (
+                BodyFormat::Sse,
+                format!("data: {usage}\n\ndata: [DONE]\n\n"),
+            ),
+        ] {
+            let marked = [BOM, body.as_bytes()].concat();
+            for i in 0..=marked.len() {
+                for j in i..=marked.len().min(i + 4) {
+                    let mut scanner = UsageScanner::new(format);
+                    for part in [&marked[..i], &marked[i..j], &marked[j..]] {
+                        scanner.feed(part);
+                    }
+                    let got = scanner.finish().and_then(|u| u.total_tokens);
+                    assert_eq!(got, Some(8), "{format:?} split at {i}, {j}");
+                }
+            }
+        }
+        // Two bytes of a mark, then not the third: the body is not JSON.
+        assert_eq!(
+            json(&[&BOM[..2], br#"{"usage":{"total_tokens":8}}"#].concat()),
+            None
+        );
+        let mut scanner = UsageScanner::new(BodyFormat::Json);
+        scanner.feed(&BOM[..2]);
+        assert_eq!(scanner.finish(), None, "a body of two bytes of a mark");
     }
 
     #[test]
