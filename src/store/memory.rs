@@ -298,17 +298,22 @@ impl Inner {
                 let (cur, prev) = sliding(e, idx);
                 let used =
                     ((prev as f64 * (w - into) as f64 / w as f64) as u64).saturating_add(cur);
-                let reset = Duration::from_millis(w - into);
+                let reset = Duration::from_millis(sliding_frees(prev, cur, c.limit, w, into));
                 (CounterStatus { used, reset }, idx)
             }
             Algorithm::TokenBucket => {
                 let used = bucket(e, c, now);
-                let reset = if used > 0.0 {
-                    // Huge debts (a client's `max_tokens` of 2^64) saturate, never panic.
-                    Duration::try_from_secs_f64(
-                        used * c.window.as_secs_f64() / c.limit.max(1) as f64,
-                    )
-                    .unwrap_or(Duration::MAX)
+                let limit = c.limit.max(1) as f64;
+                // Spent: until it drains under the limit; otherwise until it is empty. Huge
+                // debts (a client's `max_tokens` of 2^64) saturate, never panic.
+                let secs = |tokens: f64| {
+                    Duration::try_from_secs_f64(tokens * c.window.as_secs_f64() / limit)
+                        .unwrap_or(Duration::MAX)
+                };
+                let reset = if used >= limit {
+                    secs(used - limit).saturating_add(Duration::from_millis(1))
+                } else if used > 0.0 {
+                    secs(used)
                 } else {
                     c.window
                 };
@@ -554,6 +559,25 @@ fn sliding(e: Option<&Entry>, idx: u64) -> (u64, u64) {
     }
 }
 
+/// Milliseconds until a sliding window's budget frees, `into` ms into a window of `w`: the
+/// next boundary while it is not spent; when it is, until the previous window's fading share
+/// leaves it under the limit, which is in the next window when the current one alone is over.
+fn sliding_frees(prev: u64, cur: u64, limit: u64, w: u64, into: u64) -> u64 {
+    let left = w - into;
+    let (prev, cur, limit, wf) = (prev as f64, cur as f64, limit as f64, w as f64);
+    if prev * left as f64 / wf + cur < limit {
+        return left;
+    }
+    if cur < limit {
+        // prev × (left − d) / w + cur < limit  ⇔  d > left − w × (limit − cur) / prev
+        let d = left as f64 - wf * (limit - cur) / prev;
+        return (d.max(0.0) as u64 + 1).min(left);
+    }
+    // Next window: cur × (w − x) / w < limit  ⇔  x > w × (1 − limit / cur)
+    let x = wf * (1.0 - limit / cur);
+    left.saturating_add(x as u64 + 1)
+}
+
 /// `d` in nanoseconds, saturating.
 fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -752,6 +776,57 @@ mod tests {
         // Two windows later nothing is left.
         tokio::time::advance(Duration::from_secs(120)).await;
         assert_eq!(used(&store, &c).await, 0);
+    }
+
+    /// A spent counter's reset is when a request can pass again: a sliding window's when the
+    /// previous window's share has faded enough (in the next window when the current one alone
+    /// is over), a token bucket's when it has drained under the limit, not when it is empty.
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_counter_resets_when_a_request_can_pass_again() {
+        let store = MemoryStore::new();
+        let frees_at = |c: &Counter| {
+            let (store, c) = (store.clone(), c.clone());
+            async move {
+                let s = store.check(std::slice::from_ref(&c)).await.unwrap()[0];
+                assert!(s.used >= c.limit, "spent: {s:?}");
+                tokio::time::advance(s.reset - Duration::from_millis(1)).await;
+                assert!(
+                    used(&store, &c).await >= c.limit,
+                    "1 ms before {:?}",
+                    s.reset
+                );
+                tokio::time::advance(Duration::from_millis(1)).await;
+                assert!(used(&store, &c).await < c.limit, "at {:?}", s.reset);
+                s.reset
+            }
+        };
+        // 100 a minute, 300 used 10 s in: 50 s to the boundary, then 300 × (60 − x) / 60 < 100
+        // from x > 40 s.
+        let over = with(counter("over", 100, 60), Algorithm::SlidingWindow);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        store.debit(std::slice::from_ref(&over), 300).await.unwrap();
+        assert_eq!(frees_at(&over).await, Duration::from_millis(90_001));
+        // 80 in one window, 50 ten seconds into the next: 80 × (50 − d) / 60 + 50 < 100 from
+        // d > 12.5 s.
+        let fading = with(counter("fading", 100, 60), Algorithm::SlidingWindow);
+        store
+            .debit(std::slice::from_ref(&fading), 80)
+            .await
+            .unwrap();
+        let into = store.check(std::slice::from_ref(&fading)).await.unwrap()[0].reset;
+        tokio::time::advance(into + Duration::from_secs(10)).await;
+        store
+            .debit(std::slice::from_ref(&fading), 50)
+            .await
+            .unwrap();
+        assert_eq!(frees_at(&fading).await, Duration::from_millis(12_501));
+        // 60 a minute, 100 used: under the limit after 40 s, empty after 100.
+        let bucket = with(counter("bucket", 60, 60), Algorithm::TokenBucket);
+        store
+            .debit(std::slice::from_ref(&bucket), 100)
+            .await
+            .unwrap();
+        assert_eq!(frees_at(&bucket).await, Duration::from_millis(40_001));
     }
 
     #[tokio::test(start_paused = true)]

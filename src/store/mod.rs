@@ -81,7 +81,11 @@ pub struct Counter {
 pub struct CounterStatus {
     /// Tokens used in the current window (0 when the window has not started).
     pub used: u64,
-    /// Time until the current window ends; the whole window when it has not started.
+    /// Time until the budget frees. While the counter is spent (used ≥ limit), until a
+    /// request can pass again: the window's end for a fixed window, the fading of the
+    /// previous window's share for a sliding one, the drain under the limit for a token
+    /// bucket. Otherwise until the window ends (fixed, sliding) or the bucket is empty; the
+    /// whole window when nothing has been used.
     pub reset: Duration,
 }
 

@@ -24,7 +24,9 @@ local function window_id(key, algo, window)
   return 0
 end
 
--- Tokens used, and milliseconds until the budget frees (the whole window when nothing runs).
+-- Tokens used, and milliseconds until the budget frees: while spent, until a request can pass
+-- again; otherwise until the window ends or the bucket is empty (the whole window when nothing
+-- runs).
 local function state(key, algo, window, limit)
   local w = window * 1000
   if algo == 1 then
@@ -44,14 +46,30 @@ local function state(key, algo, window, limit)
       prev, cur = 0, 0
     end
     local into = now % w
-    return math.floor(prev * (w - into) / w + cur), w - into
+    local left = w - into
+    local used = prev * left / w + cur
+    -- Spent: until the previous window's fading share leaves it under the limit (in the next
+    -- window when the current one alone is over); otherwise the next boundary.
+    if used >= limit then
+      if cur < limit then
+        left = math.min(left, math.floor(left - w * (limit - cur) / prev) + 1)
+      else
+        left = left + math.floor(w * (1 - limit / cur)) + 1
+      end
+    end
+    return math.floor(used), left
   end
   local h = redis.call('HMGET', key, 'used', 'at')
   local used = tonumber(h[1]) or 0
   local at = tonumber(h[2]) or now
   used = math.max(0, used - (now - at) * limit / w)
+  -- Spent: until it drains under the limit; otherwise until it is empty.
   local drain = w
-  if used > 0 then drain = math.ceil(used * w / limit) end
+  if used >= limit then
+    drain = math.floor((used - limit) * w / limit) + 1
+  elseif used > 0 then
+    drain = math.ceil(used * w / limit)
+  end
   return math.floor(used), drain
 end
 
