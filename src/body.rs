@@ -68,7 +68,11 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn rejected(body: Bytes) -> Self {
         Self {
-            kind: Kind::Rejected { body: Some(body) },
+            // An empty body (gRPC's) is none: HTTP/2 then ends the stream with the headers,
+            // the trailers-only response gRPC clients read the status from.
+            kind: Kind::Rejected {
+                body: (!body.is_empty()).then_some(body),
+            },
         }
     }
 }

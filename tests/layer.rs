@@ -673,6 +673,24 @@ async fn grpc_requests_are_rejected_with_resource_exhausted() {
             .unwrap()
             .contains("Token rate limit")
     );
+    // Over HTTP/2, as gRPC clients speak, a trailers-only response: the HEADERS frame with
+    // `grpc-status` ends the stream. Followed by an empty DATA frame instead, grpc C-core
+    // clients (Python's grpcio) report UNKNOWN, not RESOURCE_EXHAUSTED.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = Request::post(format!("http://{addr}{CHAT}"))
+        .header("x-user", "g")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = h2.request(req).await.unwrap();
+    assert_eq!(r.headers()["grpc-status"], "8");
+    assert!(
+        http_body::Body::is_end_stream(r.body()),
+        "the stream ends with the headers"
+    );
 }
 
 #[tokio::test]
