@@ -34,7 +34,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -52,6 +51,9 @@ usage: gateway --listen ADDR --upstream URL --config FILE [--redis URL]
                    instead of the config's redis: block or memory
   --h2c            speak HTTP/2 without TLS to the upstream (default HTTP/1.1)
   --timeout SECS   longest wait for the upstream's response head (default 300); then 504
+  --head-timeout SECS
+                   longest wait for a client's request head (default 30); then the
+                   connection is closed, at shutdown too
   --log LEVEL      error, warn, info (default), debug or trace; RUST_LOG overrides it
   --help           print this help
 
@@ -77,12 +79,13 @@ struct Args {
     config: String,
     redis: Option<String>,
     log: String,
+    head_timeout: Duration,
 }
 
 /// `Ok(None)` for `--help`.
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut listen, mut upstream, mut config, mut redis) = (None, None, None, None);
-    let (mut log, mut timeout, mut h2c) = (None, None, false);
+    let (mut log, mut timeout, mut head_timeout, mut h2c) = (None, None, None, false);
     while let Some(flag) = args.next() {
         let slot = match flag.as_str() {
             "--listen" => &mut listen,
@@ -91,6 +94,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--redis" => &mut redis,
             "--log" => &mut log,
             "--timeout" => &mut timeout,
+            "--head-timeout" => &mut head_timeout,
             "--h2c" => {
                 h2c = true;
                 continue;
@@ -106,15 +110,17 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e} (expected e.g. 127.0.0.1:8080)"))?;
-    let timeout = match timeout {
-        None => Duration::from_secs(300),
+    let seconds = |flag: &str, value: Option<String>, default: u64| match value {
+        None => Ok(Duration::from_secs(default)),
         Some(t) => t
             .parse()
             .ok()
             .filter(|&s: &u64| s > 0)
             .map(Duration::from_secs)
-            .ok_or(format!("--timeout `{t}`: expected whole seconds > 0"))?,
+            .ok_or(format!("{flag} `{t}`: expected whole seconds > 0")),
     };
+    let timeout = seconds("--timeout", timeout, 300)?;
+    let head_timeout = seconds("--head-timeout", head_timeout, 30)?;
     let log = log.unwrap_or_else(|| "info".into());
     if !["error", "warn", "info", "debug", "trace"].contains(&log.as_str()) {
         return Err(format!(
@@ -130,6 +136,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         config,
         redis,
         log,
+        head_timeout,
     }))
 }
 
@@ -206,7 +213,8 @@ async fn forward(
             "invalid_request_error",
         );
     };
-    tracing::debug!(method = %req.method(), %uri, %peer, "forwarding");
+    // The path only: a query may carry a key (Gemini's `?key=`), and logs hold no secrets.
+    tracing::debug!(method = %req.method(), path = %req.uri().path(), %peer, "forwarding");
     *req.uri_mut() = uri;
     // Whatever the client spoke, the upstream gets what it was configured for.
     *req.version_mut() = if upstream.h2c {
@@ -369,18 +377,48 @@ async fn serve(args: Args, limits: TokenRateLimitLayer) -> std::io::Result<()> {
     writeln!(stdout, "listening on {addr}")?;
     stdout.flush()?;
 
-    let listener = listener.tap_io(|tcp| {
+    // hyper's own connections rather than `axum::serve`, for a timer: without one, hyper never
+    // times out a request head, and a client that sends half of one holds its connection open
+    // for ever (and, at shutdown, the process).
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(args.head_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing requests in flight");
-    })
-    .await?;
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            tower::ServiceExt::oneshot(app.clone(), req)
+        });
+        let connection = builder
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing requests in flight");
+    graceful.shutdown().await;
     limits.flush().await;
     tracing::info!("debits written; bye");
     Ok(())

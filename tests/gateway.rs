@@ -55,9 +55,16 @@ impl Gateway {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut child = Command::new(gateway_bin())
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().into()).collect();
+        let mut command = Command::new(gateway_bin());
+        // `--log` is the level unless RUST_LOG is set: set it only when the test does not.
+        if args.iter().any(|a| a == "--log") {
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = command
             .args(args)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -577,6 +584,63 @@ async fn sigterm_lets_streams_finish_then_exits_0() {
         Some(FIXTURE_TOKENS),
         "the in-flight stream's debit was written"
     );
+}
+
+/// A client that sends half a request head and stops gets its connection closed after
+/// `--head-timeout`, also while the gateway shuts down (which then exits, not waits for ever);
+/// and the debug log names the path forwarded, never its query (Gemini's `?key=`).
+#[tokio::test]
+async fn half_sent_heads_time_out_and_queries_stay_out_of_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_llm, upstream) = Llm::start(None).await;
+    let config = config_file("head-timeout", &per_user_config(1_000_000));
+    let (mut gw, addr) = Gateway::start_with(
+        &format!("http://{upstream}"),
+        &config,
+        &["--head-timeout", "1", "--log", "debug"],
+    )
+    .await;
+    let r = send(
+        addr,
+        "/v1/chat/completions?key=AIzaSECRET",
+        &[("x-user", "q")],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let start = Instant::now();
+    while !gw.stderr().contains("forwarding") && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stderr = gw.stderr();
+    assert!(stderr.contains("forwarding"), "{stderr}");
+    assert!(!stderr.contains("AIzaSECRET"), "{stderr}");
+
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // Closed by the gateway after the head timeout (with or without a 408 first).
+    let mut rest = Vec::new();
+    timeout(Duration::from_secs(5), half.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .ok();
+    let mut again = tokio::net::TcpStream::connect(addr).await.unwrap();
+    again
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = gw.exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}; stderr:\n{}", gw.stderr());
 }
 
 #[tokio::test]
