@@ -284,11 +284,7 @@ async fn work(
             // What has been sent meanwhile goes in this write too.
             queued.take_sent(&mut rx, fallback.as_ref(), &stats);
             let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
-            let settles: Vec<(Counter, u64, i64)> = queued
-                .settles
-                .drain()
-                .map(|((counter, window), tokens)| (counter, window, tokens))
-                .collect();
+            let settles = queued.drain_settles();
             let tokens = debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.1));
             let debits = (!debits.is_empty()).then(|| store.debit_many(debits));
             let settles = (!settles.is_empty()).then(|| store.settle_many(settles));
@@ -343,8 +339,10 @@ async fn work(
 struct Queued {
     /// Post-debit settlements, merged: tokens per counter.
     merged: KeyMap<Counter, u64>,
-    /// Reserve-mode settlements, merged: tokens used minus reserved, per counter and window.
-    settles: KeyMap<(Counter, u64), i64>,
+    /// Reserve-mode settlements, merged per counter and window: refunds (tokens reserved and
+    /// not used) and extras (used beyond the reservation) apart, since a store drops a refund
+    /// to a window that has ended but moves an extra into the current one.
+    settles: KeyMap<(Counter, u64), (u64, u64)>,
     /// The settlements `merged` and `settles` hold.
     merged_seqs: Vec<u64>,
     /// Settlements of reservations taken in the local fallback store (Redis was down).
@@ -365,6 +363,23 @@ impl Queued {
         }
     }
 
+    /// The merged reserve-mode settlements to write: per counter and window its extra, then
+    /// its refund (in that order, a refund in a running window cannot be clamped at zero
+    /// before the extra it offsets is added).
+    fn drain_settles(&mut self) -> Vec<(Counter, u64, i64)> {
+        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut out = Vec::with_capacity(self.settles.len());
+        for ((counter, window), (refund, extra)) in self.settles.drain() {
+            if extra > 0 {
+                out.push((counter.clone(), window, signed(extra)));
+            }
+            if refund > 0 {
+                out.push((counter, window, -signed(refund)));
+            }
+        }
+        out
+    }
+
     fn take(&mut self, s: Settlement, fallback: Option<&MemoryStore>, stats: &Stats) {
         if let Some(local) = fallback
             && !s.reservation.as_ref().is_some_and(|r| r.local)
@@ -383,8 +398,9 @@ impl Queued {
                 return;
             }
             for (c, window) in s.counters.iter().zip(&r.windows) {
-                let total = self.settles.entry((c.clone(), *window)).or_default();
-                *total = total.saturating_add(delta);
+                let (refund, extra) = self.settles.entry((c.clone(), *window)).or_default();
+                let part = if delta < 0 { refund } else { extra };
+                *part = part.saturating_add(delta.unsigned_abs());
             }
             self.merged_seqs.push(s.seq);
             return;
@@ -605,7 +621,10 @@ impl Meter {
             end = end.as_str(),
             "token usage settled"
         );
-        if estimated && self.reservation.is_some() {
+        // In reserve mode an estimate is the reservation, which stands: nothing to correct;
+        // unless it was taken in the local fallback (Redis was down), which the main store has
+        // not seen and must learn.
+        if estimated && self.reservation.as_ref().is_some_and(|r| !r.local) {
             return;
         }
         // The in-memory store takes the debit at once (a short lock); others get it from the
@@ -641,6 +660,47 @@ impl Drop for Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two reservations on one counter settled in one write after their window ended: the
+    /// first's refund (912 reserved and not used) is dropped, the second's extra (488 beyond
+    /// its reservation) goes to the current window. Merged into one sum, −424, it was all
+    /// dropped.
+    #[tokio::test(start_paused = true)]
+    async fn merged_settlements_keep_refunds_and_extras_apart() {
+        let store = MemoryStore::new();
+        let c = Counter {
+            key: "k".into(),
+            limit: 1_000_000,
+            window: std::time::Duration::from_secs(1),
+            algorithm: store::Algorithm::FixedWindow,
+        };
+        let counters: Arc<[Counter]> = Arc::from([c.clone()]);
+        let mut queued = Queued::default();
+        let stats = Stats::default();
+        for (amount, tokens) in [(1000, 88), (12, 500)] {
+            let r = store.reserve(&counters, amount).await.unwrap();
+            queued.take(
+                Settlement {
+                    seq: 0,
+                    counters: counters.clone(),
+                    tokens,
+                    reservation: Some(Reserved {
+                        windows: r.windows.unwrap(),
+                        amount,
+                        local: false,
+                        prompt: 0,
+                        model: None,
+                        learns: false,
+                    }),
+                },
+                None,
+                &stats,
+            );
+        }
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        store.settle_many(queued.drain_settles()).await.unwrap();
+        assert_eq!(store.used("k"), 488, "the extra, in the current window");
+    }
 
     /// The figures in `output_estimate`'s docs: estimate ÷ reported output over every fixture.
     #[test]

@@ -704,6 +704,67 @@ async fn redis_down_fail_local_keeps_limits_per_process() {
     );
 }
 
+/// In reserve mode with `local`, a reservation taken locally while Redis is down and charged
+/// an estimate (the upstream reported no usage) reaches Redis once it is back, as one with
+/// usage does: nothing is silently lost (SPEC 5.3).
+#[tokio::test]
+async fn local_reservations_charged_an_estimate_reach_redis_once_it_is_back() {
+    use tower_token_ratelimit::Mode;
+
+    let mut server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(200))
+        .breaker(1, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let limits = TokenRateLimitLayer::builder()
+        .rule_name("l")
+        .mode(Mode::Reserve)
+        .failure_mode(FailureMode::Local)
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(1_000_000),
+        )
+        .redis(store.clone())
+        .build()
+        .unwrap();
+    let addr = serve_chat(limits.clone()).await;
+    server.kill();
+    let body = r#"{"model":"m","max_tokens":50,"messages":[]}"#;
+    let with = [("x-user", "with"), ("x-mock-tokens", "100")];
+    let without = [("x-user", "without"), ("x-mock-no-usage", "1")];
+    assert_eq!(send(addr, CHAT, &with, body).await.status, StatusCode::OK);
+    assert_eq!(
+        send(addr, CHAT, &without, body).await.status,
+        StatusCode::OK
+    );
+    server.restart();
+    limits.flush().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut con = server.client();
+    let key =
+        |user: &str| format!("higress-token-ratelimit:{{l}}:limit_by_per_header:60:x-user:{user}");
+    loop {
+        let (w, wo): (Option<u64>, Option<u64>) = (
+            con.get(key("with")).unwrap(),
+            con.get(key("without")).unwrap(),
+        );
+        if w.is_some() && wo.is_some() {
+            assert_eq!(w, Some(100));
+            assert!(
+                wo.unwrap() >= 50,
+                "the estimate, at least the output cap: {wo:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "with {w:?}, without {wo:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        limits.flush().await;
+    }
+}
+
 #[tokio::test]
 async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
     let server = RedisServer::start_with_password("right");
