@@ -751,12 +751,9 @@ async fn local_reservations_charged_an_estimate_reach_redis_once_it_is_back() {
             con.get(key("with")).unwrap(),
             con.get(key("without")).unwrap(),
         );
-        if w.is_some() && wo.is_some() {
-            assert_eq!(w, Some(100));
-            assert!(
-                wo.unwrap() >= 50,
-                "the estimate, at least the output cap: {wo:?}"
-            );
+        if let (Some(w), Some(wo)) = (w, wo) {
+            assert_eq!(w, 100);
+            assert!(wo >= 50, "the estimate, at least the output cap: {wo}");
             break;
         }
         assert!(Instant::now() < deadline, "with {w:?}, without {wo:?}");
