@@ -883,6 +883,19 @@ async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
     let mut con = server.client();
     assert_eq!(con.get::<_, u64>("{h}:a").unwrap(), 10);
     assert!(con.get::<_, u64>("{h}:b").unwrap() >= 1 << 50);
+    // On a token bucket of under a token a second the time to drain such a debt is over 2^63
+    // ms: the answer still reads as integers, and the counter is spent, not failing.
+    let bucket = Counter {
+        algorithm: Algorithm::TokenBucket,
+        ..fixed_window("{h}:bucket", 1_000, 86_400)
+    };
+    let one = std::slice::from_ref(&bucket);
+    store.debit(one, huge).await.unwrap();
+    let status = store.check(one).await.unwrap()[0];
+    assert!(status.used >= 1_000, "{status:?}");
+    let r = store.reserve(one, 1).await.unwrap();
+    assert!(r.windows.is_none(), "spent: {r:?}");
+    assert!(!store.breaker_open());
 }
 
 /// A reservation whose caller goes away while the script runs (the request was dropped) is

@@ -17,6 +17,13 @@ local function now_ms()
   return time_ms
 end
 
+-- A count or a time as an integer the answer can carry: past 2^53 (a debt of 2^50 tokens
+-- drains for longer than that many ms on a slow bucket) Lua's numbers are not exact, and
+-- MessagePack would pack a float the client refuses.
+local function clamp(n)
+  return math.floor(math.min(n, 2^53))
+end
+
 -- The id of the key's current window.
 local function window_id(key, algo, window)
   if algo == 1 then return redis.call('PEXPIRETIME', key) end
@@ -57,7 +64,7 @@ local function state(key, algo, window, limit)
         left = left + math.floor(w * (1 - limit / cur)) + 1
       end
     end
-    return math.floor(used), left
+    return clamp(used), clamp(left)
   end
   local h = redis.call('HMGET', key, 'used', 'at')
   local used = tonumber(h[1]) or 0
@@ -70,7 +77,7 @@ local function state(key, algo, window, limit)
   elseif used > 0 then
     drain = math.ceil(used * w / limit)
   end
-  return math.floor(used), drain
+  return clamp(used), clamp(drain)
 end
 
 -- A fixed window's state read for a reservation: tokens used, milliseconds until it ends, and
@@ -135,5 +142,6 @@ local function add(key, algo, window, limit, amount, wid, expiring)
   exact = math.max(0, exact - (now - at) * limit / w)
   exact = math.max(0, exact + amount)
   redis.call('HSET', key, 'used', tostring(exact), 'at', now)
-  redis.call('PEXPIRE', key, math.ceil(exact * w / limit) + w)
+  -- As a decimal integer: Redis would write a large number in exponent form and refuse it.
+  redis.call('PEXPIRE', key, string.format('%d', clamp(math.ceil(exact * w / limit) + w)))
 end
