@@ -406,6 +406,42 @@ pub(crate) fn max_output_tokens(probe: &Probe<'_>) -> Option<u64> {
     })
 }
 
+/// A request path as an upstream routes it: percent-escapes decoded, empty segments and `.`
+/// removed, `..` applied. Rules on paths, and what the layer reads from a path, see this, so
+/// that `/v1/chat/%63ompletions` or `/v1//chat/completions` is no way around a limit on
+/// `/v1/chat/completions`. Borrowed when there is nothing to change.
+pub(crate) fn normalized_path(path: &str) -> Cow<'_, str> {
+    let plain = !path.contains('%') && !path.contains("//") && !path.contains("/.");
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    // A trailing `/` (or `/.`, `/..`) keeps the path a directory.
+    if segments.is_empty()
+        || decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 /// The model of a request that has a body the layer could not read as a JSON object (over
 /// `request_body_limit`, compressed, not JSON): rules on the model count it under this name,
 /// rather than letting it pass unlimited.
@@ -416,6 +452,7 @@ pub(crate) fn model(probe: Option<&Probe<'_>>, path: &str) -> Option<String> {
     if let Some(Seen::Str(m)) = probe.and_then(|p| p.model.as_ref()) {
         return Some(m.as_ref().to_owned());
     }
+    let path = normalized_path(path);
     let rest = &path[path.find("/models/")? + "/models/".len()..];
     let model = rest.split([':', '/']).next()?;
     (!model.is_empty()).then(|| model.to_owned())
@@ -473,6 +510,35 @@ mod tests {
         .unwrap();
         assert_eq!(model(Some(&odd), "/v1/chat"), None);
         assert_eq!(max_output_tokens(&odd), None);
+    }
+
+    #[test]
+    fn paths_are_normalized_as_upstreams_route_them() {
+        for (path, want) in [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/%63ompletions", "/v1/chat/completions"),
+            ("/v1//chat/completions", "/v1/chat/completions"),
+            ("/v1/./chat/completions", "/v1/chat/completions"),
+            ("/v1/embeddings/../chat/completions", "/v1/chat/completions"),
+            ("/../../v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/chat%2Fcompletions", "/v1/chat/completions"),
+            ("/v1/models/", "/v1/models/"),
+            ("/v1/models/.", "/v1/models/"),
+            ("/v1/x/..", "/v1/"),
+            ("/", "/"),
+            ("/%2e%2e", "/"),
+        ] {
+            assert_eq!(normalized_path(path), want, "{path}");
+        }
+        assert!(matches!(normalized_path("/v1/a.b/c"), Cow::Borrowed(_)));
+        assert_eq!(
+            model(
+                None,
+                "/v1beta/models/gemini%2D2.5-pro:streamGenerateContent"
+            )
+            .as_deref(),
+            Some("gemini-2.5-pro")
+        );
     }
 
     #[test]

@@ -412,13 +412,18 @@ impl Item {
     }
 
     fn applies(&self, req: &RequestView<'_>) -> bool {
-        let path = req.uri().path();
-        (self.methods.is_empty() || self.methods.contains(req.method()))
-            && (self.paths.is_empty()
-                || self.paths.iter().any(|p| match p.strip_suffix('*') {
-                    Some(prefix) => path.starts_with(prefix),
-                    None => path == p,
-                }))
+        if !self.methods.is_empty() && !self.methods.contains(req.method()) {
+            return false;
+        }
+        if self.paths.is_empty() {
+            return true;
+        }
+        // As the upstream routes it: an escaped or dotted spelling is the same path.
+        let path = crate::request::normalized_path(req.uri().path());
+        self.paths.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => *path == **p,
+        })
     }
 }
 

@@ -152,7 +152,8 @@ fn is_json(content_type: Option<&[u8]>) -> bool {
 /// A `POST` to an OpenAI chat or legacy completions endpoint (with an uncompressed JSON body,
 /// checked by the caller): its body may ask for a stream without usage.
 fn may_ask_for_usage<B>(request: &Request<B>) -> bool {
-    let path = request.uri().path().trim_end_matches('/');
+    let path = crate::request::normalized_path(request.uri().path());
+    let path = path.trim_end_matches('/');
     request.method() == http::Method::POST
         && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
 }

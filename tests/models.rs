@@ -304,6 +304,32 @@ async fn path_and_method_conditions() {
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
     assert_eq!(store.len(), 2);
 
+    // Other spellings of a limited path are the same path (an upstream routing on the decoded,
+    // cleaned path serves them alike): no way around the limit.
+    let limits = TokenRateLimitLayer::builder()
+        .rule(
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(150)
+                .paths(["/v1/chat/completions"]),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new().fallback(mock_chat).layer(limits.clone());
+    let addr = serve(app).await;
+    let mut statuses = Vec::new();
+    for path in [
+        "/v1/chat/%63ompletions",
+        "/v1//chat/completions",
+        "/v1/embeddings/../chat/completions",
+        "/v1/./chat/completions",
+        "/v1/embeddings",
+    ] {
+        statuses.push(send(addr, path, &h, &chat("m")).await.status.as_u16());
+        limits.flush().await;
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 200]);
+
     let bad: TokenRateLimitConfig = serde_yaml::from_str(
         "rule_name: r\nrule_items:\n- limit_by_per_header: x\n  paths: [v1]\n  methods: [\"G T\"]\n  limit_keys: [{key: '*', token_per_minute: 1}]\n- limit_by_composite: [consumer, colour]\n  limit_keys: [{key: '*', token_per_minute: 1}]\n",
     )
