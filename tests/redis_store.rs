@@ -898,6 +898,76 @@ async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
     assert!(!store.breaker_open());
 }
 
+/// However many reservations queue behind a slow Redis, each caller waits about two per-call
+/// timeouts at most, then gets an error (and the failure mode applies); what Redis reserves
+/// for callers that left is given back, so the counters end at what was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_reservations_wait_two_timeouts_at_most() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(200))
+        .breaker(1_000, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let c = |i: usize| fixed_window(&format!("{{q}}:{i}"), 1_000_000, 60);
+    store.reserve(&[c(0)], 1).await.unwrap();
+    // Slow, not down: 30 ms pauses back to back for 1.5 s, each script answered well within
+    // its timeout, but 2,000 reservations take ~30 scripts in turn.
+    let mut slow = server.client();
+    let busy = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1500) {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(0.03)
+                .query(&mut slow)
+                .unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let tasks: Vec<_> = (0..2000)
+        .map(|i| {
+            let (store, counter) = (store.clone(), c(i % 50));
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = store.reserve(&[counter], 1).await;
+                (t.elapsed(), r.is_ok_and(|r| r.windows.is_some()))
+            })
+        })
+        .collect();
+    let (mut longest, mut reserved) = (Duration::ZERO, 1);
+    for t in tasks {
+        let (took, ok) = t.await.unwrap();
+        longest = longest.max(took);
+        reserved += u64::from(ok);
+    }
+    assert!(longest < Duration::from_millis(600), "waited {longest:?}");
+    tokio::task::spawn_blocking(move || busy.join().unwrap())
+        .await
+        .unwrap();
+    // Given back once Redis answers the scripts that ran after their callers left.
+    let mut con = server.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let total: u64 = (0..50)
+            .map(|i| {
+                con.get::<_, Option<u64>>(format!("{{q}}:{i}"))
+                    .unwrap()
+                    .unwrap_or(0)
+            })
+            .sum();
+        if total == reserved {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{total} in Redis, {reserved} answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A reservation whose caller goes away while the script runs (the request was dropped) is
 /// given back: it would otherwise stay charged for a request never admitted.
 #[tokio::test]

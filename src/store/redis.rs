@@ -1391,10 +1391,20 @@ impl Store for RedisStore {
                 }
             };
             if first {
-                tokio::spawn(reserve_batches(inner, group));
+                tokio::spawn(reserve_batches(inner.clone(), group));
             }
-            rx.await
-                .map_err(|_| StoreError::new("reservation script abandoned"))?
+            // However many batches queue ahead (Redis slow, each call within its timeout), the
+            // caller waits for one batch ahead and its own at most, then the failure mode
+            // applies; a reservation made after it left is given back.
+            let deadline = inner.timeout.saturating_mul(2);
+            match tokio::time::timeout(deadline, rx).await {
+                Ok(answer) => {
+                    answer.map_err(|_| StoreError::new("reservation script abandoned"))?
+                }
+                Err(_) => Err(StoreError::new(format!(
+                    "reservation not answered within {deadline:?}"
+                ))),
+            }
         })
     }
 
