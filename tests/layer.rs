@@ -1516,18 +1516,13 @@ async fn reload_keeps_per_key_rules_and_applies_every_setting() {
     assert_eq!(store.used(&key("limit_by_per_key:60:tenant:t1")), 200);
 }
 
-/// Reserve mode learns the output allowance from requests that set no output limit only: a
-/// client's capped answers (`max_tokens: 1`) say nothing of what an uncapped one uses, and
-/// must not shrink what the next uncapped request reserves.
-#[tokio::test]
-async fn capped_answers_do_not_teach_the_output_allowance() {
-    use http_body_util::BodyExt;
-    use tower_token_ratelimit::Mode;
-
+/// Reserve mode, starting from 1,000 tokens of output allowance, per `x-user`, in memory: the
+/// store, the layer, and `mock_chat` behind it.
+fn reserve_mode_app() -> (MemoryStore, TokenRateLimitLayer, Router) {
     let store = MemoryStore::new();
     let limits = TokenRateLimitLayer::builder()
         .store(store.clone())
-        .mode(Mode::Reserve)
+        .mode(tower_token_ratelimit::Mode::Reserve)
         .default_output_tokens(1000)
         .rule(per_user(1_000_000))
         .build()
@@ -1535,6 +1530,17 @@ async fn capped_answers_do_not_teach_the_output_allowance() {
     let app = Router::new()
         .route(CHAT, post(mock_chat))
         .layer(limits.clone());
+    (store, limits, app)
+}
+
+/// Reserve mode learns the output allowance from requests that set no output limit only: a
+/// client's capped answers (`max_tokens: 1`) say nothing of what an uncapped one uses, and
+/// must not shrink what the next uncapped request reserves.
+#[tokio::test]
+async fn capped_answers_do_not_teach_the_output_allowance() {
+    use http_body_util::BodyExt;
+
+    let (store, limits, app) = reserve_mode_app();
     let k = key("limit_by_per_header:60:x-user:u");
     let request = |body: &'static str, extra: Option<(&'static str, &'static str)>| {
         let mut r = Request::post(CHAT).header("x-user", "u");
@@ -1576,19 +1582,8 @@ async fn capped_answers_do_not_teach_the_output_allowance() {
 #[tokio::test]
 async fn the_output_allowance_is_learned_from_the_reported_output() {
     use http_body_util::BodyExt;
-    use tower_token_ratelimit::Mode;
 
-    let store = MemoryStore::new();
-    let limits = TokenRateLimitLayer::builder()
-        .store(store.clone())
-        .mode(Mode::Reserve)
-        .default_output_tokens(1000)
-        .rule(per_user(1_000_000))
-        .build()
-        .unwrap();
-    let app = Router::new()
-        .route(CHAT, post(mock_chat))
-        .layer(limits.clone());
+    let (store, limits, app) = reserve_mode_app();
     let k = key("limit_by_per_header:60:x-user:u");
     let request = |body: String, hang: bool| {
         let mut r = Request::post(CHAT).header("x-user", "u");

@@ -218,6 +218,14 @@ rule_items:
     );
 }
 
+/// `mock_chat` at the chat and embeddings paths, behind `limits`.
+fn chat_and_embeddings(limits: &TokenRateLimitLayer) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(mock_chat))
+        .route("/v1/embeddings", post(mock_chat))
+        .layer(limits.clone())
+}
+
 #[tokio::test]
 async fn path_and_method_conditions() {
     let store = MemoryStore::new();
@@ -248,10 +256,7 @@ async fn path_and_method_conditions() {
         )
         .build()
         .unwrap();
-    let app = Router::new()
-        .route("/v1/chat/completions", post(mock_chat))
-        .route("/v1/embeddings", post(mock_chat))
-        .layer(limits.clone());
+    let app = chat_and_embeddings(&limits);
     let addr = serve(app).await;
     let h = [("x-user", "u")];
     for expected in [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
@@ -288,10 +293,7 @@ async fn path_and_method_conditions() {
         )
         .build()
         .unwrap();
-    let app = Router::new()
-        .route("/v1/chat/completions", post(mock_chat))
-        .route("/v1/embeddings", post(mock_chat))
-        .layer(limits.clone());
+    let app = chat_and_embeddings(&limits);
     let addr = serve(app).await;
     let mut statuses = Vec::new();
     for path in ["/v1/embeddings"; 3]
