@@ -968,6 +968,41 @@ async fn queued_reservations_wait_two_timeouts_at_most() {
     }
 }
 
+/// Reservations answered late while the breaker is open (the slow spell that made them late
+/// opened it) are still given back once Redis answers again: the counter ends where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reservations_are_given_back_after_the_breaker_opened() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(100))
+        .breaker(3, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let c = fixed_window("{late}:k", 1_000_000, 60);
+    let one = std::slice::from_ref(&c);
+    store.reserve(one, 1).await.unwrap();
+    let busy = server.busy_for(0.6);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..3 {
+        assert!(store.reserve(one, 1000).await.is_err(), "late: an error");
+    }
+    assert!(store.breaker_open());
+    tokio::task::spawn_blocking(move || busy.join().unwrap())
+        .await
+        .unwrap();
+    let mut con = server.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used: u64 = con.get("{late}:k").unwrap();
+        if used == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{used} still charged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A reservation whose caller goes away while the script runs (the request was dropped) is
 /// given back: it would otherwise stay charged for a request never admitted.
 #[tokio::test]

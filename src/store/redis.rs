@@ -1128,7 +1128,16 @@ fn hand_out(inner: &Arc<Inner>, batch: Vec<Waiting>, values: &[i64]) {
     }
     if !refunds.is_empty() {
         let inner = inner.clone();
-        tokio::spawn(async move { inner.write(&SETTLE, refunds).await });
+        tokio::spawn(async move {
+            // Written once the breaker lets calls through: the slow spell that answered these
+            // late may have opened it, and a write it refuses is lost (failed writes keep
+            // debits for later, not refunds).
+            let until = Instant::now() + LATE_ANSWER;
+            while inner.open.load(Ordering::Acquire) && Instant::now() < until {
+                tokio::time::sleep(inner.probe_interval).await;
+            }
+            inner.write(&SETTLE, refunds).await
+        });
     }
 }
 
