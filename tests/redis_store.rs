@@ -39,6 +39,17 @@ fn store_within(server: &RedisServer, timeout: Duration) -> RedisStore {
         .unwrap()
 }
 
+/// A store with this per-call timeout and a breaker that opens after `failures` failures in a
+/// row and probes every 100 ms.
+fn store_with_breaker(server: &RedisServer, timeout: Duration, failures: u32) -> RedisStore {
+    RedisStore::builder()
+        .url(server.url())
+        .timeout(timeout)
+        .breaker(failures, Duration::from_millis(100))
+        .build()
+        .unwrap()
+}
+
 fn layer(store: RedisStore, rule_name: &str, rules: Vec<Rule>) -> TokenRateLimitLayer {
     rules
         .into_iter()
@@ -521,12 +532,7 @@ async fn a_cluster_master_failover_loses_no_debit() {
 #[tokio::test]
 async fn a_failed_debit_is_retried_without_further_traffic() {
     let mut server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(100))
-        .breaker(1000, Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let store = store_with_breaker(&server, Duration::from_millis(100), 1000);
     let limits = layer(
         store.clone(),
         "rt",
@@ -563,12 +569,7 @@ async fn a_failed_debit_is_retried_without_further_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
     let mut server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(50))
-        .breaker(3, Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let store = store_with_breaker(&server, Duration::from_millis(50), 3);
     let limits = layer(
         store.clone(),
         "f",
@@ -712,12 +713,7 @@ async fn local_reservations_charged_an_estimate_reach_redis_once_it_is_back() {
     use tower_token_ratelimit::Mode;
 
     let mut server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(200))
-        .breaker(1, Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let store = store_with_breaker(&server, Duration::from_millis(200), 1);
     let limits = TokenRateLimitLayer::builder()
         .rule_name("l")
         .mode(Mode::Reserve)
@@ -904,12 +900,7 @@ async fn absurd_amounts_neither_fail_scripts_nor_open_the_breaker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_reservations_wait_two_timeouts_at_most() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(200))
-        .breaker(1_000, Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let store = store_with_breaker(&server, Duration::from_millis(200), 1_000);
     let c = |i: usize| fixed_window(&format!("{{q}}:{i}"), 1_000_000, 60);
     store.reserve(&[c(0)], 1).await.unwrap();
     // Slow, not down: 30 ms pauses back to back for 1.5 s, each script answered well within
@@ -973,12 +964,7 @@ async fn queued_reservations_wait_two_timeouts_at_most() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_reservations_are_given_back_after_the_breaker_opened() {
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(100))
-        .breaker(3, Duration::from_millis(100))
-        .build()
-        .unwrap();
+    let store = store_with_breaker(&server, Duration::from_millis(100), 3);
     let c = fixed_window("{late}:k", 1_000_000, 60);
     let one = std::slice::from_ref(&c);
     store.reserve(one, 1).await.unwrap();
