@@ -406,9 +406,10 @@ impl Item {
         let mut methods: Vec<&str> = self.methods.iter().map(http::Method::as_str).collect();
         methods.sort_unstable();
         methods.dedup();
-        let digest = Sha256::digest(format!("{}\n\n{}", paths.join("\n"), methods.join("\n")));
-        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        format!("@{hex}")
+        let mut out = String::from("@");
+        let conditions = format!("{}\n\n{}", paths.join("\n"), methods.join("\n"));
+        push_sha256_hex(&mut out, conditions.as_bytes(), 8);
+        out
     }
 
     fn applies(&self, req: &RequestView<'_>) -> bool {
@@ -587,10 +588,14 @@ fn push_stored_value(out: &mut String, value: &KeyValue<'_>, secret: bool) {
 
 /// Appends `sha256:` and the first 16 bytes of the value's SHA-256, in hex.
 fn push_hashed(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(bytes);
     out.push_str("sha256:");
-    for b in &digest[..16] {
+    push_sha256_hex(out, bytes, 16);
+}
+
+/// Appends the first `len` bytes of the SHA-256 of `bytes`, in hex.
+fn push_sha256_hex(out: &mut String, bytes: &[u8], len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in &Sha256::digest(bytes)[..len] {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 15)]));
     }
