@@ -5,9 +5,9 @@
 //! once (a short lock, never a wait); for any other store the meter hands a [`Settlement`] to an
 //! unbounded channel, which never blocks and never panics, and a worker task applies it.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
@@ -121,23 +121,63 @@ struct Stats {
     flushing: AtomicUsize,
     /// Wakes a worker waiting out its interval when a flush starts.
     wake: Notify,
+    /// What a worker leaves when it is dropped before its end (its runtime shut down while
+    /// the layer lives on): the channel's receiving end and what it had taken from it, for the
+    /// next worker.
+    parked: Mutex<Option<Worker>>,
+    /// A worker runs (or is being started).
+    running: AtomicBool,
 }
 
-/// The sending side of the settlement worker. Cheap to clone.
-#[derive(Clone)]
+/// The sending side of the settlement worker.
 pub(crate) struct Settler {
     tx: mpsc::UnboundedSender<Settlement>,
     stats: Arc<Stats>,
+    store: Arc<dyn Store>,
+    fallback: Option<MemoryStore>,
 }
 
 impl Settler {
     /// Starts a worker on the current tokio runtime, or on a thread of its own when there is
-    /// none. It ends when every `Settler` is dropped.
+    /// none. It ends when the `Settler` is dropped.
     /// Every debit also goes to `fallback` when there is one (failure mode `local`).
     pub(crate) fn start(store: Arc<dyn Store>, fallback: Option<MemoryStore>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        let worker = work(store, fallback, rx, stats.clone());
+        *lock(&stats.parked) = Some(Worker {
+            stats: Arc::downgrade(&stats),
+            rx,
+            queued: Queued::default(),
+            batch_seqs: Vec::new(),
+            held_seqs: HashMap::new(),
+        });
+        let settler = Self {
+            tx,
+            stats,
+            store,
+            fallback,
+        };
+        settler.resume();
+        settler
+    }
+
+    /// Starts a worker, as [`start`](Self::start) does, with what the last one left, unless
+    /// one runs: a worker dropped with its runtime is started again on the next.
+    fn resume(&self) {
+        if self.stats.running.load(Ordering::Acquire) {
+            return;
+        }
+        // Taken by one caller only.
+        let Some(state) = lock(&self.stats.parked).take() else {
+            return;
+        };
+        self.stats.running.store(true, Ordering::Release);
+        let worker = work(
+            self.store.clone(),
+            self.fallback.clone(),
+            self.stats.clone(),
+            state,
+        );
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(worker);
@@ -161,11 +201,11 @@ impl Settler {
                 }
             }
         }
-        Self { tx, stats }
     }
 
     fn send(&self, mut settlement: Settlement) {
         settlement.seq = self.stats.sent.fetch_add(1, Ordering::AcqRel);
+        self.resume();
         if let Err(e) = self.tx.send(settlement) {
             self.stats.done([e.0.seq]);
             tracing::error!(
@@ -191,6 +231,7 @@ impl Settler {
             }
         }
         let target = self.stats.sent.load(Ordering::Acquire);
+        self.resume();
         self.stats.flushing.fetch_add(1, Ordering::AcqRel);
         let _flushing = Flushing(&self.stats);
         self.stats.wake.notify_one();
@@ -204,6 +245,10 @@ impl Settler {
             notified.await;
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Settlements of local reservations written to the store at the same time (they pipeline
@@ -221,7 +266,7 @@ struct Applied {
 
 impl Stats {
     fn applied(&self) -> MutexGuard<'_, Applied> {
-        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.applied)
     }
 
     fn done(&self, seqs: impl IntoIterator<Item = u64>) {
@@ -253,22 +298,24 @@ impl Stats {
 async fn work(
     store: Arc<dyn Store>,
     fallback: Option<MemoryStore>,
-    mut rx: mpsc::UnboundedReceiver<Settlement>,
     stats: Arc<Stats>,
+    mut state: Worker,
 ) {
+    let Worker {
+        rx,
+        queued,
+        batch_seqs,
+        held_seqs,
+        ..
+    } = &mut state;
     type Written = (Result<(), crate::StoreError>, u64);
     let report = |joined: Result<Written, tokio::task::JoinError>| match joined {
         Ok((Err(e), tokens)) => tracing::warn!(error = %e, tokens, "token settlement failed"),
         Err(e) => tracing::error!(error = %e, "token settlement task failed"),
         Ok((Ok(()), _)) => {}
     };
-    let mut queued = Queued::default();
-    // Settlements in the debit batch being written.
-    let mut batch_seqs = Vec::new();
     let mut batch = tokio::task::JoinSet::new();
     let mut settling = tokio::task::JoinSet::new();
-    // The sequence number of each local reservation's settlement being written, by task.
-    let mut held_seqs = std::collections::HashMap::new();
     let mut open = true;
     let interval = store.settle_interval();
     // The earliest start of the next merged write.
@@ -282,14 +329,14 @@ async fn work(
         };
         if batch.is_empty() && !queued.merged_seqs.is_empty() && due() {
             // What has been sent meanwhile goes in this write too.
-            queued.take_sent(&mut rx, fallback.as_ref(), &stats);
+            queued.take_sent(rx, fallback.as_ref(), &stats);
             let debits: Vec<(Counter, u64)> = queued.merged.drain().collect();
             let settles = queued.drain_settles();
             let tokens = debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.1));
             let debits = (!debits.is_empty()).then(|| store.debit_many(debits));
             let settles = (!settles.is_empty()).then(|| store.settle_many(settles));
             let write = store::in_turn([debits, settles].into_iter().flatten().collect());
-            batch_seqs = std::mem::take(&mut queued.merged_seqs);
+            *batch_seqs = std::mem::take(&mut queued.merged_seqs);
             batch.spawn(async move { (write.await, tokens) });
             next_write = Instant::now() + interval;
         }
@@ -311,7 +358,7 @@ async fn work(
             biased;
             Some(joined) = batch.join_next(), if !batch.is_empty() => {
                 report(joined);
-                stats.done(std::mem::take(&mut batch_seqs));
+                stats.done(std::mem::take(batch_seqs));
             }
             Some(joined) = settling.join_next_with_id(), if !settling.is_empty() => {
                 let id = match &joined {
@@ -326,11 +373,47 @@ async fn work(
             next = rx.recv(), if open && !waiting && queued.held.len() < MAX_BATCH => match next {
                 Some(s) => {
                     queued.take(s, fallback.as_ref(), &stats);
-                    queued.take_sent(&mut rx, fallback.as_ref(), &stats);
+                    queued.take_sent(rx, fallback.as_ref(), &stats);
                 }
                 None => open = false,
             },
         }
+    }
+}
+
+/// A worker's state: what a worker dropped before its end (its runtime shut down) leaves for
+/// the next one (see [`Settler::resume`]).
+struct Worker {
+    stats: Weak<Stats>,
+    rx: mpsc::UnboundedReceiver<Settlement>,
+    queued: Queued,
+    /// Settlements in the debit batch being written.
+    batch_seqs: Vec<u64>,
+    /// The sequence number of each local reservation's settlement being written, by task.
+    held_seqs: HashMap<tokio::task::Id, u64>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let Some(stats) = self.stats.upgrade() else {
+            return;
+        };
+        // The writes on their way are dropped with their tasks: the store keeps what it can of
+        // them (the Redis store, as after a timeout), and they are done here.
+        stats.done(
+            std::mem::take(&mut self.batch_seqs)
+                .into_iter()
+                .chain(self.held_seqs.drain().map(|(_, seq)| seq)),
+        );
+        let next = Worker {
+            stats: self.stats.clone(),
+            rx: std::mem::replace(&mut self.rx, mpsc::unbounded_channel().1),
+            queued: std::mem::take(&mut self.queued),
+            batch_seqs: Vec::new(),
+            held_seqs: HashMap::new(),
+        };
+        *lock(&stats.parked) = Some(next);
+        stats.running.store(false, Ordering::Release);
     }
 }
 

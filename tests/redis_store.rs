@@ -1878,3 +1878,207 @@ fn settle_interval_from_the_config() {
     let err = RedisStore::from_config(&cfg).unwrap_err().to_string();
     assert!(err.contains("redis.settle_interval"), "{err}");
 }
+
+/// A runtime of its own (one worker), to be dropped while the store's tasks run on it.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A store outlives the runtime its breaker opened on (a test suite's shared layer, a setup
+/// runtime): the probe that runtime dropped leaves the breaker able to close on the next.
+#[test]
+fn a_breaker_opened_on_a_runtime_since_shut_down_closes_again() {
+    let mut server = RedisServer::start();
+    let store = store_with_breaker(&server, Duration::from_millis(200), 1);
+    let c = fixed_window("{rt}:probe", 1_000, 60);
+    server.kill();
+    let first = runtime();
+    first.block_on(async {
+        store.check(std::slice::from_ref(&c)).await.unwrap_err();
+    });
+    assert!(store.breaker_open());
+    // The probe dies with its runtime.
+    drop(first);
+    server.restart();
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.check(std::slice::from_ref(&c)).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the breaker stays open for good (open: {})",
+                store.breaker_open()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(!store.breaker_open());
+}
+
+/// Reservations and writes on their way when their runtime shut down: the next runtime's
+/// reservations go to Redis (not queued for good behind the dropped batch), and the debits
+/// not yet written are kept for it (as after a timeout, the one on its way too).
+#[test]
+fn reservations_and_writes_dropped_with_their_runtime_leave_nothing_stuck_or_lost() {
+    let server = RedisServer::start();
+    let store = store_with_breaker(&server, Duration::from_secs(5), 1000);
+    let reserved = fixed_window("{rt}:reserve", 1_000_000, 60);
+    // More counters than one script writes: the write goes in two calls.
+    let debits: Vec<(Counter, u64)> = (0..300)
+        .map(|i| (fixed_window(&format!("{{rt}}:debit{i}"), 1_000_000, 60), 7))
+        .collect();
+    let first = runtime();
+    first.block_on(async {
+        // Connected, and the scripts loaded.
+        store
+            .reserve(std::slice::from_ref(&reserved), 1)
+            .await
+            .unwrap();
+        store.debit_many(debits[..1].to_vec()).await.unwrap();
+    });
+    let busy = server.busy_for(1.0);
+    std::thread::sleep(Duration::from_millis(50));
+    let reserving = first.spawn(store.reserve(std::slice::from_ref(&reserved), 1));
+    let debiting = first.spawn(store.debit_many(debits.clone()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!reserving.is_finished() && !debiting.is_finished());
+    drop(first);
+    busy.join().unwrap();
+
+    let mut con = server.client();
+    runtime().block_on(async {
+        // The first call may fail: its connection was driven by the runtime gone.
+        let started = Instant::now();
+        let mut answered = false;
+        for _ in 0..3 {
+            if store
+                .reserve(std::slice::from_ref(&reserved), 1)
+                .await
+                .is_ok()
+            {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "no reservation answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "reservations waited {:?}: queued behind the dropped batch",
+            started.elapsed()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.pending_debits() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} pending",
+                store.pending_debits()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    for (c, tokens) in &debits {
+        let used: u64 = con.get(&*c.key).unwrap_or(0);
+        assert!(used >= *tokens, "{}: {used} of {tokens}: lost", c.key);
+    }
+}
+
+/// Buffered debits being written again when their runtime shut down go back in the buffer,
+/// and the next runtime writes them.
+#[test]
+fn a_flush_dropped_with_its_runtime_is_written_by_the_next() {
+    let mut server = RedisServer::start();
+    let store = store_with_breaker(&server, Duration::from_millis(500), 1000);
+    let c = fixed_window("{rt}:flush", 1_000, 60);
+    let first = runtime();
+    server.kill();
+    first.block_on(async { store.debit(std::slice::from_ref(&c), 9).await.unwrap() });
+    assert_eq!(store.pending_debits(), 1, "kept while Redis is down");
+    server.restart();
+    // Retried every 100 ms: the next retry takes the debit out of the buffer and waits for
+    // busy Redis (its 1 s write timeout outlasts the runtime).
+    let busy = server.busy_for(1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first);
+    busy.join().unwrap();
+    let mut con = server.client();
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Calls on this runtime (the first may fail: its connection died with the other).
+            let _ = store.check(std::slice::from_ref(&c)).await;
+            let used: Option<u64> = con.get(&*c.key).unwrap();
+            if used.is_some_and(|u| u >= 9) && store.pending_debits() == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{used:?} used, {} pending: the debit is not written",
+                store.pending_debits()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+/// A layer outlives the runtime it served on first (a test suite's shared app, a setup
+/// runtime): its settlement worker, dropped with that runtime, starts again on the next with
+/// what it had queued, and every request's debit reaches Redis.
+#[test]
+fn a_layer_keeps_debiting_after_the_runtime_it_served_on_shut_down() {
+    let server = RedisServer::start();
+    // Settlements after the first wait 10 s for the next write, or a flush.
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .settle_interval(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let limits = layer(
+        store.clone(),
+        "rt",
+        vec![
+            Rule::per_header("x-user")
+                .any_value()
+                .tokens_per_minute(10_000),
+        ],
+    );
+    let h = [("x-user", "u"), ("x-mock-tokens", "9")];
+    let k = "higress-token-ratelimit:{rt}:limit_by_per_header:60:x-user:u";
+    let mut con = server.client();
+    let used = |con: &mut redis::Connection| con.get::<_, Option<u64>>(k).unwrap();
+    runtime().block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        for _ in 0..2 {
+            assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while used(&mut con) != Some(9) {
+            assert!(Instant::now() < deadline, "{:?} used", used(&mut con));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(limits.pending_debits(), 1, "the second waits");
+    });
+    for round in 2..=3 {
+        runtime().block_on(async {
+            let addr = serve_chat(limits.clone()).await;
+            assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+            tokio::time::timeout(Duration::from_secs(5), limits.flush())
+                .await
+                .expect("settlements applied");
+            // A write on the connection the last runtime drove fails, and is retried.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while used(&mut con) != Some(9 * (round + 1)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: {:?} used, {} pending",
+                    used(&mut con),
+                    store.pending_debits()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+}

@@ -1,6 +1,6 @@
 //! The Redis store: counters shared by every replica, in standalone Redis or Redis Cluster.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -231,6 +231,31 @@ impl Recent {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs its closure when dropped, unless [`done`](Self::done): a background task dropped
+/// before it ends (its runtime shut down while the store lives on, as a layer shared by
+/// several runtimes does) puts right the state it was to put right at its end, so that the
+/// next runtime's calls find nothing stuck. Made before the task is spawned and moved into
+/// it: a task dropped before its first poll drops it too.
+struct Unfinished<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Unfinished<F> {
+    fn new(undo: F) -> Self {
+        Self(Some(undo))
+    }
+
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for Unfinished<F> {
+    fn drop(&mut self) {
+        if let Some(undo) = self.0.take() {
+            undo();
+        }
+    }
 }
 
 /// Where a [`RedisStore`] connects, and how it behaves when Redis fails.
@@ -750,7 +775,19 @@ impl Inner {
         if failures >= self.breaker_failures && !self.open.swap(true, Ordering::AcqRel) {
             telemetry::breaker_open("redis", true);
             tracing::error!(error = %error, failures, "redis failing: circuit breaker open, probing for its return");
-            tokio::spawn(probe(Arc::downgrade(self)));
+            // Dropped before Redis answers (its runtime shut down), the probe leaves the
+            // breaker closed: the next call tries Redis, and if that fails opens it again with
+            // a probe on its own runtime.
+            let inner = Arc::downgrade(self);
+            let unfinished = Unfinished::new({
+                let inner = inner.clone();
+                move || {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.open.store(false, Ordering::Release);
+                    }
+                }
+            });
+            tokio::spawn(probe(inner, unfinished));
         }
         Err((StoreError::new(error), late))
     }
@@ -931,24 +968,26 @@ impl Inner {
         // write that times out may have been applied all the same, and is then written again
         // from the buffer (counted twice).
         let timeout = self.timeout.max(WRITE_TIMEOUT);
+        let mut chunks = VecDeque::new();
+        for mut group in groups {
+            while !group.is_empty() {
+                let rest = group.split_off(group.len().min(MAX_KEYS_PER_SCRIPT));
+                chunks.push_back(group);
+                group = rest;
+            }
+        }
+        let mut unwritten = Unwritten(self, chunks);
         let mut failed = 0;
-        for group in groups {
-            for chunk in group.chunks(MAX_KEYS_PER_SCRIPT) {
-                let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
-                let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
-                if self
-                    .invoke_within::<i64>(timeout, script, &keys, &args)
-                    .await
-                    .is_err()
-                {
-                    failed += 1;
-                    self.buffer(
-                        chunk
-                            .iter()
-                            .filter(|w| w.3 > 0)
-                            .map(|w| (w.0.clone(), w.1, w.3)),
-                    );
-                }
+        while let Some(chunk) = unwritten.1.front() {
+            let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
+            let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
+            let written = self
+                .invoke_within::<i64>(timeout, script, &keys, &args)
+                .await
+                .is_ok();
+            if let Some(chunk) = unwritten.1.pop_front().filter(|_| !written) {
+                failed += 1;
+                self.buffer(kept(chunk));
             }
         }
         if failed > 0 {
@@ -969,6 +1008,14 @@ impl Inner {
         }
         let inner = Arc::downgrade(self);
         let interval = self.probe_interval;
+        let unfinished = Unfinished::new({
+            let inner = inner.clone();
+            move || {
+                if let Some(inner) = inner.upgrade() {
+                    inner.retrying.store(false, Ordering::Release);
+                }
+            }
+        });
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -980,6 +1027,7 @@ impl Inner {
                 }
                 // Cleared first: what is buffered from now on schedules its own retry.
                 inner.retrying.store(false, Ordering::Release);
+                unfinished.done();
                 // While the breaker is open, its probe writes them when Redis answers.
                 if !open && !lock(&inner.pending).is_empty() {
                     inner.spawn_flush();
@@ -993,10 +1041,19 @@ impl Inner {
         if self.flushing.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Dropped before it ends (its runtime shut down), what it took out of the buffer goes
+        // back in (see `Unwritten`), and the next flush can start.
+        let unfinished = Unfinished::new({
+            let inner = self.clone();
+            move || {
+                inner.rewriting.store(0, Ordering::Release);
+                inner.flushing.store(false, Ordering::Release);
+            }
+        });
         let inner = self.clone();
         tokio::spawn(async move {
             inner.flush_pending().await;
-            inner.flushing.store(false, Ordering::Release);
+            drop(unfinished);
         });
     }
 
@@ -1025,6 +1082,28 @@ impl Inner {
     }
 }
 
+/// The debits of writes kept for later when they fail: the extras (refunds are dropped, the
+/// conservative side).
+fn kept(chunk: Vec<KeyWrite>) -> impl Iterator<Item = Debit> {
+    chunk
+        .into_iter()
+        .filter(|w| w.3 > 0)
+        .map(|(key, params, _, tokens)| (key, params, tokens))
+}
+
+/// The writes of a [`write`](Inner::write) not yet answered. Dropped before they all are (the
+/// runtime shut down), they are kept as failed ones are: the one on its way may be applied all
+/// the same, as after a timeout.
+struct Unwritten<'a>(&'a Inner, VecDeque<Vec<KeyWrite>>);
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if !self.1.is_empty() {
+            self.0.buffer(self.1.drain(..).flat_map(kept));
+        }
+    }
+}
+
 /// Takes a check off the list of those on their way to Redis.
 struct Leave<'a>(&'a Inner, &'a CheckId);
 
@@ -1036,7 +1115,7 @@ impl Drop for Leave<'_> {
 
 /// Sends the reservations waiting in `group`, as many at once as are waiting (up to the
 /// script's limits), until none is left; each caller gets its part of the answer.
-async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
+async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>, unfinished: Unfinished<impl FnOnce()>) {
     loop {
         // Before cutting a batch, the tasks already woken (among them those the last answer
         // woke) run up to their own reservation: the load bench sends ~40 % fewer scripts, and
@@ -1045,6 +1124,7 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
         let batch: Vec<Waiting> = {
             let mut queues = lock(&inner.reserving);
             let Some(queue) = queues.get_mut(&group) else {
+                unfinished.done();
                 return;
             };
             // A caller gone before its turn (the request was dropped) reserves nothing.
@@ -1058,6 +1138,7 @@ async fn reserve_batches(inner: Arc<Inner>, group: Vec<u8>) {
             }
             if n == 0 {
                 queues.remove(&group);
+                unfinished.done();
                 return;
             }
             queue.drain(..n).collect()
@@ -1200,7 +1281,7 @@ fn settle_write(key: Arc<str>, p: [u64; 3], window_id: u64, delta: i64) -> KeyWr
 
 /// While the breaker is open: PING on a fresh connection every probe interval; on an answer,
 /// close the breaker and write what was buffered.
-async fn probe(inner: Weak<Inner>) {
+async fn probe(inner: Weak<Inner>, unfinished: Unfinished<impl FnOnce()>) {
     loop {
         let Some(interval) = inner.upgrade().map(|i| i.probe_interval) else {
             return;
@@ -1214,6 +1295,7 @@ async fn probe(inner: Weak<Inner>) {
         };
         match tokio::time::timeout(inner.timeout, ping).await {
             Ok(Ok(())) => {
+                unfinished.done();
                 inner.failures.store(0, Ordering::Release);
                 inner.open.store(false, Ordering::Release);
                 telemetry::breaker_open("redis", false);
@@ -1400,7 +1482,17 @@ impl Store for RedisStore {
                 }
             };
             if first {
-                tokio::spawn(reserve_batches(inner.clone(), group));
+                // Dropped before its queue is empty (its runtime shut down), the task takes
+                // the queue away: its callers are answered with an error (the failure mode
+                // applies), and the next reservation starts a queue of its own instead of
+                // waiting behind this one for good.
+                let unfinished = Unfinished::new({
+                    let (inner, group) = (inner.clone(), group.clone());
+                    move || {
+                        lock(&inner.reserving).remove(&group);
+                    }
+                });
+                tokio::spawn(reserve_batches(inner.clone(), group, unfinished));
             }
             // However many batches queue ahead (Redis slow, each call within its timeout), the
             // caller waits for one batch ahead and its own at most, then the failure mode
