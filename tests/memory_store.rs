@@ -78,3 +78,38 @@ async fn a_full_store_still_reserves_all_counters_or_none() {
 async fn a_sliding_refund_after_the_window_rolled_comes_off_the_previous_window() {
     stores::a_sliding_refund_after_the_window_rolled(&MemoryStore::new(), "s").await;
 }
+
+/// A store outlives the runtime it was first used on, even one that never ran its sweeper
+/// (a current-thread runtime whose only work was a debit): the next runtime's use starts one.
+#[test]
+fn the_sweeper_starts_again_on_the_next_runtime() {
+    let store = MemoryStore::new();
+    let counter = |key: &str| Counter {
+        key: key.into(),
+        limit: 10,
+        window: Duration::from_secs(1),
+        algorithm: Algorithm::FixedWindow,
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    runtime()
+        .block_on(async { store.debit(&[counter("first")], 1).await })
+        .unwrap();
+    runtime().block_on(async {
+        store.debit(&[counter("second")], 1).await.unwrap();
+        assert_eq!(store.len(), 2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !store.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} expired counters kept: no sweeper runs",
+                store.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

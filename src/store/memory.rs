@@ -204,22 +204,28 @@ impl MemoryStore {
         if self.inner.sweeper_running.swap(true, Ordering::AcqRel) {
             return;
         }
-        handle.spawn(sweeper(Arc::downgrade(&self.inner)));
+        // Made before the task is spawned: a task dropped before its first poll (its runtime
+        // shut down) drops it too.
+        let running = Running(Arc::downgrade(&self.inner));
+        handle.spawn(sweeper(running));
+    }
+}
+
+/// Marks the sweeper stopped when it is dropped.
+struct Running(Weak<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper_running.store(false, Ordering::Release);
+        }
     }
 }
 
 /// Runs until the store is dropped (or the runtime shuts down, after which the next use of the
 /// store on a runtime starts a new one).
-async fn sweeper(store: Weak<Inner>) {
-    struct Running(Weak<Inner>);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(inner) = self.0.upgrade() {
-                inner.sweeper_running.store(false, Ordering::Release);
-            }
-        }
-    }
-    let _running = Running(store.clone());
+async fn sweeper(running: Running) {
+    let store = running.0.clone();
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
