@@ -2086,3 +2086,69 @@ fn a_layer_keeps_debiting_after_the_runtime_it_served_on_shut_down() {
         });
     }
 }
+
+/// A counter's key holding a value of another type (written by hand, or by another program)
+/// fails that counter alone: the other counters of the same script are written once (not again
+/// with every retry), a request on it gets the failure mode, nothing of a reservation on it
+/// stays charged, and the breaker (which is for Redis failing) stays closed.
+#[tokio::test]
+async fn a_key_of_another_type_fails_its_counter_alone() {
+    let server = RedisServer::start();
+    let store = store_with_breaker(&server, Duration::from_secs(5), 2);
+    let mut con = server.client();
+    // A hash where a fixed window's number belongs, and text where a sliding window's hash does.
+    con.hset::<_, _, _, ()>("{w}:hash", "f", "v").unwrap();
+    con.set::<_, _, ()>("{w}:text", "abc").unwrap();
+    let fixed = |key: &str| fixed_window(key, 1_000, 60);
+    let sliding = Counter {
+        algorithm: Algorithm::SlidingWindow,
+        ..fixed("{w}:text")
+    };
+    for _ in 0..3 {
+        store
+            .debit_many(vec![
+                (fixed("{w}:a"), 5),
+                (fixed("{w}:hash"), 5),
+                (sliding.clone(), 5),
+                (fixed("{w}:b"), 5),
+            ])
+            .await
+            .unwrap();
+    }
+    // A retry would come every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(con.get::<_, u64>("{w}:a").unwrap(), 15);
+    assert_eq!(con.get::<_, u64>("{w}:b").unwrap(), 15);
+    assert_eq!(con.hget::<_, _, String>("{w}:hash", "f").unwrap(), "v");
+    assert_eq!(con.get::<_, String>("{w}:text").unwrap(), "abc");
+    assert_eq!(store.pending_debits(), 0, "not retried");
+    assert_eq!(store.dropped_debits(), 6, "counted as dropped");
+
+    let error = store
+        .check(&[fixed("{w}:a"), fixed("{w}:hash")])
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("{w}:hash"), "{error}");
+    assert_eq!(store.check(&[fixed("{w}:b")]).await.unwrap()[0].used, 15);
+
+    // In one script: the reservation on the bad key fails after charging `{w}:c`, which is
+    // taken back; the others are made.
+    let (first, bad, last) = tokio::join!(
+        store.reserve(&[fixed("{w}:a")], 1),
+        store.reserve(&[fixed("{w}:c"), fixed("{w}:hash"), sliding.clone()], 1),
+        store.reserve(&[fixed("{w}:b")], 1),
+    );
+    assert!(first.unwrap().windows.is_some());
+    assert!(last.unwrap().windows.is_some());
+    let error = bad.unwrap_err();
+    assert!(error.to_string().contains("{w}:hash"), "{error}");
+    assert_eq!(con.get::<_, Option<u64>>("{w}:c").unwrap(), None);
+    assert_eq!(con.get::<_, u64>("{w}:a").unwrap(), 16);
+
+    store
+        .settle(&[fixed("{w}:hash")], &[0], 1, 9)
+        .await
+        .unwrap();
+    assert_eq!(con.hget::<_, _, String>("{w}:hash", "f").unwrap(), "v");
+    assert!(!store.breaker_open(), "Redis answered every call");
+}

@@ -629,7 +629,8 @@ impl RedisStore {
         lock(&self.inner.pending).len() + self.inner.rewriting.load(Ordering::Acquire)
     }
 
-    /// Debits dropped because the pending buffer was full.
+    /// Debits dropped: the pending buffer was full, or a counter's key holds a value of another
+    /// type (written by someone else), which the store leaves as it is.
     pub fn dropped_debits(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
@@ -981,19 +982,46 @@ impl Inner {
         while let Some(chunk) = unwritten.1.front() {
             let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
             let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
-            let written = self
-                .invoke_within::<i64>(timeout, script, &keys, &args)
-                .await
-                .is_ok();
-            if let Some(chunk) = unwritten.1.pop_front().filter(|_| !written) {
-                failed += 1;
-                self.buffer(kept(chunk));
+            let answer = self
+                .invoke_within::<Vec<usize>>(timeout, script, &keys, &args)
+                .await;
+            let Some(chunk) = unwritten.1.pop_front() else {
+                break;
+            };
+            match answer {
+                Ok(refused) => self.refused(&chunk, &refused),
+                Err(_) => {
+                    failed += 1;
+                    self.buffer(kept(chunk));
+                }
             }
         }
         if failed > 0 {
             self.retry_later();
         }
         failed
+    }
+
+    /// Drops the writes of `chunk` whose keys Redis could not count on (at positions `refused`,
+    /// from 1, as the scripts answer): a value of another type under them, written by someone
+    /// else. They are not retried (they would fail again).
+    fn refused(&self, chunk: &[KeyWrite], refused: &[usize]) {
+        let keys: Vec<&str> = refused
+            .iter()
+            .filter_map(|i| chunk.get(i.wrapping_sub(1)))
+            .inspect(|w| {
+                if w.3 > 0 {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .map(|w| &*w.0)
+            .collect();
+        if !keys.is_empty() {
+            tracing::error!(
+                keys = ?keys,
+                "redis keys hold values of another type than their counters': their writes are dropped (delete the keys to count on them again)"
+            );
+        }
     }
 
     /// Writes the buffered debits again after a probe interval. A successful call writes them
@@ -1191,6 +1219,14 @@ fn hand_out(inner: &Arc<Inner>, batch: Vec<Waiting>, values: &[i64]) {
     for w in batch {
         let (part, after) = rest.split_at(1 + 3 * w.keys.len());
         rest = after;
+        // Failed on its key `part[0] - 2` (taken back in the script).
+        if let Some(key) = usize::try_from(part[0].saturating_sub(2))
+            .ok()
+            .and_then(|i| w.keys.get(i))
+        {
+            let _ = w.answer.send(Err(foreign_value(key)));
+            continue;
+        }
         let reservation = parse_reserve(part, &w.params);
         if reservation.windows.is_some() {
             inner.note_debits(w.keys.iter().map(|key| (key, clamp(w.amount))));
@@ -1324,12 +1360,23 @@ fn parse_check(values: &[Value], counters: &[Counter]) -> Result<Vec<CounterStat
             i64::from_redis_value_ref(&pair[0]).map_err(|e| StoreError::new(e.to_string()))?;
         let pttl: i64 =
             i64::from_redis_value_ref(&pair[1]).map_err(|e| StoreError::new(e.to_string()))?;
+        if pttl == -1 {
+            return Err(foreign_value(&c.key));
+        }
         out.push(CounterStatus {
             used: u64::try_from(used).unwrap_or(0),
             reset: u64::try_from(pttl).map_or(c.window, Duration::from_millis),
         });
     }
     Ok(out)
+}
+
+/// The error for a counter whose key holds a value of another type than the counter's.
+fn foreign_value(key: &str) -> StoreError {
+    StoreError::new(format!(
+        "redis key {key} holds a value of another type than its counter's: left as it is \
+         (delete it to count on it again)"
+    ))
 }
 
 /// One reservation's part of the reserve script's answer; `params` are its counters'

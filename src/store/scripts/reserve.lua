@@ -3,14 +3,34 @@
 -- its keys (the next ones in KEYS), then for each key its algorithm, window (s) and limit.
 -- An amount fits a counter whose budget is not spent and that is either empty (an oversized
 -- request gets one turn per window) or has room for it.
--- Returns, as a MessagePack array of integers, per reservation: 1 if reserved else 0, then
--- per key: tokens used before it, milliseconds until its budget frees, and the window id the
+-- Returns, as a MessagePack array of integers, per reservation: 1 if reserved, 0 if refused,
+-- 2 + i if it failed on its i-th key (from 0; a value of another type under it), then per key:
+-- tokens used before it, milliseconds until its budget frees, and the window id the
 -- reservation went into (0 when refused).
 --
 -- A fixed window is reserved on first and checked after: INCRBY answers the tokens used before
 -- it, and a reservation that does not fit is taken back (DECRBY, or DEL of a key it created)
 -- before the script ends, so no one sees it. Two calls per counter where reading first takes
 -- three, and Lua's calls into Redis are most of a reservation's cost.
+
+-- One counter of a reservation: tokens used before it, milliseconds until its budget frees,
+-- its window id (a fixed window's PEXPIRETIME; false when it has none or is not fixed), and
+-- whether the amount is added already (a fixed window is reserved on first, checked after).
+local function look(key, algo, window, limit, amount)
+  if algo == 1 and amount > 0 then
+    local u = redis.call('INCRBY', key, amount) - amount
+    local at = redis.call('PEXPIRETIME', key)
+    if at < 0 then return u, window * 1000, false, true end
+    return u, math.max(0, at - now_ms()), at, true
+  end
+  if algo == 1 then
+    local u, r, id = fixed_state(key, window)
+    return u, r, id or false, false
+  end
+  local u, r = state(key, algo, window, limit)
+  return u, r, false, false
+end
+
 local out, n = {}, 0
 -- Per counter of the current reservation (reused from one to the next).
 local used, reset, ids, tried, algos, windows, limits = {}, {}, {}, {}, {}, {}, {}
@@ -18,38 +38,27 @@ local a, k = 2, 1
 for _ = 1, tonumber(ARGV[1]) do
   local amount, count = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local fits = true
+  -- broken: the counter whose key holds a value of another type (nothing of it is written).
+  local fits, broken = true, nil
   for i = 0, count - 1 do
     local algo, window, limit = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     a = a + 3
     algos[i], windows[i], limits[i] = algo, window, limit
-    local key = KEYS[k + i]
-    local u
-    -- ids[i]: the fixed window's id (PEXPIRETIME), false when it has no expiry or is not fixed.
-    tried[i] = algo == 1 and amount > 0
-    if tried[i] then
-      u = redis.call('INCRBY', key, amount) - amount
-      local at = redis.call('PEXPIRETIME', key)
-      if at < 0 then
-        reset[i], ids[i] = window * 1000, false
-      else
-        reset[i], ids[i] = math.max(0, at - now_ms()), at
-      end
-    elseif algo == 1 then
-      local r, id
-      u, r, id = fixed_state(key, window)
-      reset[i], ids[i] = r, id or false
-    else
-      u, reset[i] = state(key, algo, window, limit)
-      ids[i] = false
+    local ok = false
+    if not broken then
+      ok, used[i], reset[i], ids[i], tried[i] = pcall(look, KEYS[k + i], algo, window, limit, amount)
     end
-    used[i] = u
-    if u >= limit or (u > 0 and u + amount > limit) then
+    if not ok then
+      broken = broken or i
+      used[i], reset[i], ids[i], tried[i] = 0, 0, false, false
+      fits = false
+    elseif used[i] >= limit or (used[i] > 0 and used[i] + amount > limit) then
       fits = false
     end
   end
   n = n + 1
-  out[n] = fits and 1 or 0
+  -- A reservation that failed is taken back as one refused.
+  out[n] = broken and 2 + broken or (fits and 1 or 0)
   for i = 0, count - 1 do
     local key, wid = KEYS[k + i], 0
     if fits then

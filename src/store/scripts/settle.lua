@@ -6,8 +6,12 @@
 -- window (s), limit and reservation window id of KEYS[i], then the tokens to refund and the
 -- tokens to add (one of them 0): one request's settlement, or many merged per counter and
 -- window.
+-- Returns the positions in KEYS of the keys that failed, as the debit script does.
+local failed = {}
 for i, key in ipairs(KEYS) do
   local a = 6 * i
-  add(key, tonumber(ARGV[a - 5]), tonumber(ARGV[a - 4]), tonumber(ARGV[a - 3]), tonumber(ARGV[a]) - tonumber(ARGV[a - 1]), tonumber(ARGV[a - 2]))
+  if not pcall(add, key, tonumber(ARGV[a - 5]), tonumber(ARGV[a - 4]), tonumber(ARGV[a - 3]), tonumber(ARGV[a]) - tonumber(ARGV[a - 1]), tonumber(ARGV[a - 2])) then
+    failed[#failed + 1] = i
+  end
 end
-return #KEYS
+return failed
