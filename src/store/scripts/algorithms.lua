@@ -17,6 +17,18 @@ local function now_ms()
   return time_ms
 end
 
+-- After a counter's work failed under pcall: whether it failed because its key holds a value
+-- of another type than the counter's (set by hand, or by another program; nothing of the
+-- counter is written then, since each fails on its first command that touches the value). Any
+-- other error (Redis refusing a command) stops the script, as it would without pcall.
+local function foreign(e)
+  local msg = type(e) == 'table' and e.err or tostring(e)
+  if string.find(msg, 'WRONGTYPE', 1, true) or string.find(msg, 'not an integer', 1, true) then
+    return true
+  end
+  error(e)
+end
+
 -- A count or a time as an integer the answer can carry: past 2^53 (a debt of 2^50 tokens
 -- drains for longer than that many ms on a slow bucket) Lua's numbers are not exact, and
 -- MessagePack would pack a float the client refuses.

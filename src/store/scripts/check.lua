@@ -6,7 +6,7 @@
 local out = {}
 for i, key in ipairs(KEYS) do
   local ok, used, reset = pcall(state, key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i]))
-  if not ok then used, reset = 0, -1 end
+  if not ok and foreign(used) then used, reset = 0, -1 end
   out[2 * i - 1] = used
   out[2 * i] = reset
 end

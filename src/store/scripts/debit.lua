@@ -7,7 +7,8 @@
 -- which are left as they are; the others are written all the same.
 local failed = {}
 for i, key in ipairs(KEYS) do
-  if not pcall(add, key, tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i - 3]), nil) then
+  local ok, e = pcall(add, key, tonumber(ARGV[4 * i - 2]), tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i - 3]), nil)
+  if not ok and foreign(e) then
     failed[#failed + 1] = i
   end
 end

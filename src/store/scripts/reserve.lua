@@ -47,6 +47,7 @@ for _ = 1, tonumber(ARGV[1]) do
     local ok = false
     if not broken then
       ok, used[i], reset[i], ids[i], tried[i] = pcall(look, KEYS[k + i], algo, window, limit, amount)
+      if not ok then foreign(used[i]) end
     end
     if not ok then
       broken = broken or i

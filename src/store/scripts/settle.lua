@@ -10,7 +10,8 @@
 local failed = {}
 for i, key in ipairs(KEYS) do
   local a = 6 * i
-  if not pcall(add, key, tonumber(ARGV[a - 5]), tonumber(ARGV[a - 4]), tonumber(ARGV[a - 3]), tonumber(ARGV[a]) - tonumber(ARGV[a - 1]), tonumber(ARGV[a - 2])) then
+  local ok, e = pcall(add, key, tonumber(ARGV[a - 5]), tonumber(ARGV[a - 4]), tonumber(ARGV[a - 3]), tonumber(ARGV[a]) - tonumber(ARGV[a - 1]), tonumber(ARGV[a - 2]))
+  if not ok and foreign(e) then
     failed[#failed + 1] = i
   end
 end
