@@ -513,6 +513,14 @@ fn start(
     store.debit(&s.counters, s.tokens)
 }
 
+/// Whether `headers` (a response's, or its trailers) end a gRPC call with an error: a
+/// `grpc-status` other than 0 (OK).
+fn grpc_error(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() != b"0")
+}
+
 /// Follows one admitted request to its end and settles it exactly once: with the usage the
 /// response reported, or an estimate when none arrived.
 pub(crate) struct Meter {
@@ -568,7 +576,9 @@ impl Meter {
 
     /// Looks at the response head: what format to scan, and whether it is an error.
     pub(crate) fn on_response(&mut self, head: &http::response::Parts) {
-        self.error_status = head.status.is_client_error() || head.status.is_server_error();
+        self.error_status = head.status.is_client_error()
+            || head.status.is_server_error()
+            || grpc_error(&head.headers);
         if let Some(e) = &self.shared.extractor {
             self.reported = e.in_headers(&head.headers);
         }
@@ -616,6 +626,10 @@ impl Meter {
     }
 
     pub(crate) fn on_trailers(&mut self, trailers: &http::HeaderMap) {
+        // A gRPC call refused before any message, as a trailers-only response is.
+        if self.response_bytes == 0 && grpc_error(trailers) {
+            self.error_status = true;
+        }
         if let Some(u) = self
             .shared
             .extractor

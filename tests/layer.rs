@@ -1749,3 +1749,72 @@ async fn flush_waits_for_earlier_settlements_whatever_finishes_first() {
     flush.await.unwrap();
     assert_eq!(memory.used(&key("global_threshold:60")), 50);
 }
+
+/// One gRPC call through the layer (a 400-byte request from `user`): the response has
+/// `grpc-status` in its head if `in_head`, one message if `message`, and `grpc-status` in
+/// its trailers if `in_trailers`. No usage is reported.
+async fn grpc_call(
+    limits: &TokenRateLimitLayer,
+    user: &str,
+    in_head: Option<&'static str>,
+    message: bool,
+    in_trailers: Option<&'static str>,
+) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let svc = tower::service_fn(move |_req: Request<Body>| async move {
+        let mut frames = Vec::new();
+        if message {
+            frames.push(Ok::<_, std::convert::Infallible>(Frame::data(
+                Bytes::from_static(b"\x00\x00\x00\x00\x05hello"),
+            )));
+        }
+        if let Some(status) = in_trailers {
+            let mut trailers = axum::http::HeaderMap::new();
+            trailers.insert("grpc-status", status.parse().unwrap());
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        let mut response =
+            axum::http::Response::builder().header("content-type", "application/grpc");
+        if let Some(status) = in_head {
+            response = response.header("grpc-status", status);
+        }
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        Ok::<_, std::convert::Infallible>(response.body(body).unwrap())
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(limits.clone())
+        .service(svc);
+    let req = Request::post("/pkg.Svc/Call")
+        .header("x-user", user)
+        .header("content-type", "application/grpc")
+        .body(Body::from(vec![0u8; 400]))
+        .unwrap();
+    let response = svc.oneshot(req).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    limits.flush().await;
+}
+
+/// A gRPC call the upstream refuses (a non-zero `grpc-status` before any message: in a
+/// trailers-only response, or in trailers after none) is charged nothing, as an HTTP error
+/// status is; one that fails after a message, or ends well without reporting usage, is
+/// charged the estimate, as an HTTP stream cut short is.
+#[tokio::test]
+async fn grpc_calls_refused_upstream_are_charged_nothing() {
+    let store = MemoryStore::new();
+    let limits = layer(&store, vec![per_user(100_000)]);
+    let used = |user: &str| store.used(&key(&format!("limit_by_per_header:60:x-user:{user}")));
+    grpc_call(&limits, "head", Some("3"), false, None).await;
+    assert_eq!(used("head"), 0, "trailers-only INVALID_ARGUMENT");
+    grpc_call(&limits, "trailers", None, false, Some("7")).await;
+    assert_eq!(used("trailers"), 0, "PERMISSION_DENIED before any message");
+    grpc_call(&limits, "late", None, true, Some("13")).await;
+    assert!(
+        used("late") >= 100,
+        "INTERNAL after a message: {}",
+        used("late")
+    );
+    grpc_call(&limits, "ok", None, true, Some("0")).await;
+    assert!(used("ok") >= 100, "OK without usage: {}", used("ok"));
+}
