@@ -50,6 +50,13 @@ fn store_with_breaker(server: &RedisServer, timeout: Duration, failures: u32) ->
         .unwrap()
 }
 
+/// A per-user limit: every value of `x-user` gets `tokens_per_minute`.
+fn per_user(tokens_per_minute: u64) -> Rule {
+    Rule::per_header("x-user")
+        .any_value()
+        .tokens_per_minute(tokens_per_minute)
+}
+
 fn layer(store: RedisStore, rule_name: &str, rules: Vec<Rule>) -> TokenRateLimitLayer {
     rules
         .into_iter()
@@ -78,9 +85,7 @@ async fn counters_use_the_higress_key_layout() {
         "llm",
         vec![
             Rule::global().tokens_per_hour(1_000_000),
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
+            per_user(1000),
             Rule::per_header("authorization")
                 .any_value()
                 .tokens_per_minute(5_000)
@@ -137,11 +142,7 @@ async fn two_replicas_sharing_redis_enforce_one_budget() {
         layer(
             RedisStore::from_url(server.url()).unwrap(),
             "shared",
-            vec![
-                Rule::per_header("x-user")
-                    .any_value()
-                    .tokens_per_minute(500),
-            ],
+            vec![per_user(500)],
         )
     };
     let (l1, l2) = (replica(), replica());
@@ -181,11 +182,7 @@ async fn scripts_are_reloaded_after_script_flush() {
     let limits = layer(
         RedisStore::from_url(server.url()).unwrap(),
         "r",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
-        ],
+        vec![per_user(1000)],
     );
     let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "10")];
@@ -215,11 +212,7 @@ async fn a_key_without_ttl_is_repaired() {
     let limits = layer(
         RedisStore::from_url(server.url()).unwrap(),
         "r",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
-        ],
+        vec![per_user(1000)],
     );
     let addr = serve_chat(limits.clone()).await;
     send(
@@ -246,9 +239,7 @@ async fn two_script_calls_per_request_and_no_ping() {
         "r",
         vec![
             Rule::global().tokens_per_minute(u64::MAX / 2),
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(u64::MAX / 2),
+            per_user(u64::MAX / 2),
         ],
     );
     let addr = serve_chat(limits.clone()).await;
@@ -307,12 +298,7 @@ async fn the_same_on_a_three_master_cluster() {
                 .build()
                 .unwrap(),
             "cl",
-            vec![
-                Rule::global().tokens_per_minute(100_000),
-                Rule::per_header("x-user")
-                    .any_value()
-                    .tokens_per_minute(300),
-            ],
+            vec![Rule::global().tokens_per_minute(100_000), per_user(300)],
         )
     };
     let (l1, l2) = (replica(), replica());
@@ -412,15 +398,7 @@ async fn a_cluster_master_failover_loses_no_debit() {
         .breaker(3, Duration::from_millis(100))
         .build()
         .unwrap();
-    let limits = layer(
-        store.clone(),
-        "fo",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(100_000),
-        ],
-    );
+    let limits = layer(store.clone(), "fo", vec![per_user(100_000)]);
     let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "10")];
     let key = "higress-token-ratelimit:{fo}:limit_by_per_header:60:x-user:u";
@@ -533,15 +511,7 @@ async fn a_cluster_master_failover_loses_no_debit() {
 async fn a_failed_debit_is_retried_without_further_traffic() {
     let mut server = RedisServer::start();
     let store = store_with_breaker(&server, Duration::from_millis(100), 1000);
-    let limits = layer(
-        store.clone(),
-        "rt",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        ],
-    );
+    let limits = layer(store.clone(), "rt", vec![per_user(10_000)]);
     let addr = serve_chat(limits.clone()).await;
     server.kill();
     let h = [("x-user", "u"), ("x-mock-tokens", "9")];
@@ -570,15 +540,7 @@ async fn a_failed_debit_is_retried_without_further_traffic() {
 async fn redis_killed_fail_open_then_recovers_with_buffered_debits() {
     let mut server = RedisServer::start();
     let store = store_with_breaker(&server, Duration::from_millis(50), 3);
-    let limits = layer(
-        store.clone(),
-        "f",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        ],
-    );
+    let limits = layer(store.clone(), "f", vec![per_user(10_000)]);
     let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "u"), ("x-mock-tokens", "7")];
     assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
@@ -649,11 +611,7 @@ async fn redis_down_fail_closed_answers_503() {
     let limits = TokenRateLimitLayer::builder()
         .redis(RedisStore::from_url(server.url()).unwrap())
         .failure_mode(FailureMode::Closed)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
-        )
+        .rule(per_user(1000))
         .build()
         .unwrap();
     let addr = serve_chat(limits.clone()).await;
@@ -676,11 +634,7 @@ async fn redis_down_fail_local_keeps_limits_per_process() {
     let limits = TokenRateLimitLayer::builder()
         .redis(RedisStore::from_url(server.url()).unwrap())
         .failure_mode(FailureMode::Local)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(250),
-        )
+        .rule(per_user(250))
         .build()
         .unwrap();
     let addr = serve_chat(limits.clone()).await;
@@ -718,11 +672,7 @@ async fn local_reservations_charged_an_estimate_reach_redis_once_it_is_back() {
         .rule_name("l")
         .mode(Mode::Reserve)
         .failure_mode(FailureMode::Local)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1_000_000),
-        )
+        .rule(per_user(1_000_000))
         .redis(store.clone())
         .build()
         .unwrap();
@@ -762,11 +712,7 @@ async fn local_reservations_charged_an_estimate_reach_redis_once_it_is_back() {
 async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
     let server = RedisServer::start_with_password("right");
     let store = RedisStore::from_url(format!("redis://:wrong@127.0.0.1:{}", server.port)).unwrap();
-    let limits = layer(
-        store,
-        "p",
-        vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
-    );
+    let limits = layer(store, "p", vec![per_user(10)]);
     let addr = serve_chat(limits.clone()).await;
     let t = Instant::now();
     assert_eq!(
@@ -785,11 +731,7 @@ async fn wrong_password_and_hung_redis_fail_fast_with_a_clear_error() {
         }
     });
     let store = RedisStore::from_url(format!("redis://127.0.0.1:{hung_port}")).unwrap();
-    let limits = layer(
-        store.clone(),
-        "h",
-        vec![Rule::per_header("x-user").any_value().tokens_per_minute(10)],
-    );
+    let limits = layer(store.clone(), "h", vec![per_user(10)]);
     let addr = serve_chat(limits.clone()).await;
     for _ in 0..5 {
         let t = Instant::now();
@@ -1169,15 +1111,7 @@ async fn rediss_urls_connect_over_tls() {
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let limits = layer(
-        store.clone(),
-        "tls",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(150),
-        ],
-    );
+    let limits = layer(store.clone(), "tls", vec![per_user(150)]);
     let addr = serve_chat(limits.clone()).await;
     let h = [("x-user", "t"), ("x-mock-tokens", "100")];
     for expected in [
@@ -1195,15 +1129,7 @@ async fn rediss_urls_connect_over_tls() {
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let limits = layer(
-        strict.clone(),
-        "tls2",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(150),
-        ],
-    );
+    let limits = layer(strict.clone(), "tls2", vec![per_user(150)]);
     let addr = serve_chat(limits.clone()).await;
     // Fail open: served, but no budget could be read.
     let r = send(addr, CHAT, &h, STREAM).await;
@@ -1479,11 +1405,7 @@ async fn an_existing_deadpool_pool_can_be_used() {
     let limits = TokenRateLimitLayer::builder()
         .rule_name("pool")
         .redis(pool)
-        .rule(
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(1000),
-        )
+        .rule(per_user(1000))
         .build()
         .unwrap();
     let addr = serve_chat(limits.clone()).await;
@@ -2040,15 +1962,7 @@ fn a_layer_keeps_debiting_after_the_runtime_it_served_on_shut_down() {
         .settle_interval(Duration::from_secs(10))
         .build()
         .unwrap();
-    let limits = layer(
-        store.clone(),
-        "rt",
-        vec![
-            Rule::per_header("x-user")
-                .any_value()
-                .tokens_per_minute(10_000),
-        ],
-    );
+    let limits = layer(store.clone(), "rt", vec![per_user(10_000)]);
     let h = [("x-user", "u"), ("x-mock-tokens", "9")];
     let k = "higress-token-ratelimit:{rt}:limit_by_per_header:60:x-user:u";
     let mut con = server.client();
