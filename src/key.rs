@@ -176,7 +176,14 @@ impl KeySource {
         cx: &ExtractContext<'_>,
     ) -> Option<KeyValue<'a>> {
         match self {
-            KeySource::Header(name) => header_value(req.headers, name),
+            KeySource::Header(name) => header_value(req.headers, name).or_else(|| {
+                // HTTP/2 and 3 carry the host as `:authority`, which hyper puts in the URI: a
+                // rule on `host` must not miss every h2 request.
+                (name == http::header::HOST)
+                    .then(|| req.uri.authority())
+                    .flatten()
+                    .map(|a| text(Cow::Borrowed(a.as_str())))
+            }),
             KeySource::Param(name) => param_value(req.uri.query()?, name),
             KeySource::Cookie(name) => cookie_value(req.headers, name),
             KeySource::Consumer => {

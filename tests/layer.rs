@@ -1818,3 +1818,43 @@ async fn grpc_calls_refused_upstream_are_charged_nothing() {
     grpc_call(&limits, "ok", None, true, Some("0")).await;
     assert!(used("ok") >= 100, "OK without usage: {}", used("ok"));
 }
+
+/// Over HTTP/2 the host is the `:authority` pseudo-header, which hyper puts in the URI, and no
+/// `host` header carries it: a rule on `host` limits such requests as it does HTTP/1.1 ones.
+#[tokio::test]
+async fn a_host_rule_reads_the_authority_of_http2_requests() {
+    let store = MemoryStore::new();
+    let limits = layer(
+        &store,
+        vec![Rule::per_header("host").any_value().tokens_per_minute(150)],
+    );
+    let app = Router::new()
+        .route(CHAT, post(mock_chat))
+        .layer(limits.clone());
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        // As hyper hands an HTTP/2 request over: the authority in the URI, no `host` header.
+        let request = Request::post("http://tenant-a.example/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(STREAM))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        statuses.push(response.status());
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        limits.flush().await;
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(
+        store.used(&key("limit_by_per_header:60:host:tenant-a.example")),
+        200
+    );
+}
