@@ -129,12 +129,50 @@ struct Stats {
     running: AtomicBool,
 }
 
+/// Starts the settlement worker with what the last one left (its channel's receiving end and
+/// what it had taken from it), unless one runs: on the current tokio runtime, or on a thread
+/// of its own when there is none or `own_thread`. A worker dropped with its runtime is so
+/// started again by the next send or flush, or at once on a thread of its own when it leaves
+/// settlements to write (see [`Worker`]'s `Drop`).
+fn resume(stats: &Arc<Stats>, own_thread: bool) {
+    if stats.running.load(Ordering::Acquire) {
+        return;
+    }
+    // Taken by one caller only.
+    let Some(state) = lock(&stats.parked).take() else {
+        return;
+    };
+    stats.running.store(true, Ordering::Release);
+    let worker = work(stats.clone(), state);
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if !own_thread => {
+            handle.spawn(worker);
+        }
+        _ => {
+            let spawned = std::thread::Builder::new()
+                .name("token-ratelimit-settle".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(worker),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start the settlement runtime")
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the settlement thread");
+            }
+        }
+    }
+}
+
 /// The sending side of the settlement worker.
 pub(crate) struct Settler {
     tx: mpsc::UnboundedSender<Settlement>,
     stats: Arc<Stats>,
-    store: Arc<dyn Store>,
-    fallback: Option<MemoryStore>,
 }
 
 impl Settler {
@@ -146,61 +184,20 @@ impl Settler {
         let stats = Arc::new(Stats::default());
         *lock(&stats.parked) = Some(Worker {
             stats: Arc::downgrade(&stats),
+            store,
+            fallback,
             rx,
             queued: Queued::default(),
             batch_seqs: Vec::new(),
             held_seqs: HashMap::new(),
         });
-        let settler = Self {
-            tx,
-            stats,
-            store,
-            fallback,
-        };
-        settler.resume();
-        settler
+        resume(&stats, false);
+        Self { tx, stats }
     }
 
-    /// Starts a worker, as [`start`](Self::start) does, with what the last one left, unless
-    /// one runs: a worker dropped with its runtime is started again on the next.
+    /// Starts the worker again if it was dropped with its runtime (see [`resume`]).
     fn resume(&self) {
-        if self.stats.running.load(Ordering::Acquire) {
-            return;
-        }
-        // Taken by one caller only.
-        let Some(state) = lock(&self.stats.parked).take() else {
-            return;
-        };
-        self.stats.running.store(true, Ordering::Release);
-        let worker = work(
-            self.store.clone(),
-            self.fallback.clone(),
-            self.stats.clone(),
-            state,
-        );
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(worker);
-            }
-            Err(_) => {
-                let spawned = std::thread::Builder::new()
-                    .name("token-ratelimit-settle".into())
-                    .spawn(move || {
-                        match tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                        {
-                            Ok(rt) => rt.block_on(worker),
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot start the settlement runtime")
-                            }
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cannot start the settlement thread");
-                }
-            }
-        }
+        resume(&self.stats, false);
     }
 
     fn send(&self, mut settlement: Settlement) {
@@ -243,6 +240,8 @@ impl Settler {
                 return;
             }
             notified.await;
+            // Woken by a worker dropped with its runtime: what it left is written by the next.
+            self.resume();
         }
     }
 }
@@ -295,13 +294,10 @@ impl Stats {
 /// (unless a flush is waiting, the queue is full or the layer is gone), so under load one write
 /// carries many requests' settlements. Settlements of reservations taken in the local fallback
 /// store go one by one, up to [`MAX_IN_FLIGHT`] at once.
-async fn work(
-    store: Arc<dyn Store>,
-    fallback: Option<MemoryStore>,
-    stats: Arc<Stats>,
-    mut state: Worker,
-) {
+async fn work(stats: Arc<Stats>, mut state: Worker) {
     let Worker {
+        store,
+        fallback,
         rx,
         queued,
         batch_seqs,
@@ -346,7 +342,7 @@ async fn work(
         while settling.len() < MAX_IN_FLIGHT
             && let Some(s) = queued.held.pop_front()
         {
-            let write = start(&store, fallback.as_ref(), &s);
+            let write = start(store, fallback.as_ref(), &s);
             let seq = s.seq;
             let task = settling.spawn(async move { (write.await, s.tokens) });
             held_seqs.insert(task.id(), seq);
@@ -385,6 +381,9 @@ async fn work(
 /// the next one (see [`Settler::resume`]).
 struct Worker {
     stats: Weak<Stats>,
+    store: Arc<dyn Store>,
+    /// Every debit also goes here (failure mode `local`).
+    fallback: Option<MemoryStore>,
     rx: mpsc::UnboundedReceiver<Settlement>,
     queued: Queued,
     /// Settlements in the debit batch being written.
@@ -398,22 +397,32 @@ impl Drop for Worker {
         let Some(stats) = self.stats.upgrade() else {
             return;
         };
-        // The writes on their way are dropped with their tasks: the store keeps what it can of
-        // them (the Redis store, as after a timeout), and they are done here.
-        stats.done(
-            std::mem::take(&mut self.batch_seqs)
-                .into_iter()
-                .chain(self.held_seqs.drain().map(|(_, seq)| seq)),
-        );
         let next = Worker {
             stats: self.stats.clone(),
+            store: self.store.clone(),
+            fallback: self.fallback.clone(),
             rx: std::mem::replace(&mut self.rx, mpsc::unbounded_channel().1),
             queued: std::mem::take(&mut self.queued),
             batch_seqs: Vec::new(),
             held_seqs: HashMap::new(),
         };
+        let left = !next.rx.is_empty() || !next.queued.is_empty();
         *lock(&stats.parked) = Some(next);
         stats.running.store(false, Ordering::Release);
+        // The writes on their way are dropped with their tasks: the store keeps what it can of
+        // them (the Redis store, as after a timeout), and they are done here, once parked (a
+        // flush they wake starts the next worker).
+        stats.done(
+            std::mem::take(&mut self.batch_seqs)
+                .into_iter()
+                .chain(self.held_seqs.drain().map(|(_, seq)| seq)),
+        );
+        // Settlements left would wait for the next send or flush, which may never come (the
+        // last request of a test, or of a quiet spell): written now on a thread of its own.
+        // Only when dropped by a runtime, not where that thread failed to start.
+        if left && tokio::runtime::Handle::try_current().is_ok() {
+            resume(&stats, true);
+        }
     }
 }
 
@@ -433,6 +442,10 @@ struct Queued {
 }
 
 impl Queued {
+    fn is_empty(&self) -> bool {
+        self.merged_seqs.is_empty() && self.held.is_empty()
+    }
+
     /// Takes what is in the channel now, up to [`MAX_BATCH`] settlements, without waiting.
     fn take_sent(
         &mut self,

@@ -2066,3 +2066,187 @@ async fn a_key_of_another_type_fails_its_counter_alone() {
     assert_eq!(con.hget::<_, _, String>("{w}:hash", "f").unwrap(), "v");
     assert!(!store.breaker_open(), "Redis answered every call");
 }
+
+/// A flush waiting on one runtime while the settlement worker lives on another (a test
+/// suite's shared layer: each `#[tokio::test]` has its own current-thread runtime, driven only
+/// while its test runs) that then shuts down: the flush, woken as the worker is dropped,
+/// starts the next one, and returns once what was queued is written.
+#[test]
+fn a_flush_waiting_when_the_workers_runtime_shuts_down_returns() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(500))
+        .settle_interval(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let limits = layer(store.clone(), "rf", vec![per_user(10_000)]);
+    let h = [("x-user", "u"), ("x-mock-tokens", "9")];
+    let k = "higress-token-ratelimit:{rf}:limit_by_per_header:60:x-user:u";
+    let mut con = server.client();
+    // The first test: the settlement worker starts on its runtime.
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while con.get::<_, Option<u64>>(k).unwrap() != Some(9) {
+            assert!(Instant::now() < deadline, "first debit not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // The second test, on its own runtime, sends a request and flushes while the first
+    // test's runtime is still alive (its worker "running").
+    let second = runtime();
+    let addr = second.block_on(serve_chat(limits.clone()));
+    let status = second.block_on(async { send(addr, CHAT, &h, STREAM).await.status });
+    assert_eq!(status, StatusCode::OK);
+    let l = limits.clone();
+    let flushed = second.spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), l.flush())
+            .await
+            .is_ok()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // The first test ends.
+    drop(first);
+    let returned = second.block_on(flushed).unwrap();
+    assert!(
+        returned,
+        "flush still waiting 5 s after the worker's runtime shut down ({} pending)",
+        limits.pending_debits()
+    );
+}
+
+/// In reserve mode a merged write holds plain debits (requests admitted without a
+/// reservation: failure mode open) and reserve settlements, written in turn: the settlements'
+/// write starts once the debits' is answered. The runtime shutting down while the debits'
+/// write is on its way drops the settlements' write before its first poll; its extra is kept
+/// all the same, and written on the next runtime.
+#[test]
+fn settlements_behind_a_debit_write_survive_the_runtime() {
+    use tower_token_ratelimit::Mode;
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .settle_interval(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let limits = TokenRateLimitLayer::builder()
+        .rule_name("rs")
+        .mode(Mode::Reserve)
+        .rule(per_user(1_000_000))
+        .redis(store.clone())
+        .build()
+        .unwrap();
+    let key =
+        |user: &str| format!("higress-token-ratelimit:{{rs}}:limit_by_per_header:60:x-user:{user}");
+    let mut con = server.client();
+    // User x's counter cannot be reserved on (a hash under it): x is admitted without a
+    // reservation (failure mode open) and settled as a plain debit.
+    con.hset::<_, _, _, ()>(key("x"), "f", "v").unwrap();
+    let body = r#"{"model":"m","max_tokens":50,"messages":[]}"#;
+    let first = runtime();
+    first.block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        // The first settlement is written at once; the next wait for the interval.
+        let w = [("x-user", "w"), ("x-mock-tokens", "100")];
+        assert_eq!(send(addr, CHAT, &w, body).await.status, StatusCode::OK);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while con.get::<_, Option<u64>>(key("w")).unwrap() != Some(100) {
+            assert!(Instant::now() < deadline, "first settlement not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // y reserves ~61 and uses 1000: an extra of ~939 to settle.
+        let y = [("x-user", "y"), ("x-mock-tokens", "1000")];
+        assert_eq!(send(addr, CHAT, &y, body).await.status, StatusCode::OK);
+        let x = [("x-user", "x"), ("x-mock-tokens", "7")];
+        assert_eq!(send(addr, CHAT, &x, body).await.status, StatusCode::OK);
+    });
+    let reserved: u64 = con.get(key("y")).unwrap();
+    assert!(reserved < 1000, "only the reservation so far: {reserved}");
+    // Redis busy: the flush's write (debits first) waits for it; the runtime goes meanwhile.
+    let busy = server.busy_for(1.0);
+    std::thread::sleep(Duration::from_millis(50));
+    let l = limits.clone();
+    first.spawn(async move { l.flush().await });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first);
+    busy.join().unwrap();
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = tokio::time::timeout(Duration::from_secs(5), limits.flush()).await;
+            // Calls that succeed write what the store buffered.
+            let _ = store.check(&[fixed_window(&key("z"), 1_000, 60)]).await;
+            let used: u64 = con.get(key("y")).unwrap();
+            if used >= 1000 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "y's counter stays at {used} (reserved {reserved}, used 1000): the extra is lost; {} pending in the store, {} in the layer",
+                store.pending_debits(),
+                limits.pending_debits()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// A settlement sent while the worker's runtime is alive but no longer polling it (between its
+/// last poll and its shutdown) is parked with the worker, which starts again at once on a
+/// thread of its own to write it: no later request or flush is needed.
+#[test]
+fn a_settlement_sent_just_before_the_workers_runtime_shuts_down_is_written() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(500))
+        .settle_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let limits = layer(store.clone(), "rg", vec![per_user(10_000)]);
+    let h = [("x-user", "u"), ("x-mock-tokens", "9")];
+    let k = "higress-token-ratelimit:{rg}:limit_by_per_header:60:x-user:u";
+    let mut con = server.client();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while con.get::<_, Option<u64>>(k).unwrap() != Some(9) {
+            assert!(Instant::now() < deadline, "first debit not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let second = runtime();
+    second.block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+    });
+    drop(first);
+    // The application keeps running on `second`, with no further request for this user.
+    second.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let used = con.get::<_, Option<u64>>(k).unwrap();
+            if used == Some(18) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{used:?} used 5 s on, {} settlement(s) parked unwritten",
+                limits.pending_debits()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

@@ -935,7 +935,10 @@ impl Inner {
     }
 
     /// Writes debits (key, script parameters, tokens); see [`write`](Self::write).
-    async fn write_debits(self: &Arc<Self>, debits: Vec<Debit>) -> usize {
+    fn write_debits(
+        self: &Arc<Self>,
+        debits: Vec<Debit>,
+    ) -> impl Future<Output = usize> + Send + 'static {
         let writes = debits
             .into_iter()
             .map(|(key, p, tokens)| {
@@ -943,13 +946,20 @@ impl Inner {
                 (key, p, args, tokens)
             })
             .collect();
-        self.write(&DEBIT, writes).await
+        self.write(&DEBIT, writes)
     }
 
     /// Runs `script` over many keys: one call per hash slot and at most
     /// [`MAX_KEYS_PER_SCRIPT`] keys. Each key comes with its [`params`], its arguments, and
-    /// the tokens kept as a pending debit if its call fails. Returns how many calls failed.
-    async fn write(self: &Arc<Self>, script: &'static Script, writes: Vec<KeyWrite>) -> usize {
+    /// the tokens kept as a pending debit if its call fails. The future answers how many calls
+    /// failed. The writes are in its hands from this call on, not from its first poll: a
+    /// future dropped before it runs (its runtime shut down; one written after another, as
+    /// settlements are) keeps them as one dropped while it runs does (see [`Unwritten`]).
+    fn write(
+        self: &Arc<Self>,
+        script: &'static Script,
+        writes: Vec<KeyWrite>,
+    ) -> impl Future<Output = usize> + Send + 'static {
         let mut groups: Vec<Vec<KeyWrite>> = Vec::new();
         match self.target {
             Target::Single(_) => groups.push(writes),
@@ -965,10 +975,6 @@ impl Inner {
                 }
             }
         }
-        // No request waits for a write: it gets longer than the per-call timeout, since a
-        // write that times out may have been applied all the same, and is then written again
-        // from the buffer (counted twice).
-        let timeout = self.timeout.max(WRITE_TIMEOUT);
         let mut chunks = VecDeque::new();
         for mut group in groups {
             while !group.is_empty() {
@@ -977,29 +983,36 @@ impl Inner {
                 group = rest;
             }
         }
-        let mut unwritten = Unwritten(self, chunks);
-        let mut failed = 0;
-        while let Some(chunk) = unwritten.1.front() {
-            let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
-            let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
-            let answer = self
-                .invoke_within::<Vec<usize>>(timeout, script, &keys, &args)
-                .await;
-            let Some(chunk) = unwritten.1.pop_front() else {
-                break;
-            };
-            match answer {
-                Ok(refused) => self.refused(&chunk, &refused),
-                Err(_) => {
-                    failed += 1;
-                    self.buffer(kept(chunk));
+        let mut unwritten = Unwritten(self.clone(), chunks);
+        async move {
+            let inner = unwritten.0.clone();
+            // No request waits for a write: it gets longer than the per-call timeout, since a
+            // write that times out may have been applied all the same, and is then written
+            // again from the buffer (counted twice).
+            let timeout = inner.timeout.max(WRITE_TIMEOUT);
+            let mut failed = 0;
+            while let Some(chunk) = unwritten.1.front() {
+                let keys: Vec<Arc<str>> = chunk.iter().map(|w| w.0.clone()).collect();
+                let args: Vec<u64> = chunk.iter().flat_map(|w| w.2.iter().copied()).collect();
+                let answer = inner
+                    .invoke_within::<Vec<usize>>(timeout, script, &keys, &args)
+                    .await;
+                let Some(chunk) = unwritten.1.pop_front() else {
+                    break;
+                };
+                match answer {
+                    Ok(refused) => inner.refused(&chunk, &refused),
+                    Err(_) => {
+                        failed += 1;
+                        inner.buffer(kept(chunk));
+                    }
                 }
             }
+            if failed > 0 {
+                inner.retry_later();
+            }
+            failed
         }
-        if failed > 0 {
-            self.retry_later();
-        }
-        failed
     }
 
     /// Drops the writes of `chunk` whose keys Redis could not count on (at positions `refused`,
@@ -1122,9 +1135,9 @@ fn kept(chunk: Vec<KeyWrite>) -> impl Iterator<Item = Debit> {
 /// The writes of a [`write`](Inner::write) not yet answered. Dropped before they all are (the
 /// runtime shut down), they are kept as failed ones are: the one on its way may be applied all
 /// the same, as after a timeout.
-struct Unwritten<'a>(&'a Inner, VecDeque<Vec<KeyWrite>>);
+struct Unwritten(Arc<Inner>, VecDeque<Vec<KeyWrite>>);
 
-impl Drop for Unwritten<'_> {
+impl Drop for Unwritten {
     fn drop(&mut self) {
         if !self.1.is_empty() {
             self.0.buffer(self.1.drain(..).flat_map(kept));
@@ -1590,8 +1603,9 @@ impl Store for RedisStore {
                 settle_write(c.key, p, window_id, delta)
             })
             .collect();
+        let write = inner.write(&SETTLE, writes);
         Box::pin(async move {
-            inner.write(&SETTLE, writes).await;
+            write.await;
             Ok(())
         })
     }
@@ -1604,7 +1618,7 @@ impl Store for RedisStore {
     /// One script per hash slot (all of them at once on a single node), whatever the number
     /// of requests merged into `debits`.
     fn debit_many(&self, debits: Vec<(Counter, u64)>) -> StoreFuture<()> {
-        let inner = self.inner.clone();
+        let inner = &self.inner;
         inner.note_debits(debits.iter().map(|(c, tokens)| (&c.key, clamp(*tokens))));
         let debits = debits
             .into_iter()
@@ -1613,9 +1627,10 @@ impl Store for RedisStore {
                 (c.key, p, tokens)
             })
             .collect();
+        // What fails is buffered for when Redis is back; the breaker logs the outage.
+        let write = inner.write_debits(debits);
         Box::pin(async move {
-            // What fails is buffered for when Redis is back; the breaker logs the outage.
-            inner.write_debits(debits).await;
+            write.await;
             Ok(())
         })
     }
