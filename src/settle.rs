@@ -698,9 +698,12 @@ impl Meter {
             None if self.error_status => (0, false),
             None => (self.fallback(), true),
         };
+        // Learned from reported usage only: a call refused without usage is charged nothing,
+        // and would teach an allowance of nothing to every request on its rules.
         if let Some(r) = &self.reservation
             && r.learns
             && !estimated
+            && usage.is_some()
         {
             // The output's cost: the charge less the reported input's. Less the prompt
             // estimate instead, a request whose bytes overstate its prompt (an inline image in

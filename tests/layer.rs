@@ -1858,3 +1858,60 @@ async fn a_host_rule_reads_the_authority_of_http2_requests() {
         200
     );
 }
+
+/// Reserve mode learns each rule's usual output from reported usage only: calls refused
+/// without usage (charged nothing) do not teach an allowance of nothing, which would let every
+/// client's next uncapped request reserve its prompt alone.
+#[tokio::test]
+async fn refused_calls_teach_no_output_allowance() {
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tower_token_ratelimit::Mode;
+
+    let store = MemoryStore::new();
+    let limits = TokenRateLimitLayer::builder()
+        .store(store.clone())
+        .mode(Mode::Reserve)
+        .rule(per_user(1_000_000))
+        .build()
+        .unwrap();
+    let used = |user: &str| store.used(&key(&format!("limit_by_per_header:60:x-user:{user}")));
+    // What an uncapped gRPC call reserves: read while its response is still open.
+    let reserved = |user: &'static str| {
+        let limits = limits.clone();
+        async move {
+            let svc = tower::service_fn(|_req: Request<Body>| async {
+                let message = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                    Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x05hello")),
+                )]);
+                let body = StreamBody::new(message.chain(futures_util::stream::pending()));
+                Ok::<_, std::convert::Infallible>(
+                    axum::http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .unwrap(),
+                )
+            });
+            let request = Request::post("/pkg.Svc/Call")
+                .header("x-user", user)
+                .header("content-type", "application/grpc")
+                .body(Body::from(vec![0u8; 400]))
+                .unwrap();
+            let svc = tower::ServiceBuilder::new().layer(limits).service(svc);
+            let _open = svc.oneshot(request).await.unwrap();
+            used(user)
+        }
+    };
+    let before = reserved("first").await;
+    for _ in 0..32 {
+        grpc_call(&limits, "refused", Some("3"), false, None).await;
+    }
+    assert_eq!(used("refused"), 0, "refused calls are free");
+    assert_eq!(
+        reserved("next").await,
+        before,
+        "an uncapped call's reservation after 32 refused calls"
+    );
+}
