@@ -2198,6 +2198,31 @@ fn settlements_behind_a_debit_write_survive_the_runtime() {
     });
 }
 
+/// A fixed window's key holding text (not a number) fails its checks as it fails its debits
+/// and reservations (INCRBY: not an integer): read as 0 used, it would admit every request
+/// while every debit on it is dropped.
+#[tokio::test]
+async fn a_fixed_window_key_holding_text_fails_its_check_too() {
+    let server = RedisServer::start();
+    let store = patient_store(&server);
+    let mut con = server.client();
+    con.set::<_, _, ()>("{x}:text", "abc").unwrap();
+    let c = fixed_window("{x}:text", 10, 60);
+    store.debit(std::slice::from_ref(&c), 50).await.unwrap();
+    assert_eq!(
+        store.dropped_debits(),
+        1,
+        "the debit is refused as a foreign value"
+    );
+    let reserve = store.reserve(std::slice::from_ref(&c), 5).await;
+    assert!(reserve.is_err(), "the reservation too: {reserve:?}");
+    let check = store.check(std::slice::from_ref(&c)).await;
+    assert!(
+        check.is_err(),
+        "the check reads the key it cannot count on as {check:?}"
+    );
+}
+
 /// A settlement sent while the worker's runtime is alive but no longer polling it (between its
 /// last poll and its shutdown) is parked with the worker, which starts again at once on a
 /// thread of its own to write it: no later request or flush is needed.

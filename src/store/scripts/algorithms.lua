@@ -29,6 +29,19 @@ local function foreign(e)
   error(e)
 end
 
+-- A fixed window's count: 0 for a key that does not exist; text that is not an integer fails
+-- as INCRBY would (see `foreign`), or the counter would read 0 used while every write to it
+-- fails.
+local function fixed_count(key)
+  local v = redis.call('GET', key)
+  if not v then return 0 end
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) then
+    error({err = 'ERR value is not an integer or out of range'})
+  end
+  return n
+end
+
 -- A count or a time as an integer the answer can carry: past 2^53 (a debt of 2^50 tokens
 -- drains for longer than that many ms on a slow bucket) Lua's numbers are not exact, and
 -- MessagePack would pack a float the client refuses.
@@ -49,7 +62,7 @@ end
 local function state(key, algo, window, limit)
   local w = window * 1000
   if algo == 1 then
-    local used = tonumber(redis.call('GET', key) or '0') or 0
+    local used = fixed_count(key)
     local ttl = redis.call('PTTL', key)
     if ttl < 0 then ttl = w end
     return used, ttl
@@ -97,7 +110,7 @@ end
 -- id in hand a reservation needs no second read of it; the time it costs (TIME) is read once
 -- per script.
 local function fixed_state(key, window)
-  local used = tonumber(redis.call('GET', key) or '0') or 0
+  local used = fixed_count(key)
   local at = redis.call('PEXPIRETIME', key)
   if at < 0 then return used, window * 1000, nil end
   return used, math.max(0, at - now_ms()), at
@@ -113,7 +126,7 @@ local function add(key, algo, window, limit, amount, wid, expiring)
     local same = wid == nil or redis.call('PEXPIRETIME', key) == wid
     if amount < 0 then
       if same then
-        local used = tonumber(redis.call('GET', key) or '0') or 0
+        local used = fixed_count(key)
         redis.call('DECRBY', key, math.min(-amount, used))
       end
       return
