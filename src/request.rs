@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde::de::{IgnoredAny, MapAccess};
+use serde_json::value::RawValue;
 
 use crate::usage::wire::{Lenient, deserialize_lenient};
 
@@ -206,7 +207,9 @@ impl<B: RequestBody> Reader<B> {
 #[derive(Debug, Default)]
 pub(crate) struct Probe<'a> {
     stream: Option<Seen<'a>>,
-    stream_options: Option<Seen<'a>>,
+    /// As written: what the include_usage rewrite replaces, leaving the rest of the body as
+    /// the client wrote it.
+    stream_options: Option<&'a RawValue>,
     model: Option<Seen<'a>>,
     max_tokens: Option<Seen<'a>>,
     max_completion_tokens: Option<Seen<'a>>,
@@ -237,7 +240,10 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Probe<'a> {
                 while let Some(Key(key)) = map.next_key()? {
                     let field = match &*key {
                         "stream" => &mut p.stream,
-                        "stream_options" => &mut p.stream_options,
+                        "stream_options" => {
+                            p.stream_options = Some(map.next_value()?);
+                            continue;
+                        }
                         "model" => &mut p.model,
                         "max_tokens" => &mut p.max_tokens,
                         "max_completion_tokens" => &mut p.max_completion_tokens,
@@ -363,28 +369,41 @@ pub(crate) fn inject_include_usage(body: &[u8], probe: &Probe<'_>) -> Option<Byt
     if probe.stream.as_ref().and_then(Seen::as_bool) != Some(true) {
         return None;
     }
-    match &probe.stream_options {
+    let Some(raw) = probe.stream_options else {
         // The usual case: add the field before the object's closing brace, leaving every
         // other byte as the client wrote it.
-        None => {
-            let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-            (body[end] == b'}').then(|| {
-                let mut out = Vec::with_capacity(body.len() + 40);
-                out.extend_from_slice(&body[..end]);
-                out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
-                out.extend_from_slice(&body[end..]);
-                Bytes::from(out)
-            })
-        }
-        Some(Seen::Object { include_usage, .. }) if *include_usage != Some(true) => {
-            let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-            v.get_mut("stream_options")?
-                .as_object_mut()?
-                .insert("include_usage".into(), serde_json::Value::Bool(true));
-            serde_json::to_vec(&v).ok().map(Bytes::from)
-        }
-        _ => None,
+        let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        return (body[end] == b'}').then(|| {
+            let mut out = Vec::with_capacity(body.len() + 40);
+            out.extend_from_slice(&body[..end]);
+            out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
+            out.extend_from_slice(&body[end..]);
+            Bytes::from(out)
+        });
+    };
+    // Given: its value alone is replaced, however deep the rest of the body nests. `null`
+    // (which OpenAI's schema allows) is replaced, not followed by a second `stream_options`
+    // that parsers refusing duplicate keys would refuse; anything but an object is left.
+    let options: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(raw.get()).ok()?;
+    let mut options = options.unwrap_or_default();
+    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+        return None;
     }
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let replacement = serde_json::to_vec(&options).ok()?;
+    // The value's place in the body it was read from.
+    let (text, within) = (raw.get().as_bytes().as_ptr_range(), body.as_ptr_range());
+    if text.start < within.start || text.end > within.end {
+        return None;
+    }
+    let start = text.start as usize - within.start as usize;
+    let (before, after) = (&body[..start], &body[start + raw.get().len()..]);
+    let mut out = Vec::with_capacity(body.len() + replacement.len());
+    out.extend_from_slice(before);
+    out.extend_from_slice(&replacement);
+    out.extend_from_slice(after);
+    Some(Bytes::from(out))
 }
 
 /// The output limit a request sets: `max_tokens` (OpenAI chat and Anthropic),
@@ -577,6 +596,34 @@ mod tests {
         );
         assert!(inject_include_usage(br#"{"model":"m"}"#).is_none());
         assert!(inject_include_usage(br#"{"stream":true,"stream_options":5}"#).is_none());
+        // `null` (OpenAI's schema allows it) is replaced, not followed by a second key.
+        let out =
+            inject_include_usage(br#"{"stream":true, "stream_options" : null ,"n":1}"#).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"stream":true, "stream_options" : {"include_usage":true} ,"n":1}"#
+        );
+        // Given twice, the last is the one read and replaced.
+        let out = inject_include_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":{"include_usage":true}}"#
+        );
+        // However deep the rest of the body nests (past serde_json's 128 levels), only the
+        // value of `stream_options` is rewritten.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let body = format!(
+            r#"{{"stream":true,"stream_options":{{"include_usage":false}},"tools":{deep}}}"#
+        );
+        let out = inject_include_usage(body.as_bytes()).unwrap();
+        assert_eq!(
+            &out[..],
+            body.replace("false", "true").as_bytes(),
+            "the upstream is asked for usage"
+        );
         assert!(inject_include_usage(b"not json").is_none());
         assert!(inject_include_usage(b"[1,2]").is_none());
     }

@@ -421,3 +421,43 @@ async fn a_rewritten_chunked_request_has_a_length_and_no_transfer_encoding() {
     assert_eq!(headers["content-length"], body.len().to_string().as_str());
     assert!(headers.get("transfer-encoding").is_none());
 }
+
+/// `"stream_options": null`, which OpenAI's schema allows, is replaced by the usage request:
+/// a second `stream_options` key after it would make upstreams whose parsers refuse duplicate
+/// keys (serde-derived request types) refuse a request that was valid as sent.
+#[tokio::test]
+async fn stream_options_null_is_replaced_not_repeated() {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ChatRequest {
+        #[allow(dead_code)]
+        model: String,
+        #[allow(dead_code)]
+        stream: bool,
+        stream_options: Option<serde_json::Value>,
+        #[allow(dead_code)]
+        messages: serde_json::Value,
+    }
+    let (addr, seen, _store, _limits) = setup(true, None).await;
+    let request = r#"{"model":"gpt-4o","stream":true,"stream_options":null,"messages":[{"role":"user","content":"hi"}]}"#;
+    serde_json::from_str::<ChatRequest>(request).expect("the client's request is valid");
+    let r = send(
+        addr,
+        CHAT,
+        &[("x-user", "a"), ("content-type", "application/json")],
+        request,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (upstream_got, _) = seen.0.lock().unwrap()[0].clone();
+    let parsed = serde_json::from_slice::<ChatRequest>(&upstream_got).unwrap_or_else(|e| {
+        panic!(
+            "upstream got {}: {e}",
+            String::from_utf8_lossy(&upstream_got)
+        )
+    });
+    assert_eq!(
+        parsed.stream_options,
+        Some(serde_json::json!({"include_usage": true}))
+    );
+}
