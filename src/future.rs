@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
 
 use http::{HeaderValue, Request, Response};
@@ -86,6 +87,8 @@ pub(crate) struct Pending<S, ReqBody> {
     pub(crate) deferred: bool,
     pub(crate) grpc: bool,
     pub(crate) request_bytes: u64,
+    /// The bytes of a body of no declared length, counted as they go to the inner service.
+    pub(crate) sent: Option<Arc<AtomicU64>>,
     pub(crate) strip_usage: bool,
     /// Reserve mode: the output limit the request set, and its model.
     pub(crate) max_output: Option<u64>,
@@ -194,7 +197,15 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
                 );
                 ReqBody::rebuild(body, None)
             }
-            None => ReqBody::rebuild(prefix, rest),
+            None => {
+                // Past the limit: what is left is counted as it goes.
+                let counted = self.sent.clone().filter(|_| rest.is_some());
+                let body = ReqBody::rebuild(prefix, rest);
+                match counted {
+                    Some(sent) => body.counted(sent),
+                    None => body,
+                }
+            }
         });
         true
     }
@@ -376,6 +387,7 @@ where
                         origin,
                         reservation,
                         p.request_bytes,
+                        p.sent,
                     ));
                     let mut inner = p.inner;
                     let request =

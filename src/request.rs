@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,6 +26,57 @@ use crate::usage::wire::{Lenient, deserialize_lenient};
 pub trait RequestBody: Body<Data = Bytes> + Unpin + Sized + Send + 'static {
     /// A body yielding `prefix`, then what is left of `rest`.
     fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self;
+
+    /// This body, adding the bytes it yields to `sent`. The layer counts a body whose length
+    /// is not declared (chunked, or HTTP/2 without `content-length`), so that a request that
+    /// gets no usage back is charged its prompt estimate all the same. The default gives the
+    /// body back uncounted (the estimate then counts what the layer read of it, if anything).
+    fn counted(self, sent: Arc<AtomicU64>) -> Self {
+        let _ = sent;
+        self
+    }
+}
+
+pin_project! {
+    /// A body that adds the bytes it yields to a count (see [`RequestBody::counted`]).
+    pub(crate) struct Counted<B> {
+        #[pin]
+        body: B,
+        sent: Arc<AtomicU64>,
+    }
+}
+
+impl<B> Counted<B> {
+    pub(crate) fn new(body: B, sent: Arc<AtomicU64>) -> Self {
+        Self { body, sent }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.body.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            this.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 pin_project! {
@@ -88,12 +141,20 @@ impl RequestBody for axum::body::Body {
             Some(rest) => Self::new(Prefixed::new(prefix, Some(rest))),
         }
     }
+
+    fn counted(self, sent: Arc<AtomicU64>) -> Self {
+        Self::new(Counted::new(self, sent))
+    }
 }
 
 #[cfg(feature = "tonic")]
 impl RequestBody for tonic::body::Body {
     fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
         Self::new(Prefixed::new(prefix, rest))
+    }
+
+    fn counted(self, sent: Arc<AtomicU64>) -> Self {
+        Self::new(Counted::new(self, sent))
     }
 }
 
@@ -111,6 +172,10 @@ where
     fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
         Self::new(Prefixed::new(prefix, rest))
     }
+
+    fn counted(self, sent: Arc<AtomicU64>) -> Self {
+        Self::new(Counted::new(self, sent))
+    }
 }
 
 impl<E> RequestBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E>
@@ -119,6 +184,10 @@ where
 {
     fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self {
         Self::new(Prefixed::new(prefix, rest))
+    }
+
+    fn counted(self, sent: Arc<AtomicU64>) -> Self {
+        Self::new(Counted::new(self, sent))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The middleware service.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -93,9 +94,11 @@ where
         let content_length: Option<u64> = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        let request_bytes = content_length
-            .or_else(|| request.body().size_hint().exact())
-            .unwrap_or_else(|| request.body().size_hint().lower());
+        let declared = content_length.or_else(|| request.body().size_hint().exact());
+        let request_bytes = declared.unwrap_or_else(|| request.body().size_hint().lower());
+        // A body of no declared length (chunked, or HTTP/2 without `content-length`) is
+        // counted as the inner service reads it, for the prompt estimate.
+        let sent = declared.is_none().then(|| Arc::new(AtomicU64::new(0)));
         let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
         let inject = settings.inject_include_usage && json && fits && may_ask_for_usage(&request);
         let reserve = settings.mode == Mode::Reserve;
@@ -113,6 +116,10 @@ where
         let (body, reader) = if read {
             (None, Some(Reader::new(body, settings.request_body_limit)))
         } else {
+            let body = match &sent {
+                Some(sent) => body.counted(sent.clone()),
+                None => body,
+            };
             (Some(body), None)
         };
 
@@ -136,6 +143,7 @@ where
             deferred,
             grpc,
             request_bytes,
+            sent,
             strip_usage: inject,
             max_output: None,
             model,

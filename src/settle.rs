@@ -547,8 +547,10 @@ pub(crate) struct Meter {
     span: tracing::Span,
     /// Usage from the response headers or trailers, through the extractor.
     reported: Option<Usage>,
-    /// Estimated prompt tokens, from the request body size.
-    request_tokens: u64,
+    /// The request body's size, as declared or read by the layer; and, for a body of no
+    /// declared length, the bytes the inner service read of it.
+    request_bytes: u64,
+    sent: Option<Arc<AtomicU64>>,
     scanner: Option<UsageScanner>,
     /// Decodes a compressed body's side copy for the scanner.
     decoder: Option<Box<Decoder>>,
@@ -566,6 +568,7 @@ impl Meter {
         origin: Origin,
         reservation: Option<Reserved>,
         request_bytes: u64,
+        sent: Option<Arc<AtomicU64>>,
     ) -> Self {
         let Origin { rules, model, span } = origin;
         Self {
@@ -577,7 +580,8 @@ impl Meter {
             model,
             span,
             reported: None,
-            request_tokens: prompt_estimate(request_bytes),
+            request_bytes,
+            sent,
             scanner: None,
             decoder: None,
             format: None,
@@ -654,8 +658,9 @@ impl Meter {
     }
 
     fn estimate(&self) -> u64 {
-        let output = output_estimate(self.format, self.response_bytes);
-        self.request_tokens.saturating_add(output)
+        let sent = self.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
+        let prompt = prompt_estimate(self.request_bytes.max(sent));
+        prompt.saturating_add(output_estimate(self.format, self.response_bytes))
     }
 
     /// What is charged without usage: in reserve mode the reservation stands as the estimate.
