@@ -131,12 +131,19 @@ pub(crate) fn rejection(
     statuses: &[CounterStatus],
     amount: u64,
 ) -> Response<Bytes> {
-    let (counter, status) = counters
-        .iter()
-        .zip(statuses)
+    let pairs = || counters.iter().zip(statuses);
+    let found = pairs()
         .filter(|(c, s)| !crate::store::reservation_fits(c, s, amount))
         .max_by_key(|(_, s)| s.reset)
-        .expect("a rejection has a blocking counter");
+        // A store of one's own may refuse what its statuses would admit: the counter that
+        // resets last is reported then.
+        .or_else(|| pairs().max_by_key(|(_, s)| s.reset));
+    let Some((counter, status)) = found else {
+        // No counter: not a request the layer limits (statuses come one per counter).
+        let mut r = Response::new(Bytes::new());
+        *r.status_mut() = settings.rejected_code;
+        return r;
+    };
     let retry = ceil_secs(status.reset);
     let message = format!(
         "Token rate limit reached: {} tokens per {}. Retry after {retry}s.",

@@ -1925,3 +1925,59 @@ async fn refused_calls_teach_no_output_allowance() {
         "an uncapped call's reservation after 32 refused calls"
     );
 }
+
+/// A store of one's own that refuses every reservation, with statuses that would admit it.
+struct Refusing;
+
+impl Store for Refusing {
+    fn check(&self, counters: &[Counter]) -> StoreFuture<Vec<CounterStatus>> {
+        let statuses = counters
+            .iter()
+            .map(|c| CounterStatus {
+                used: 0,
+                reset: c.window,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(statuses)))
+    }
+
+    fn debit(&self, _counters: &[Counter], _tokens: u64) -> StoreFuture<()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn reserve(
+        &self,
+        counters: &[Counter],
+        _amount: u64,
+    ) -> StoreFuture<tower_token_ratelimit::store::Reservation> {
+        let statuses = counters
+            .iter()
+            .map(|c| CounterStatus {
+                used: 0,
+                reset: c.window,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(
+            tower_token_ratelimit::store::Reservation {
+                statuses,
+                windows: None,
+            },
+        )))
+    }
+}
+
+/// A store's refusal is a 429 whatever statuses come with it, never a panic: the layer does
+/// not count on a store of one's own to agree with its reading of them.
+#[tokio::test]
+async fn a_refusal_with_statuses_that_admit_is_still_a_429() {
+    let limits = TokenRateLimitLayer::builder()
+        .store(Refusing)
+        .mode(tower_token_ratelimit::Mode::Reserve)
+        .rule(per_user(1_000))
+        .build()
+        .unwrap();
+    let addr = serve_chat(limits).await;
+    let r = send(addr, CHAT, &[("x-user", "u")], STREAM).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("retry-after"), Some("60"));
+}
