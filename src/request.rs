@@ -288,9 +288,10 @@ pub(crate) struct Probe<'a> {
 }
 
 impl<'a> Probe<'a> {
-    /// The probe of a JSON object body; `None` for anything else.
+    /// The probe of a JSON object body; `None` for anything else. A UTF-8 byte order mark
+    /// before it is skipped, as Python's `json.loads` (FastAPI, vLLM, LiteLLM) skips it.
     pub(crate) fn of(body: &'a [u8]) -> Option<Self> {
-        serde_json::from_slice(body).ok()
+        serde_json::from_slice(body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)).ok()
     }
 }
 
@@ -567,6 +568,11 @@ mod tests {
         );
         let path = "/v1beta/models/gemini-2.5-pro:streamGenerateContent";
         assert_eq!(model(Some(&g), path).as_deref(), Some("gemini-2.5-pro"));
+        let bom = Probe::of(b"\xEF\xBB\xBF{\"model\":\"gpt-4o\"}").unwrap();
+        assert_eq!(
+            model(Some(&bom), "/v1/chat/completions").as_deref(),
+            Some("gpt-4o")
+        );
         assert_eq!(model(None, "/v1/chat"), None);
         // A field given twice counts with its last value, as upstreams read it.
         let twice = Probe::of(br#"{"model": "a", "max_tokens": 1, "model": "b", "max_tokens": 2}"#)
@@ -692,6 +698,20 @@ mod tests {
             &out[..],
             body.replace("false", "true").as_bytes(),
             "the upstream is asked for usage"
+        );
+        // A byte order mark before the object is read past, and kept.
+        let out = inject_include_usage(b"\xEF\xBB\xBF{\"stream\":true}").unwrap();
+        assert_eq!(
+            &out[..],
+            b"\xEF\xBB\xBF{\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
+        );
+        let out = inject_include_usage(
+            b"\xEF\xBB\xBF{\"stream\":true,\"stream_options\":{\"include_usage\":false}}",
+        )
+        .unwrap();
+        assert_eq!(
+            &out[..],
+            b"\xEF\xBB\xBF{\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
         );
         assert!(inject_include_usage(b"not json").is_none());
         assert!(inject_include_usage(b"[1,2]").is_none());
