@@ -149,6 +149,7 @@ fn resume(stats: &Arc<Stats>, own_thread: bool) {
             handle.spawn(worker);
         }
         _ => {
+            STARTING.set(true);
             let spawned = std::thread::Builder::new()
                 .name("token-ratelimit-settle".into())
                 .spawn(move || {
@@ -162,11 +163,20 @@ fn resume(stats: &Arc<Stats>, own_thread: bool) {
                         }
                     }
                 });
+            STARTING.set(false);
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start the settlement thread");
             }
         }
     }
+}
+
+thread_local! {
+    /// A thread for the settlement worker is being started here. A worker dropped meanwhile
+    /// (the thread could not start, and the closure holding the worker was dropped with it)
+    /// stays parked for the next send or flush, rather than starting another in turn, and so
+    /// on without end.
+    static STARTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The sending side of the settlement worker.
@@ -406,7 +416,6 @@ impl Drop for Worker {
             batch_seqs: Vec::new(),
             held_seqs: HashMap::new(),
         };
-        let left = !next.rx.is_empty() || !next.queued.is_empty();
         *lock(&stats.parked) = Some(next);
         stats.running.store(false, Ordering::Release);
         // The writes on their way are dropped with their tasks: the store keeps what it can of
@@ -419,8 +428,12 @@ impl Drop for Worker {
         );
         // Settlements left would wait for the next send or flush, which may never come (the
         // last request of a test, or of a quiet spell): written now on a thread of its own.
-        // Only when dropped by a runtime, not where that thread failed to start.
-        if left && tokio::runtime::Handle::try_current().is_ok() {
+        // Looked at once parked: a send from then on finds no worker running and starts one.
+        // Only when dropped by a runtime, not where a thread failed to start (see `STARTING`).
+        let left = lock(&stats.parked)
+            .as_ref()
+            .is_some_and(|w| !w.rx.is_empty() || !w.queued.is_empty());
+        if left && !STARTING.get() && tokio::runtime::Handle::try_current().is_ok() {
             resume(&stats, true);
         }
     }

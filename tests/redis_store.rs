@@ -2275,3 +2275,74 @@ fn a_settlement_sent_just_before_the_workers_runtime_shuts_down_is_written() {
         }
     });
 }
+
+/// A worker dropped with its runtime, settlements queued, restarts on a thread of its own;
+/// when that thread cannot start, the worker stays parked for the next send or flush (not
+/// started again and again from its own drop until the stack overflows). Threads are made to
+/// fail by asking each for a 256 TiB stack (RUST_MIN_STACK), in a child process.
+#[test]
+fn a_restart_thread_that_cannot_start_does_not_recurse() {
+    const NAME: &str = "a_restart_thread_that_cannot_start_does_not_recurse";
+    const CHILD: &str = "TTR_RESTART_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .env("RUST_MIN_STACK", (1u64 << 48).to_string())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
+        assert!(
+            out.status.success(),
+            "the child process died: {:?}; stderr ends:\n{}\nstdout ends:\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        return;
+    }
+    assert!(
+        std::thread::Builder::new().spawn(|| ()).is_err(),
+        "threads can still start"
+    );
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(5))
+        .settle_interval(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let limits = layer(store, "rt", vec![per_user(10_000)]);
+    let h = [("x-user", "u"), ("x-mock-tokens", "9")];
+    let k = "higress-token-ratelimit:{rt}:limit_by_per_header:60:x-user:u";
+    let mut con = server.client();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let addr = serve_chat(limits.clone()).await;
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while con.get::<_, Option<u64>>(k).unwrap() != Some(9) {
+            assert!(Instant::now() < deadline, "first debit not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next waits out the 60 s interval in the worker.
+        assert_eq!(send(addr, CHAT, &h, STREAM).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(limits.pending_debits(), 1);
+    });
+    drop(rt);
+    assert_eq!(
+        limits.pending_debits(),
+        1,
+        "parked for the next send or flush"
+    );
+}
