@@ -2276,6 +2276,48 @@ fn a_settlement_sent_just_before_the_workers_runtime_shuts_down_is_written() {
     });
 }
 
+/// A fixed window's key holding a number INCRBY refuses (hex, exponents, leading zeros, a
+/// `+`, spaces, `5.0`, which Lua's `tonumber` reads) fails its check as its debits fail.
+#[tokio::test]
+async fn a_fixed_window_key_holding_non_integer_numbers_fails_its_check() {
+    let server = RedisServer::start();
+    let store = patient_store(&server);
+    let mut con = server.client();
+    let mut wrong = Vec::new();
+    for (i, text) in ["0x10", " 5", "5 ", "1e2", "007", "+5", "5.0", "1e400"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("{{x}}:n{i}");
+        con.set::<_, _, ()>(&key, text).unwrap();
+        let incr: redis::RedisResult<i64> = con.incr(&key, 0);
+        assert!(incr.is_err(), "INCRBY accepts {text:?}");
+        let c = fixed_window(&key, 1_000, 60);
+        let check = store.check(std::slice::from_ref(&c)).await;
+        if check.is_ok() {
+            wrong.push(format!("{text:?} -> {check:?}"));
+        }
+    }
+    // Integers INCRBY takes are read.
+    for (text, used) in [
+        ("0", 0),
+        ("42", 42),
+        ("-3", 0),
+        ("9223372036854775807", 1 << 53),
+    ] {
+        let key = format!("{{x}}:ok{text}");
+        con.set::<_, _, ()>(&key, text).unwrap();
+        let c = fixed_window(&key, 1_000, 60);
+        let status = store.check(std::slice::from_ref(&c)).await.unwrap();
+        assert_eq!(status[0].used, used, "{text}");
+    }
+    assert!(
+        wrong.is_empty(),
+        "checks answered Ok on keys INCRBY refuses:\n{}",
+        wrong.join("\n")
+    );
+}
+
 /// A worker dropped with its runtime, settlements queued, restarts on a thread of its own;
 /// when that thread cannot start, the worker stays parked for the next send or flush (not
 /// started again and again from its own drop until the stack overflows). Threads are made to

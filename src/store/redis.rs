@@ -1032,7 +1032,7 @@ impl Inner {
         if !keys.is_empty() {
             tracing::error!(
                 keys = ?keys,
-                "redis keys hold values of another type than their counters': their writes are dropped (delete the keys to count on them again)"
+                "redis keys hold values their counters cannot count on (another type, text, or a number out of range): their writes are dropped (delete the keys to count on them again)"
             );
         }
     }
@@ -1387,8 +1387,8 @@ fn parse_check(values: &[Value], counters: &[Counter]) -> Result<Vec<CounterStat
 /// The error for a counter whose key holds a value of another type than the counter's.
 fn foreign_value(key: &str) -> StoreError {
     StoreError::new(format!(
-        "redis key {key} holds a value of another type than its counter's: left as it is \
-         (delete it to count on it again)"
+        "redis key {key} holds a value its counter cannot count on (another type, text, or a \
+         number out of range): left as it is (delete it to count on it again)"
     ))
 }
 

@@ -18,12 +18,14 @@ local function now_ms()
 end
 
 -- After a counter's work failed under pcall: whether it failed because its key holds a value
--- of another type than the counter's (set by hand, or by another program; nothing of the
--- counter is written then, since each fails on its first command that touches the value). Any
--- other error (Redis refusing a command) stops the script, as it would without pcall.
+-- the counter cannot count on (set by hand, or by another program: another type, text, or a
+-- number an increment would take past 64 bits; nothing of the counter is written then, since
+-- each fails on its first command that touches the value). Any other error (Redis refusing a
+-- command) stops the script, as it would without pcall.
 local function foreign(e)
   local msg = type(e) == 'table' and e.err or tostring(e)
-  if string.find(msg, 'WRONGTYPE', 1, true) or string.find(msg, 'not an integer', 1, true) then
+  if string.find(msg, 'WRONGTYPE', 1, true) or string.find(msg, 'not an integer', 1, true)
+    or string.find(msg, 'would overflow', 1, true) then
     return true
   end
   error(e)
@@ -35,11 +37,14 @@ end
 local function fixed_count(key)
   local v = redis.call('GET', key)
   if not v then return 0 end
-  local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) then
+  -- As INCRBY reads it: an optional minus, no leading zero, no space, within 64 bits (Lua's
+  -- `tonumber` would also read hex, exponents, `+5`, ` 5`, `5.0`).
+  local digits = string.match(v, '^%-?([1-9]%d*)$')
+  local max = string.sub(v, 1, 1) == '-' and '9223372036854775808' or '9223372036854775807'
+  if v ~= '0' and (digits == nil or #digits > 19 or (#digits == 19 and digits > max)) then
     error({err = 'ERR value is not an integer or out of range'})
   end
-  return n
+  return tonumber(v)
 end
 
 -- A count or a time as an integer the answer can carry: past 2^53 (a debt of 2^50 tokens
@@ -65,7 +70,7 @@ local function state(key, algo, window, limit)
     local used = fixed_count(key)
     local ttl = redis.call('PTTL', key)
     if ttl < 0 then ttl = w end
-    return used, ttl
+    return clamp(used), ttl
   end
   local now = now_ms()
   if algo == 2 then
@@ -112,8 +117,8 @@ end
 local function fixed_state(key, window)
   local used = fixed_count(key)
   local at = redis.call('PEXPIRETIME', key)
-  if at < 0 then return used, window * 1000, nil end
-  return used, math.max(0, at - now_ms()), at
+  if at < 0 then return clamp(used), window * 1000, nil end
+  return clamp(used), math.max(0, at - now_ms()), at
 end
 
 -- Adds `amount` (negative: a refund, never below zero) to the key. With a window id, a refund
