@@ -1,8 +1,9 @@
 //! Reserve mode's output allowance for requests that set no `max_tokens`: learned from the
 //! output recent responses of the same rules and model actually used (SPEC 4).
 
+use crate::lock;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 /// Recent outputs kept per rules and model.
 const WINDOW: usize = 32;
@@ -38,7 +39,7 @@ struct Recent {
 impl Allowances {
     /// The allowance for a request under these rules of this model; `start` until learned.
     pub(crate) fn get(&self, rules: &str, model: Option<&str>, start: u64) -> u64 {
-        let learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let learned = lock(&self.learned);
         let recent = learned
             .by_rules
             .get(rules)
@@ -55,7 +56,7 @@ impl Allowances {
 
     /// Learns from the actual output of a response to a request that set no output limit.
     pub(crate) fn record(&self, rules: &Arc<str>, model: Option<&str>, output: u64) {
-        let mut guard = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = lock(&self.learned);
         let learned = &mut *guard;
         let full = learned.entries >= MAX_ENTRIES;
         let models = learned.by_rules.entry(rules.clone()).or_default();

@@ -86,3 +86,9 @@ pub use request::RequestBody;
 pub use rule::Rule;
 pub use service::TokenRateLimit;
 pub use store::Algorithm;
+
+/// Locks `m`, poisoned or not: every lock in the crate guards state a panic cannot leave
+/// half-written (a map entry, a counter, a list), so serving goes on.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use tokio::sync::{Notify, mpsc};
@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::cost::Cost;
 use crate::decode::{Decoder, Encoding};
 use crate::layer::Shared;
+use crate::lock;
 use crate::store::{self, Counter, KeyMap, MemoryStore, Store, StoreFuture};
 use crate::telemetry;
 use crate::usage::{BodyFormat, Usage, UsageScanner};
@@ -254,10 +255,6 @@ impl Settler {
             self.resume();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Settlements of local reservations written to the store at the same time (they pipeline

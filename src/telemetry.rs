@@ -19,8 +19,10 @@ pub(crate) const DEFAULT_MAX_MODELS: usize = 64;
 #[cfg(feature = "metrics")]
 mod on {
     use std::collections::HashSet;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Mutex, PoisonError};
+
+    use crate::lock;
 
     static MAX_MODELS: AtomicUsize = AtomicUsize::new(super::DEFAULT_MAX_MODELS);
     static MODELS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
@@ -34,7 +36,7 @@ mod on {
         let Some(model) = model else {
             return "unknown".into();
         };
-        let mut seen = MODELS.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = lock(&MODELS);
         let seen = seen.get_or_insert_with(HashSet::new);
         if seen.contains(model) {
             return model.to_owned();

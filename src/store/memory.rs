@@ -1,6 +1,7 @@
+use crate::lock;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -233,11 +234,6 @@ async fn sweeper(running: Running) {
         let Some(inner) = store.upgrade() else { return };
         inner.sweep(inner.now());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a shard cannot leave an entry half-written; keep serving.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Inner {

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, FromRedisValue, Script, Value};
@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, watch};
 use super::{Counter, CounterStatus, KeyMap, Reservation, Store, StoreFuture};
 use crate::config::RedisConfig;
 use crate::error::{ConfigError, Problems, StoreError};
-use crate::telemetry;
+use crate::{lock, telemetry};
 
 static CHECK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -227,10 +227,6 @@ impl Recent {
             .map(|k| self.debited.get(k).copied().unwrap_or(0))
             .collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs its closure when dropped, unless [`done`](Self::done): a background task dropped
