@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use serde::de::{IgnoredAny, MapAccess};
 use serde_json::value::RawValue;
 
+use crate::usage::BOM;
 use crate::usage::wire::{Lenient, deserialize_lenient};
 
 /// A request body type the layer can rebuild after reading the start of it.
@@ -291,7 +292,7 @@ impl<'a> Probe<'a> {
     /// The probe of a JSON object body; `None` for anything else. A UTF-8 byte order mark
     /// before it is skipped, as Python's `json.loads` (FastAPI, vLLM, LiteLLM) skips it.
     pub(crate) fn of(body: &'a [u8]) -> Option<Self> {
-        serde_json::from_slice(body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)).ok()
+        serde_json::from_slice(body.strip_prefix(BOM).unwrap_or(body)).ok()
     }
 }
 

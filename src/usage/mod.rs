@@ -198,9 +198,9 @@ pub struct UsageScanner {
     bom: Option<u8>,
 }
 
-/// UTF-8's byte order mark, dropped at the start of a body: SSE ignores it, and a JSON parser
-/// would refuse the body.
-const BOM: &[u8] = b"\xEF\xBB\xBF";
+/// UTF-8's byte order mark, dropped at the start of a body (a response's here, a request's by
+/// the request probe): SSE ignores it, and a JSON parser would refuse the body.
+pub(crate) const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Debug)]
 enum Body {
