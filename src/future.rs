@@ -87,7 +87,7 @@ pub(crate) struct Pending<S, ReqBody> {
     pub(crate) deferred: bool,
     pub(crate) grpc: bool,
     pub(crate) request_bytes: u64,
-    /// The bytes of a body of no declared length, counted as they go to the inner service.
+    /// The bytes of a body of no declared length, counted as they are read.
     pub(crate) sent: Option<Arc<AtomicU64>>,
     pub(crate) strip_usage: bool,
     /// Reserve mode: the output limit the request set, and its model.
@@ -197,15 +197,7 @@ impl<S, ReqBody: RequestBody> Pending<S, ReqBody> {
                 );
                 ReqBody::rebuild(body, None)
             }
-            None => {
-                // Past the limit: what is left is counted as it goes.
-                let counted = self.sent.clone().filter(|_| rest.is_some());
-                let body = ReqBody::rebuild(prefix, rest);
-                match counted {
-                    Some(sent) => body.counted(sent),
-                    None => body,
-                }
-            }
+            None => ReqBody::rebuild(prefix, rest),
         });
         true
     }

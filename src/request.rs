@@ -29,9 +29,10 @@ pub trait RequestBody: Body<Data = Bytes> + Unpin + Sized + Send + 'static {
     fn rebuild(prefix: Bytes, rest: Option<Self>) -> Self;
 
     /// This body, adding the bytes it yields to `sent`. The layer counts a body whose length
-    /// is not declared (chunked, or HTTP/2 without `content-length`), so that a request that
-    /// gets no usage back is charged its prompt estimate all the same. The default gives the
-    /// body back uncounted (the estimate then counts what the layer read of it, if anything).
+    /// is not declared (chunked, or HTTP/2 without `content-length`) as it is read, so that a
+    /// request that gets no usage back is charged its prompt estimate all the same. The
+    /// default gives the body back uncounted (the estimate then counts what the layer read of
+    /// it, if anything).
     fn counted(self, sent: Arc<AtomicU64>) -> Self {
         let _ = sent;
         self

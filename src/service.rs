@@ -97,7 +97,8 @@ where
         let declared = content_length.or_else(|| request.body().size_hint().exact());
         let request_bytes = declared.unwrap_or_else(|| request.body().size_hint().lower());
         // A body of no declared length (chunked, or HTTP/2 without `content-length`) is
-        // counted as the inner service reads it, for the prompt estimate.
+        // counted as it is read (by the layer, then the inner service), for the prompt
+        // estimate.
         let sent = declared.is_none().then(|| Arc::new(AtomicU64::new(0)));
         let fits = content_length.is_none_or(|n| n <= settings.request_body_limit as u64);
         let inject = settings.inject_include_usage && json && fits && may_ask_for_usage(&request);
@@ -113,13 +114,13 @@ where
             })
             .flatten();
         let (head, body) = request.into_parts();
+        let body = match &sent {
+            Some(sent) => body.counted(sent.clone()),
+            None => body,
+        };
         let (body, reader) = if read {
             (None, Some(Reader::new(body, settings.request_body_limit)))
         } else {
-            let body = match &sent {
-                Some(sent) => body.counted(sent.clone()),
-                None => body,
-            };
             (Some(body), None)
         };
 

@@ -558,7 +558,7 @@ pub(crate) struct Meter {
     /// Usage from the response headers or trailers, through the extractor.
     reported: Option<Usage>,
     /// The request body's size, as declared or read by the layer; and, for a body of no
-    /// declared length, the bytes the inner service read of it.
+    /// declared length, the bytes read of it (by the layer, then the inner service).
     request_bytes: u64,
     sent: Option<Arc<AtomicU64>>,
     scanner: Option<UsageScanner>,
