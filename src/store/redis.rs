@@ -981,7 +981,7 @@ impl Inner {
         }
         let mut unwritten = Unwritten(self.clone(), chunks);
         async move {
-            let inner = unwritten.0.clone();
+            let inner = &unwritten.0;
             // No request waits for a write: it gets longer than the per-call timeout, since a
             // write that times out may have been applied all the same, and is then written
             // again from the buffer (counted twice).
@@ -1588,7 +1588,7 @@ impl Store for RedisStore {
     /// One script per hash slot (all of them at once on a single node). Where it fails, extra
     /// usage is kept for when Redis is back; a refund is dropped (the conservative side).
     fn settle_many(&self, settlements: Vec<(Counter, u64, i64)>) -> StoreFuture<()> {
-        let inner = self.inner.clone();
+        let inner = &self.inner;
         inner.note_debits(settlements.iter().map(|(c, _, delta)| (&c.key, *delta)));
         let writes = settlements
             .into_iter()
