@@ -1,6 +1,6 @@
-//! Broken, hostile or huge upstream responses never panic and are charged the estimate; a
-//! stream the upstream cuts mid-way is charged the estimate too; a decompression bomb is
-//! metered in bounded memory.
+//! Broken or hostile upstream responses never panic and are charged the estimate; a stream
+//! the upstream cuts mid-way is charged the estimate too; events past the cap and decompression
+//! bombs are metered by their usage in bounded memory.
 
 mod common;
 
@@ -121,9 +121,6 @@ fn upstream(
 
 #[tokio::test]
 async fn broken_usage_is_charged_the_estimate() {
-    let mut huge = b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5},\"pad\":\"".to_vec();
-    huge.extend(std::iter::repeat_n(b'x', 50 << 20));
-    huge.extend_from_slice(b"\"}\n\ndata: [DONE]\n\n");
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
         ("null", "text/event-stream", b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n".to_vec()),
         ("negative", "text/event-stream", b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-5,\"completion_tokens\":-1,\"total_tokens\":-6}}\n\n".to_vec()),
@@ -133,7 +130,6 @@ async fn broken_usage_is_charged_the_estimate() {
         ("truncated-json", "application/json", b"{\"id\":\"x\",\"usage\":{\"prompt_tokens\":5,".to_vec()),
         ("garbage", "text/event-stream", (0..=255u8).cycle().take(100_000).collect()),
         ("garbage-json", "application/json", b"\xff\xfe{{{{[[[[\"usage\":".to_vec()),
-        ("50MB-event", "text/event-stream", huge),
     ];
     let store = MemoryStore::new();
     let limits = layer(&store);
@@ -172,6 +168,101 @@ async fn broken_usage_is_charged_the_estimate() {
             REQUEST_TOKENS + output,
             "{case}: charged the estimate"
         );
+    }
+}
+
+/// Events past the 1 MiB cap (an image generation's `response.completed`, which repeats the
+/// image; a Gemini chunk carrying one) are charged the usage they report, read as they pass in
+/// bounded memory, not the estimate; a usage nested in their content is not theirs.
+#[tokio::test]
+async fn events_past_the_cap_are_charged_their_usage() {
+    let event = |head: &str, pad: usize, tail: &str| {
+        let mut event = head.as_bytes().to_vec();
+        event.extend(std::iter::repeat_n(b'A', pad));
+        event.extend_from_slice(tail.as_bytes());
+        event
+    };
+    let cases = [
+        (
+            "chat-50MB",
+            event(
+                r#"data: {"choices":[],"usage":{"total_tokens":5},"pad":""#,
+                50 << 20,
+                "\"}\n\ndata: [DONE]\n\n",
+            ),
+            Some(5),
+        ),
+        (
+            "responses-image",
+            event(
+                "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"image_generation_call\",\"result\":\"",
+                3 << 20,
+                r#""}],"usage":{"input_tokens":20,"output_tokens":1056,"total_tokens":1076},"user":null},"sequence_number":9}"#,
+            ),
+            Some(1076),
+        ),
+        (
+            "gemini-image",
+            event(
+                r#"data: {"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"image/png","data":""#,
+                2 << 20,
+                "\"}}]}}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":1290,\"totalTokenCount\":1299}}\r\n\r\n",
+            ),
+            Some(1299),
+        ),
+        // Only a usage the model wrote (a function's arguments): the estimate.
+        (
+            "nested-only",
+            event(
+                r#"data: {"candidates":[{"content":{"parts":[{"functionCall":{"args":{"usage":{"total_tokens":1},"x":""#,
+                2 << 20,
+                "\"}}}]}}]}\n\n",
+            ),
+            None,
+        ),
+    ];
+    let store = MemoryStore::new();
+    let limits = layer(&store);
+    for (case, body, usage) in cases {
+        let bytes = Bytes::from(body);
+        let app = upstream(
+            &limits,
+            bytes.clone(),
+            1 << 16,
+            vec![("content-type", "text/event-stream")],
+        );
+        let req = Request::post("/v1/chat/completions")
+            .header("x-case", case)
+            .header("content-length", REQUEST.len())
+            .body(Body::from(REQUEST))
+            .unwrap();
+        let base = IN_USE.with(Cell::get);
+        PEAK.with(|peak| peak.set(base));
+        let r = tokio::time::timeout(Duration::from_secs(60), app.oneshot(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{case}");
+        let mut body = r.into_body();
+        let mut got = 0;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            got += frame.unwrap().into_data().unwrap().len();
+        }
+        drop(body);
+        let peak = PEAK.with(Cell::get) - base;
+        assert_eq!(
+            got,
+            bytes.len(),
+            "{case}: the body passes through unchanged"
+        );
+        // The event's first MiB is kept before it is known to be past the cap.
+        assert!(
+            peak < 2 << 20,
+            "{case}: peak heap while metering {peak} bytes"
+        );
+        limits.flush().await;
+        let estimate = REQUEST_TOKENS + bytes.len().div_ceil(64) as u64;
+        assert_eq!(used(&store, case), usage.unwrap_or(estimate), "{case}");
     }
 }
 

@@ -12,9 +12,11 @@
 //! | Google Gemini | `usageMetadata`; the last one wins |
 //!
 //! The scan never changes or holds on to the bytes: events are split with a memchr-class pass
-//! and only those that carry a non-null usage are parsed. Memory is bounded: an SSE event
-//! larger than the cap (1 MiB by default) is skipped, and of a JSON body larger than the cap
-//! only a 64 KiB tail is kept. Malformed input never panics; it reports no usage.
+//! and only those that carry a non-null usage are parsed. Memory is bounded: of an SSE event
+//! larger than the cap (1 MiB by default) only the members a usage is read from are kept as it
+//! passes (its top-level `type`, `usage` and `usageMetadata`, and the `usage` of a top-level
+//! `message` or `response`: up to 64 KiB of them), and of a JSON body larger than the cap only
+//! a 64 KiB tail is kept. Malformed input never panics; it reports no usage.
 //!
 //! ```
 //! use tower_token_ratelimit::usage::{BodyFormat, UsageScanner};
@@ -43,6 +45,7 @@ mod gemini;
 mod json;
 mod needle;
 mod openai;
+mod outline;
 mod sse;
 pub(crate) mod wire;
 
@@ -186,8 +189,8 @@ impl BodyFormat {
 ///
 /// Feed it every frame as it passes, then call [`finish`](Self::finish) at the end of the
 /// body. It never modifies the bytes and keeps none of them beyond bounded buffers: the part
-/// of an SSE event that spans frames (up to the cap), or a JSON body (up to the cap, then a
-/// 64 KiB tail). The result does not depend on how the body was split into frames.
+/// of an SSE event that spans frames (up to the cap, then up to 64 KiB of its outline), or a
+/// JSON body (up to the cap, then a 64 KiB tail). The result does not depend on how the body was split into frames.
 #[derive(Debug)]
 pub struct UsageScanner {
     body: Body,
@@ -226,8 +229,9 @@ impl UsageScanner {
         }
     }
 
-    /// Sets the cap (default 1 MiB): for SSE, the largest event data read (its `data:` lines
-    /// joined), a larger event being skipped whole; for JSON, the largest body parsed whole, a
+    /// Sets the cap (default 1 MiB): for SSE, the largest event data kept (its `data:` lines
+    /// joined), a larger event being read as it passes for the members a usage is read from
+    /// (nothing else in it is checked to be well-formed); for JSON, the largest body parsed whole, a
     /// larger one being read from its last 64 KiB. Set it before feeding.
     pub fn with_max_event_bytes(mut self, max: usize) -> Self {
         match &mut self.body {
@@ -888,15 +892,33 @@ mod tests {
         assert_eq!(scanner.usage().unwrap().total_tokens, Some(1));
     }
 
+    /// An event past the cap is read through its outline: the same usage, from the same
+    /// places, whatever the framing.
     #[test]
-    fn cap_applies_to_sse_events() {
-        let event = b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n";
-        let mut scanner = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(10);
-        scanner.feed(event);
-        assert_eq!(scanner.finish(), None);
-        let mut scanner = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(30);
-        scanner.feed(event);
-        assert_eq!(scanner.finish().unwrap().input_tokens, Some(1));
+    fn events_past_the_cap_report_the_same_usage() {
+        let events = [
+            "data: {\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n",
+            // Split into data lines, with a nested usage that is not the event's.
+            "data: {\"candidates\":[{\"usage\":{\"total_tokens\":1}}],\ndata: \"usageMetadata\":\ndata: {\"totalTokenCount\":12}}\n\n",
+            "data: {\"a\":{\"usage\":{\"total_tokens\":1}}}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":1}\n\n",
+        ];
+        for event in events {
+            let read = |max: usize, frame: usize| {
+                let mut scanner = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(max);
+                for part in event.as_bytes().chunks(frame) {
+                    scanner.feed(part);
+                }
+                (scanner.finish(), scanner.is_provisional())
+            };
+            let whole = read(1 << 20, event.len());
+            for max in [0, 10, 30] {
+                for frame in [1, 5, event.len()] {
+                    assert_eq!(read(max, frame), whole, "{event} with a cap of {max}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -1091,11 +1113,13 @@ mod tests {
         /// Over SSE streams of such documents (pretty ones as one data line per line, so that a
         /// usage key and its counts may be on different lines), cut anywhere: what the scanner
         /// reports, passing over the events before a count key unread, is what parsing every
-        /// event whole reports.
+        /// event whole reports; and so is what it reports with a cap that has some events read
+        /// through their outlines.
         #[test]
         fn passing_over_events_without_a_count_key_changes_nothing(
             events in proptest::collection::vec((stream_event(), proptest::bool::ANY), 1..8),
             cuts in proptest::collection::vec(0usize..4096, 0..6),
+            cap in 0usize..400,
         ) {
             let mut stream = Vec::new();
             let mut expected = Accumulator::default();
@@ -1115,13 +1139,17 @@ mod tests {
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
             cuts.sort_unstable();
             let mut scanner = UsageScanner::new(BodyFormat::Sse);
+            let mut capped = UsageScanner::new(BodyFormat::Sse).with_max_event_bytes(cap);
             let mut from = 0;
             for cut in cuts.into_iter().chain([stream.len()]) {
                 scanner.feed(&stream[from..cut]);
+                capped.feed(&stream[from..cut]);
                 from = cut;
             }
             proptest::prop_assert_eq!(scanner.finish(), expected.usage);
             proptest::prop_assert_eq!(scanner.is_provisional(), expected.provisional);
+            proptest::prop_assert_eq!(capped.finish(), expected.usage, "cap {}", cap);
+            proptest::prop_assert_eq!(capped.is_provisional(), expected.provisional);
         }
     }
 

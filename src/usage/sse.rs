@@ -10,7 +10,8 @@
 //! finds (a key naming a token count) without reading their lines, so most events are dropped
 //! after a memchr-class pass over their bytes. An event that lies inside one chunk is read in
 //! place; only the part of an event that spans a chunk boundary is copied, and at most
-//! `max_event` bytes of it: a larger event is dropped up to its blank line.
+//! `max_event` bytes of it: past that, the event's data is read through an [`Outline`] as it
+//! passes, which keeps only the members a usage is read from.
 
 use std::mem;
 use std::ops::Range;
@@ -18,6 +19,7 @@ use std::ops::Range;
 use memchr::{memchr2, memrchr2};
 
 use super::extend_bounded;
+use super::outline::Outline;
 
 /// Data lines of one event kept as ranges of the current chunk before they are copied; past
 /// this many, they are copied so that the list stays small (an event of many empty lines).
@@ -46,8 +48,9 @@ pub(crate) struct EventSplitter {
     len: usize,
     /// A data line of the current event is wanted.
     hit: bool,
-    /// The current event outgrew `max_event`: drop it up to its blank line.
-    skipping: bool,
+    /// The current event outgrew `max_event`: its data is read through this instead of kept
+    /// (and the event counts as wanted, its lines not looked at).
+    outline: Option<Box<Outline>>,
     /// The line left incomplete at the end of the previous chunk.
     carry: Carry,
     /// The previous chunk ended in CR: a LF starting the next one ends no further line.
@@ -79,7 +82,7 @@ impl EventSplitter {
             lines: 0,
             len: 0,
             hit: false,
-            skipping: false,
+            outline: None,
             carry: Carry::LineStart,
             after_cr: false,
         }
@@ -164,7 +167,6 @@ impl EventSplitter {
         };
         // The current event, and any after it up to `end`, had no wanted line.
         self.reset_event();
-        self.skipping = false;
         if pos + end == chunk.len() && chunk[chunk.len() - 1] == b'\r' {
             self.after_cr = true;
         }
@@ -204,14 +206,16 @@ impl EventSplitter {
             self.dispatch(chunk, on_event);
             return;
         }
-        if self.skipping {
-            return;
-        }
         let Some(offset) = data_value_offset(&chunk[line.clone()]) else {
             return;
         };
         let value = line.start + offset..line.end;
-        if !self.begin_data_line(value.len()) {
+        let separator = self.begin_data_line(chunk, value.len());
+        if let Some(outline) = &mut self.outline {
+            if separator {
+                outline.feed(b"\n");
+            }
+            outline.feed(&chunk[value]);
             return;
         }
         if !self.hit && (self.wanted)(&chunk[value.clone()]) {
@@ -223,21 +227,40 @@ impl EventSplitter {
         }
     }
 
-    /// Counts a data line of `value_len` bytes into the event; false if that made it too large.
-    fn begin_data_line(&mut self, value_len: usize) -> bool {
-        let separator = usize::from(self.lines > 0);
-        self.lines += 1;
-        self.len = self.len.saturating_add(value_len + separator);
+    /// Counts a data line of `value_len` bytes into the event, which is read through an
+    /// outline from there if that makes it too large; returns whether a separator goes before
+    /// the line. `chunk` holds the event's lines not yet copied.
+    fn begin_data_line(&mut self, chunk: &[u8], value_len: usize) -> bool {
+        let separator = self.lines > 0;
+        self.len = self.len.saturating_add(value_len + usize::from(separator));
         if self.len > self.max_event {
-            self.skip();
-            return false;
+            self.begin_outline(chunk);
         }
-        true
+        self.lines += 1;
+        separator
+    }
+
+    /// From here the current event's data goes through an outline, starting with what was kept.
+    fn begin_outline(&mut self, chunk: &[u8]) {
+        if self.outline.is_some() {
+            return;
+        }
+        self.spill(chunk);
+        let mut outline = Box::<Outline>::default();
+        outline.feed(&self.data);
+        self.outline = Some(outline);
+        self.hit = true;
+        self.data.clear();
+        self.data.shrink_to(KEEP_CAPACITY);
     }
 
     /// Blank line: the event is complete.
     fn dispatch(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) {
-        if self.hit && !self.skipping {
+        if let Some(outline) = &self.outline {
+            if let Some(document) = outline.finish() {
+                on_event(document);
+            }
+        } else if self.hit {
             if self.lines == 1 && self.ranges.len() == 1 {
                 on_event(&chunk[self.ranges[0].clone()]);
             } else {
@@ -245,7 +268,6 @@ impl EventSplitter {
                 on_event(&self.data);
             }
         }
-        self.skipping = false;
         self.reset_event();
     }
 
@@ -258,15 +280,7 @@ impl EventSplitter {
         self.lines = 0;
         self.len = 0;
         self.hit = false;
-    }
-
-    /// Drops the current event (too large) up to its blank line.
-    fn skip(&mut self) {
-        self.reset_event();
-        self.skipping = true;
-        if self.carry != Carry::LineStart {
-            self.carry = Carry::Ignored;
-        }
+        self.outline = None;
     }
 
     /// Copies the in-chunk data lines of the current event into `data`.
@@ -289,7 +303,6 @@ impl EventSplitter {
         }
         match self.carry {
             Carry::Ignored => {}
-            Carry::LineStart if self.skipping => self.carry = Carry::Ignored,
             Carry::LineStart => self.classify(&[], bytes),
             Carry::Head { bytes: head, len } => self.classify(&head[..usize::from(len)], bytes),
             Carry::Data { .. } => self.append_data(bytes),
@@ -324,15 +337,11 @@ impl EventSplitter {
         self.append_data(&bytes[rest..]);
     }
 
-    /// A data line that continues past the chunk: its value goes straight into `data`.
+    /// A data line that continues past the chunk: its value goes straight into `data` (or
+    /// the outline). The event's lines in the chunk were copied already.
     fn begin_carried_data_line(&mut self) {
-        let separator = self.lines > 0;
-        if !self.begin_data_line(0) {
-            self.carry = Carry::Ignored;
-            return;
-        }
-        if separator {
-            extend_bounded(&mut self.data, b"\n", self.max_event);
+        if self.begin_data_line(&[], 0) {
+            self.push_data(b"\n");
         }
         self.carry = Carry::Data {
             start: self.data.len(),
@@ -356,10 +365,17 @@ impl EventSplitter {
         }
         self.len = self.len.saturating_add(bytes.len());
         if self.len > self.max_event {
-            self.skip();
-            return;
+            self.begin_outline(&[]);
         }
-        extend_bounded(&mut self.data, bytes, self.max_event);
+        self.push_data(bytes);
+    }
+
+    /// Bytes of the current event's data, copied or read through its outline.
+    fn push_data(&mut self, bytes: &[u8]) {
+        match &mut self.outline {
+            Some(outline) => outline.feed(bytes),
+            None => extend_bounded(&mut self.data, bytes, self.max_event),
+        }
     }
 
     /// The incomplete line has ended.
@@ -626,18 +642,29 @@ mod tests {
             line
         };
         let mut max_capacity = 0;
-        for chunk in line.chunks(CHUNK) {
-            splitter.feed(chunk, |d| events.push(d.len()));
+        for (i, chunk) in line.chunks(CHUNK).enumerate() {
+            splitter.feed(chunk, |d| {
+                events.push(String::from_utf8_lossy(d).into_owned())
+            });
             max_capacity = max_capacity.max(splitter.buffered_capacity());
-            assert!(
-                splitter.buffered_capacity() <= CAP + CHUNK,
-                "buffer grew to {}",
-                splitter.buffered_capacity()
-            );
+            let bound = if (i + 1) * CHUNK > CAP + CHUNK {
+                // Read through its outline since it passed the cap.
+                KEEP_CAPACITY
+            } else {
+                CAP + CHUNK
+            };
+            let capacity = splitter.buffered_capacity();
+            assert!(capacity <= bound, "buffer grew to {capacity} at chunk {i}");
         }
         assert!(max_capacity > 0, "the event was never buffered");
-        splitter.feed(b"data: {\"usage\":{}}\n\n", |d| events.push(d.len()));
-        assert_eq!(events, [12], "the oversize event was dispatched");
+        splitter.feed(b"data: {\"usage\":{}}\n\n", |d| {
+            events.push(String::from_utf8_lossy(d).into_owned())
+        });
+        assert_eq!(
+            events,
+            [r#"{"usage":{"prompt_tokens":1}}"#, r#"{"usage":{}}"#],
+            "the oversize event was dispatched as its outline"
+        );
         assert!(splitter.buffered_capacity() <= KEEP_CAPACITY);
     }
 
