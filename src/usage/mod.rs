@@ -62,6 +62,9 @@ const USAGE_NEEDLE: &[u8] = b"\"usage";
 
 static USAGE_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(USAGE_NEEDLE));
 
+/// A `type` key, which changes how a usage is read (Anthropic's events and bodies).
+static TYPE_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(b"\"type\""));
+
 /// Token counts as a provider reported them (`None` = not reported).
 ///
 /// Each field holds the provider's own figure, never recomputed: whether cached or reasoning
@@ -217,7 +220,11 @@ impl UsageScanner {
         let body = match format {
             BodyFormat::Sse => Body::Sse(
                 sse::EventSplitter::new(carries_usage, DEFAULT_MAX_EVENT_BYTES)
-                    .with_candidates(count_key_candidate),
+                    .with_candidates(count_key_candidate)
+                    .with_settling(sse::Settling {
+                        last_candidate: last_count_key_candidate,
+                        settles: replaces_usage,
+                    }),
             ),
             BodyFormat::Json => Body::Json(json::JsonBody::new(DEFAULT_MAX_EVENT_BYTES)),
         };
@@ -339,6 +346,8 @@ pub(crate) struct Accumulator {
     usage: Option<Usage>,
     /// The last report was a placeholder.
     provisional: bool,
+    /// A report replaced the usage whole: what came before it no longer counts.
+    replaced: bool,
 }
 
 impl Accumulator {
@@ -349,7 +358,10 @@ impl Accumulator {
         }
         self.provisional = report.provisional;
         match report.merge {
-            Merge::Replace => self.usage = Some(report.usage),
+            Merge::Replace => {
+                self.usage = Some(report.usage);
+                self.replaced = true;
+            }
             Merge::Fieldwise => {
                 let usage = self.usage.get_or_insert_default();
                 usage.overlay(&report.usage);
@@ -452,7 +464,6 @@ fn parse_whole(document: &[u8], seen: &mut Accumulator) {
 /// closing `}`. In valid JSON that leaves the key no other place; a document broken before its
 /// usage key may have that usage read where a full parse would give up. `None` when not sure.
 fn top_level_usage(document: &[u8]) -> Option<Option<Report>> {
-    static TYPE_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(b"\"type\""));
     let at = USAGE_FINDER.find(document)?;
     if !skip_whitespace(document).starts_with(b"{")
         || !matches!(
@@ -611,18 +622,43 @@ static COUNT_KEY_FINDER: LazyLock<Needle> = LazyLock::new(|| Needle::new(COUNT_K
 /// puts in every chunk, Gemini's `{"trafficType": …}`), so the events before it are passed over
 /// unread, and the search does not stop at every chunk's usage key.
 fn count_key_candidate(bytes: &[u8]) -> Option<usize> {
-    COUNT_KEY_FINDER.positions(bytes).find(|&at| {
-        let rest = &bytes[at + COUNT_KEY_NEEDLE.len()..];
-        let names_a_count = [&b"s\""[..], b"Count\""].iter().any(|end| {
-            let n = end.len().min(rest.len());
-            rest[..n] == end[..n]
-        });
-        let is_a_cap = || {
-            memchr::memrchr(b'"', &bytes[..at])
-                .is_some_and(|q| bytes[q + 1..at].starts_with(b"max_"))
-        };
-        names_a_count && !is_a_cap()
-    })
+    COUNT_KEY_FINDER
+        .positions(bytes)
+        .find(|&at| names_a_count(bytes, at))
+}
+
+/// [`count_key_candidate`], searching from the end: where the last one starts.
+fn last_count_key_candidate(bytes: &[u8]) -> Option<usize> {
+    // By the needle's rarer byte, with memchr's vectorised reverse search (memmem's reverse
+    // search is not vectorised).
+    memchr::memrchr_iter(b'k', bytes)
+        .filter_map(|k| k.checked_sub(1))
+        .find(|&at| bytes[at..].starts_with(COUNT_KEY_NEEDLE) && names_a_count(bytes, at))
+}
+
+/// Whether the [`COUNT_KEY_NEEDLE`] at `at` may be part of a key naming a count.
+fn names_a_count(bytes: &[u8], at: usize) -> bool {
+    let rest = &bytes[at + COUNT_KEY_NEEDLE.len()..];
+    let names_a_count = [&b"s\""[..], b"Count\""].iter().any(|end| {
+        let n = end.len().min(rest.len());
+        rest[..n] == end[..n]
+    });
+    let is_a_cap = || {
+        memchr::memrchr(b'"', &bytes[..at]).is_some_and(|q| bytes[q + 1..at].starts_with(b"max_"))
+    };
+    names_a_count && !is_a_cap()
+}
+
+/// Whether an event's data reports a usage that replaces the one before it whole (OpenAI's,
+/// Gemini's): the events before it then change nothing. Events with a `type` (Anthropic's,
+/// whose usage merges field by field, and Responses') are not parsed to find out.
+fn replaces_usage(data: &[u8]) -> bool {
+    if TYPE_FINDER.find(data).is_some() {
+        return false;
+    }
+    let mut seen = Accumulator::default();
+    parse_json(data, &mut seen);
+    seen.replaced
 }
 
 /// `extend_from_slice`, growing the capacity no further than `max` (callers never add past
@@ -974,7 +1010,7 @@ mod tests {
         let shortcut = top_level_usage(doc).map(|report| {
             let mut seen = Accumulator {
                 usage: before,
-                provisional: false,
+                ..Accumulator::default()
             };
             if let Some(report) = report {
                 seen.apply(report);
@@ -983,7 +1019,7 @@ mod tests {
         });
         let mut seen = Accumulator {
             usage: before,
-            provisional: false,
+            ..Accumulator::default()
         };
         parse_whole(doc, &mut seen);
         (shortcut, seen.usage)
@@ -1105,6 +1141,49 @@ mod tests {
                 if let Some(shortcut) = shortcut {
                     proptest::prop_assert_eq!(shortcut, whole, "{}", text);
                 }
+            }
+        }
+    }
+
+    /// Streams whose events each replace the usage (Gemini's, OpenAI's with a usage in every
+    /// chunk) are read from the last such event of each chunk; an event that merges instead
+    /// (Anthropic's) stops that for the rest of the stream. Either way the usage is what reading
+    /// every event gives, whatever the framing.
+    #[test]
+    fn events_that_replace_the_usage_settle_the_ones_before_them() {
+        let mut events: Vec<String> = (1..=60)
+            .map(|n| {
+                format!(
+                    "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"{n} tokens\"}}]}}}}],\"usageMetadata\":{{\"promptTokenCount\":7,\"candidatesTokenCount\":{n},\"totalTokenCount\":{}}}}}\n\n",
+                    n + 7
+                )
+            })
+            .collect();
+        events.insert(30, "event: x\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\r\n\r\n".into());
+        let merging = [
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":500}}\n\n".to_string(),
+            // Anthropic's vocabulary without a `type`: merged too.
+            "data: {\"usage\":{\"input_tokens\":9,\"cache_read_input_tokens\":4}}\n\n".to_string(),
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":501}}\n\n".to_string(),
+            "data: {\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":5}}\n\n".to_string(),
+        ];
+        for tail in [&[][..], &merging[..]] {
+            let events: Vec<&String> = events.iter().chain(tail).collect();
+            let stream: String = events.iter().map(|e| e.as_str()).collect();
+            let mut expected = Accumulator::default();
+            for event in &events {
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap();
+                parse_whole(data.as_bytes(), &mut expected);
+            }
+            for frame in [1, 100, 700, 4096, 16 * 1024, stream.len()] {
+                let mut scanner = UsageScanner::new(BodyFormat::Sse);
+                for part in stream.as_bytes().chunks(frame) {
+                    scanner.feed(part);
+                }
+                assert_eq!(scanner.finish(), expected.usage, "{frame}-byte frames");
             }
         }
     }

@@ -8,7 +8,10 @@
 //! The splitter only hands over events with a data line its predicate wants (one with a
 //! non-null usage key), and passes over the events before the first candidate its caller
 //! finds (a key naming a token count) without reading their lines, so most events are dropped
-//! after a memchr-class pass over their bytes. An event that lies inside one chunk is read in
+//! after a memchr-class pass over their bytes. In a stream of several such events, once per
+//! chunk it looks for the chunk's last whole one and, if that one settles the ones before it
+//! (its usage replaces theirs: Gemini's, OpenAI's with a usage in every chunk), passes over
+//! those unread too. An event that lies inside one chunk is read in
 //! place; only the part of an event that spans a chunk boundary is copied, and at most
 //! `max_event` bytes of it: past that, the event's data is read through an [`Outline`] as it
 //! passes, which keeps only the members a usage is read from.
@@ -36,6 +39,12 @@ pub(crate) struct EventSplitter {
     /// Where in some bytes the first event worth handing over could be (`None`: nowhere);
     /// whole events before it are skipped without reading their lines.
     candidate: fn(&[u8]) -> Option<usize>,
+    /// How to tell an event that makes the ones before it change nothing; `None` if none can,
+    /// or once an event found that way did not (the stream's events do not replace each other).
+    settling: Option<Settling>,
+    /// Events handed over (counted up to 2: settling events are looked for in a stream of
+    /// several).
+    handed: u8,
     max_event: usize,
     /// Data of the current event copied from earlier chunks (its data lines joined with `\n`),
     /// possibly ending in the incomplete line described by `carry`.
@@ -57,6 +66,17 @@ pub(crate) struct EventSplitter {
     after_cr: bool,
 }
 
+/// How the splitter finds, among a chunk's whole events, the last one that makes those before
+/// it change nothing: from there on, the events before it are passed over unread.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settling {
+    /// Where the last candidate in some bytes is (as `candidate` finds the first).
+    pub(crate) last_candidate: fn(&[u8]) -> Option<usize>,
+    /// Whether an event of this one data line, handed over, makes what the events before it
+    /// were handed over for change nothing.
+    pub(crate) settles: fn(&[u8]) -> bool,
+}
+
 /// What is known about the line left incomplete at the end of the previous chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Carry {
@@ -76,6 +96,8 @@ impl EventSplitter {
         Self {
             wanted,
             candidate: |_| Some(0),
+            settling: None,
+            handed: 0,
             max_event,
             data: Vec::new(),
             ranges: Vec::new(),
@@ -97,6 +119,12 @@ impl EventSplitter {
         self
     }
 
+    /// Sets how to find the events that settle everything before them.
+    pub(crate) fn with_settling(mut self, settling: Settling) -> Self {
+        self.settling = Some(settling);
+        self
+    }
+
     pub(crate) fn set_max_event(&mut self, max_event: usize) {
         self.max_event = max_event;
     }
@@ -109,6 +137,9 @@ impl EventSplitter {
         let mut pos = 0;
         let mut clean = self.carry == Carry::LineStart && !self.hit;
         let mut searched = false;
+        // The last settling event is looked for once per chunk (later it would be the same
+        // one), once the stream has had two events handed over.
+        let mut look_for_settling = self.handed >= 2;
         if self.after_cr && !chunk.is_empty() {
             self.after_cr = false;
             if chunk[0] == b'\n' {
@@ -127,7 +158,7 @@ impl EventSplitter {
         loop {
             if !self.hit {
                 let found;
-                (pos, found) = self.skip_events(chunk, pos);
+                (pos, found) = self.skip_events(chunk, pos, mem::take(&mut look_for_settling));
                 clean &= searched || !found;
             }
             searched = true;
@@ -152,11 +183,22 @@ impl EventSplitter {
     }
 
     /// From the line start `pos`, with no wanted line in the current event: passes over the
-    /// whole events before the first candidate (their lines unread), and returns where
-    /// reading resumes and whether there was a candidate.
-    fn skip_events(&mut self, chunk: &[u8], pos: usize) -> (usize, bool) {
+    /// whole events before the first candidate, or before the last event that settles them
+    /// (their lines unread), and returns where reading resumes and whether there was a
+    /// candidate.
+    fn skip_events(&mut self, chunk: &[u8], pos: usize, settling: bool) -> (usize, bool) {
         let rest = &chunk[pos..];
         let candidate = (self.candidate)(rest);
+        if let (Some(first), Some(how), true) = (candidate, self.settling, settling)
+            && let Some((start, settles)) = last_candidate_event(rest, first, how)
+        {
+            if settles {
+                // The current event, and all after it up to `start`, change nothing.
+                self.reset_event();
+                return (pos + start, true);
+            }
+            self.settling = None;
+        }
         let limit = match candidate {
             // Up to the start of the candidate's line.
             Some(at) => memrchr2(b'\n', b'\r', &rest[..at]).map_or(0, |t| t + 1),
@@ -261,12 +303,14 @@ impl EventSplitter {
                 on_event(document);
             }
         } else if self.hit {
-            if self.lines == 1 && self.ranges.len() == 1 {
-                on_event(&chunk[self.ranges[0].clone()]);
+            let data = if self.lines == 1 && self.ranges.len() == 1 {
+                &chunk[self.ranges[0].clone()]
             } else {
                 self.spill(chunk);
-                on_event(&self.data);
-            }
+                &self.data
+            };
+            on_event(data);
+            self.handed = self.handed.saturating_add(1).min(2);
         }
         self.reset_event();
     }
@@ -393,6 +437,41 @@ impl EventSplitter {
             self.hit = true;
         }
     }
+}
+
+/// In bytes that start at a line start, whose first candidate is at `first`: the start of the
+/// last whole event with a candidate, if it comes after the event of `first` and has one data
+/// line, and whether it settles the ones before it.
+fn last_candidate_event(bytes: &[u8], first: usize, settling: Settling) -> Option<(usize, bool)> {
+    let whole = &bytes[..last_blank_line_end(bytes)?];
+    let at = (settling.last_candidate)(whole)?;
+    let line_start = memrchr2(b'\n', b'\r', &whole[..at]).map_or(0, |t| t + 1);
+    let start = last_blank_line_end(&whole[..line_start])?;
+    if start <= first {
+        // No event with a candidate before it to pass over.
+        return None;
+    }
+    // Its one data line, up to its blank line.
+    let mut data = None;
+    let mut pos = start;
+    loop {
+        let len = memchr2(b'\n', b'\r', &whole[pos..])?;
+        let line = &whole[pos..pos + len];
+        if line.is_empty() {
+            break;
+        }
+        if let Some(offset) = data_value_offset(line) {
+            if data.is_some() {
+                return None;
+            }
+            data = Some(&line[offset..]);
+        }
+        pos += len + 1;
+        if whole[pos - 1] == b'\r' && whole.get(pos) == Some(&b'\n') {
+            pos += 1;
+        }
+    }
+    Some((start, (settling.settles)(data?)))
 }
 
 /// In bytes that start at a line start: the end of the last empty line (its line end
