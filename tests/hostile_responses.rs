@@ -171,9 +171,10 @@ async fn broken_usage_is_charged_the_estimate() {
     }
 }
 
-/// Events past the 1 MiB cap (an image generation's `response.completed`, which repeats the
-/// image; a Gemini chunk carrying one) are charged the usage they report, read as they pass in
-/// bounded memory, not the estimate; a usage nested in their content is not theirs.
+/// Events and JSON bodies past the 1 MiB cap (an image generation's `response.completed`, which
+/// repeats the image; a Gemini chunk carrying one) are charged the usage they report, read as
+/// they pass in bounded memory, not the estimate; a usage nested in their content is not
+/// theirs.
 #[tokio::test]
 async fn events_past_the_cap_are_charged_their_usage() {
     let event = |head: &str, pad: usize, tail: &str| {
@@ -210,6 +211,26 @@ async fn events_past_the_cap_are_charged_their_usage() {
             ),
             Some(1299),
         ),
+        // JSON bodies past the cap: the usage first (as Mistral orders a body), and a usage
+        // echoed after the body's own (request metadata), which is not the body's.
+        (
+            "json-usage-first",
+            event(
+                r#"{"usage":{"prompt_tokens":3,"completion_tokens":900,"total_tokens":903},"choices":[{"message":{"content":""#,
+                2 << 20,
+                r#""}}]}"#,
+            ),
+            Some(903),
+        ),
+        (
+            "json-echoed-usage",
+            event(
+                r#"{"output":[{"type":"image_generation_call","result":""#,
+                2 << 20,
+                r#""}],"usage":{"input_tokens":20,"output_tokens":1056,"total_tokens":1076},"metadata":{"usage":{"total_tokens":1}}}"#,
+            ),
+            Some(1076),
+        ),
         // Only a usage the model wrote (a function's arguments): the estimate.
         (
             "nested-only",
@@ -225,11 +246,16 @@ async fn events_past_the_cap_are_charged_their_usage() {
     let limits = layer(&store);
     for (case, body, usage) in cases {
         let bytes = Bytes::from(body);
+        let content_type = if bytes.starts_with(b"{") {
+            "application/json"
+        } else {
+            "text/event-stream"
+        };
         let app = upstream(
             &limits,
             bytes.clone(),
             1 << 16,
-            vec![("content-type", "text/event-stream")],
+            vec![("content-type", content_type)],
         );
         let req = Request::post("/v1/chat/completions")
             .header("x-case", case)

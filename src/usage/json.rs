@@ -1,14 +1,21 @@
 //! Plain JSON bodies.
 //!
 //! A body is buffered up to the cap and parsed whole at its end. Past the cap (an embeddings
-//! response with many vectors, say) only a bounded tail is kept, and the usage is read from
-//! the last `"usage"` / `"usageMetadata"` key in it: every provider puts it at or near the end.
+//! response with many vectors, an image's base64, say), an object is read as it passes
+//! through an [`Outline`], which keeps only the members a usage is read from, wherever they
+//! are in it; any other body (Gemini's stream as one JSON array) keeps a bounded tail, and the
+//! usage is read from the last `"usage"` / `"usageMetadata"` key in it: every provider puts it
+//! at or near the end.
 
 use std::mem;
 
 use memchr::memmem;
 
-use super::{Accumulator, USAGE_NEEDLE, extend_bounded, read_usage, scan_json, usage_value_at};
+use super::outline::Outline;
+use super::{
+    Accumulator, USAGE_NEEDLE, extend_bounded, parse_json, read_usage, scan_json, skip_whitespace,
+    usage_value_at,
+};
 
 /// Bytes of the body kept past the cap.
 const TAIL: usize = 64 * 1024;
@@ -17,8 +24,10 @@ const TAIL: usize = 64 * 1024;
 pub(crate) struct JsonBody {
     max: usize,
     buf: Vec<u8>,
-    /// The body outgrew `max`: `buf` holds its last `TAIL` to `2 * TAIL` bytes.
+    /// The body outgrew `max`: an object is read through `outline`; otherwise `buf` holds its
+    /// last `TAIL` to `2 * TAIL` bytes.
     overflowed: bool,
+    outline: Option<Box<Outline>>,
 }
 
 impl JsonBody {
@@ -27,6 +36,7 @@ impl JsonBody {
             max,
             buf: Vec::new(),
             overflowed: false,
+            outline: None,
         }
     }
 
@@ -40,11 +50,11 @@ impl JsonBody {
                 extend_bounded(&mut self.buf, chunk, self.max);
                 return;
             }
-            self.overflowed = true;
-            let keep = TAIL.saturating_sub(chunk.len()).min(self.buf.len());
-            let mut tail = Vec::with_capacity(2 * TAIL);
-            tail.extend_from_slice(&self.buf[self.buf.len() - keep..]);
-            self.buf = tail;
+            self.overflow(chunk);
+        }
+        if let Some(outline) = &mut self.outline {
+            outline.feed(chunk);
+            return;
         }
         if chunk.len() >= TAIL {
             self.buf.clear();
@@ -59,10 +69,33 @@ impl JsonBody {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// The body outgrows the cap with `chunk`: an object goes on through an outline, anything
+    /// else keeps a tail.
+    fn overflow(&mut self, chunk: &[u8]) {
+        self.overflowed = true;
+        let first = skip_whitespace(&self.buf)
+            .first()
+            .or(skip_whitespace(chunk).first());
+        if first.is_none_or(|&b| b == b'{') {
+            let mut outline = Box::<Outline>::default();
+            outline.feed(&mem::take(&mut self.buf));
+            self.outline = Some(outline);
+            return;
+        }
+        let keep = TAIL.saturating_sub(chunk.len()).min(self.buf.len());
+        let mut tail = Vec::with_capacity(2 * TAIL);
+        tail.extend_from_slice(&self.buf[self.buf.len() - keep..]);
+        self.buf = tail;
+    }
+
     /// Reads the usage of the whole body into `seen`, and frees the buffer.
     pub(crate) fn finish(&mut self, seen: &mut Accumulator) {
         let buf = mem::take(&mut self.buf);
-        if self.overflowed {
+        if let Some(outline) = self.outline.take() {
+            if let Some(document) = outline.finish() {
+                parse_json(document, seen);
+            }
+        } else if self.overflowed {
             // Exactly the last `TAIL` bytes, so the result never depends on how the body was
             // framed (the buffer may hold up to twice that).
             scan_tail(&buf[buf.len().saturating_sub(TAIL)..], seen);
@@ -101,10 +134,16 @@ mod tests {
             max: body.max,
             buf: body.buf.clone(),
             overflowed: body.overflowed,
+            outline: body.outline.clone(),
         };
         let mut seen = Accumulator::default();
         body.finish(&mut seen);
         seen.usage
+    }
+
+    /// [`padded_body`] as the one element of an array, which keeps a tail past the cap.
+    fn padded_array(pad: usize, tail: &str) -> Vec<u8> {
+        [&b"["[..], &padded_body(pad, tail), b"]"].concat()
     }
 
     fn padded_body(pad: usize, tail: &str) -> Vec<u8> {
@@ -118,28 +157,51 @@ mod tests {
     }
 
     /// Found by fuzzing: a usage key more than 64 KiB before the end was found or not
-    /// depending on the framing (the buffer keeps between one and two tails).
+    /// depending on the framing (the buffer keeps between one and two tails). An object is
+    /// read through its outline now, which finds it (as Mistral orders its bodies, usage
+    /// first); an array still keeps a tail.
     #[test]
-    fn the_tail_window_does_not_depend_on_framing() {
-        let mut body = br#"{"usage":{"total_tokens":5},"pad":""#.to_vec();
-        body.extend(std::iter::repeat_n(b'x', TAIL + 9_000));
-        body.extend_from_slice(br#""}"#);
-        let scan = |chunk: usize| {
-            let mut j = JsonBody::new(4096);
-            for c in body.chunks(chunk) {
-                j.feed(c);
+    fn the_usage_past_the_cap_does_not_depend_on_framing() {
+        for (open, close, want) in [(&b"{"[..], &b"}"[..], Some(5)), (b"[{", b"}]", None)] {
+            let mut body = open.to_vec();
+            body.extend_from_slice(br#""usage":{"total_tokens":5},"pad":""#);
+            body.extend(std::iter::repeat_n(b'x', TAIL + 9_000));
+            body.extend_from_slice(b"\"");
+            body.extend_from_slice(close);
+            let scan = |chunk: usize| {
+                let mut j = JsonBody::new(4096);
+                for c in body.chunks(chunk) {
+                    j.feed(c);
+                }
+                read(&j)
+            };
+            let whole = scan(body.len());
+            assert_eq!(whole.and_then(|u| u.total_tokens), want);
+            for chunk in [1, 7, 4096, 70_000] {
+                assert_eq!(scan(chunk), whole, "{chunk}-byte frames");
             }
-            read(&j)
-        };
-        let whole = scan(body.len());
-        assert_eq!(whole, None, "outside the last 64 KiB");
-        for chunk in [1, 7, 4096, 70_000] {
-            assert_eq!(scan(chunk), whole, "{chunk}-byte frames");
         }
     }
 
+    /// Past the cap, an object's usage is its own top-level one: a `usage` in a member after
+    /// it (metadata echoed from the request) is not read, as the tail search would have.
     #[test]
-    fn large_body_keeps_a_bounded_tail_and_finds_the_usage() {
+    fn past_the_cap_a_nested_usage_is_not_the_bodys() {
+        let body = padded_body(
+            300,
+            r#""usage":{"input_tokens":1000,"output_tokens":50,"total_tokens":1050},"metadata":{"usage":{"total_tokens":1}}}"#,
+        );
+        let mut json = JsonBody::new(100);
+        for chunk in body.chunks(64) {
+            json.feed(chunk);
+        }
+        assert!(json.overflowed);
+        assert_eq!(read(&json).unwrap().total_tokens, Some(1050));
+        assert!(json.buffered_capacity() == 0);
+    }
+
+    #[test]
+    fn a_large_body_is_read_in_bounded_memory() {
         let body = padded_body(
             5 << 20,
             r#""model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
@@ -150,7 +212,7 @@ mod tests {
             assert!(json.buffered_capacity() <= (1 << 20) + 16 * 1024);
         }
         assert!(json.overflowed);
-        assert!(json.buffered_capacity() <= 2 * TAIL);
+        assert_eq!(json.buffered_capacity(), 0, "read through its outline");
         let usage = read(&json).unwrap();
         assert_eq!((usage.input_tokens, usage.total_tokens), (Some(8), Some(8)));
         // The same body under the cap is parsed whole, with the same result.
@@ -163,16 +225,16 @@ mod tests {
     #[test]
     fn tail_search_takes_the_last_usable_key() {
         let tail = r#""usage": {"prompt_tokens": 1, "total_tokens": 1}, "text": "say \"usage\": {\"prompt_tokens\": 666}", "usage_breakdown": null, "x": {"usage": null}}"#;
-        let body = padded_body(300, tail);
+        let body = padded_array(300, tail);
         let mut json = JsonBody::new(100);
         json.feed(&body);
-        assert!(json.overflowed);
+        assert!(json.overflowed && json.outline.is_none());
         assert_eq!(read(&json).unwrap().input_tokens, Some(1));
     }
 
     #[test]
     fn tail_search_reads_gemini_and_anthropic() {
-        let gemini = padded_body(
+        let gemini = padded_array(
             300,
             r#""usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 3, "totalTokenCount": 5}}"#,
         );
@@ -180,7 +242,7 @@ mod tests {
         json.feed(&gemini);
         assert_eq!(read(&json).unwrap().total_tokens, Some(5));
 
-        let anthropic = padded_body(
+        let anthropic = padded_array(
             300,
             r#""usage": {"input_tokens": 2, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 8, "output_tokens": 3}}"#,
         );

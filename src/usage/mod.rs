@@ -15,8 +15,9 @@
 //! and only those that carry a non-null usage are parsed. Memory is bounded: of an SSE event
 //! larger than the cap (1 MiB by default) only the members a usage is read from are kept as it
 //! passes (its top-level `type`, `usage` and `usageMetadata`, and the `usage` of a top-level
-//! `message` or `response`: up to 64 KiB of them), and of a JSON body larger than the cap only
-//! a 64 KiB tail is kept. Malformed input never panics; it reports no usage.
+//! `message` or `response`: up to 64 KiB of them), and so are those of a JSON object larger
+//! than the cap; of any other JSON body (an array) larger than the cap only a 64 KiB tail is
+//! kept. Malformed input never panics; it reports no usage.
 //!
 //! ```
 //! use tower_token_ratelimit::usage::{BodyFormat, UsageScanner};
@@ -192,8 +193,9 @@ impl BodyFormat {
 ///
 /// Feed it every frame as it passes, then call [`finish`](Self::finish) at the end of the
 /// body. It never modifies the bytes and keeps none of them beyond bounded buffers: the part
-/// of an SSE event that spans frames (up to the cap, then up to 64 KiB of its outline), or a
-/// JSON body (up to the cap, then a 64 KiB tail). The result does not depend on how the body was split into frames.
+/// of an SSE event that spans frames, or a JSON body (up to the cap, then up to 64 KiB of its
+/// outline, or for a JSON array a 64 KiB tail). The result does not depend on how the body was
+/// split into frames.
 #[derive(Debug)]
 pub struct UsageScanner {
     body: Body,
@@ -236,10 +238,10 @@ impl UsageScanner {
         }
     }
 
-    /// Sets the cap (default 1 MiB): for SSE, the largest event data kept (its `data:` lines
-    /// joined), a larger event being read as it passes for the members a usage is read from
-    /// (nothing else in it is checked to be well-formed); for JSON, the largest body parsed whole, a
-    /// larger one being read from its last 64 KiB. Set it before feeding.
+    /// Sets the cap (default 1 MiB): the largest SSE event data (its `data:` lines joined) or
+    /// JSON body kept and parsed whole. A larger event or JSON object is read as it passes for
+    /// the members a usage is read from (nothing else in it is checked to be well-formed); a
+    /// larger JSON array is read from its last 64 KiB. Set it before feeding.
     pub fn with_max_event_bytes(mut self, max: usize) -> Self {
         match &mut self.body {
             Body::Sse(splitter) => splitter.set_max_event(max),
@@ -1141,6 +1143,13 @@ mod tests {
                 if let Some(shortcut) = shortcut {
                     proptest::prop_assert_eq!(shortcut, whole, "{}", text);
                 }
+            }
+            // A body past the cap, read through its outline, reads the same.
+            if doc.is_object() {
+                let mut capped = UsageScanner::new(BodyFormat::Json).with_max_event_bytes(0);
+                capped.feed(text.as_bytes());
+                let (_, whole) = shortcut_and_whole(None, text.as_bytes());
+                proptest::prop_assert_eq!(capped.finish(), whole, "{}", text);
             }
         }
     }

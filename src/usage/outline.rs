@@ -12,7 +12,7 @@
 //! parsing it whole would give up. A document that is not an object, that ends early, or whose
 //! kept members exceed 64 KiB reports nothing.
 
-use memchr::memchr2;
+use memchr::{memchr2, memchr3};
 
 /// Most bytes kept; past this the document reports nothing.
 const MAX_KEPT: usize = 64 * 1024;
@@ -21,7 +21,7 @@ const MAX_KEPT: usize = 64 * 1024;
 /// read as none of the kept ones.
 const MAX_KEY: usize = 13;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Outline {
     /// The outline made so far.
     out: Vec<u8>,
@@ -133,6 +133,12 @@ impl Outline {
                     bytes = &bytes[at + 1..];
                 }
                 Str::Outside => {
+                    if self.state == State::Inside && self.depth != self.level && !self.keeping {
+                        bytes = &bytes[skip_to_structure(bytes)..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
                     self.structure(bytes[0]);
                     bytes = &bytes[1..];
                 }
@@ -293,6 +299,25 @@ impl Outline {
         }
         self.out.extend_from_slice(bytes);
     }
+}
+
+/// Where the next string or bracket is in `bytes` (its length if none): inside a value passed
+/// over, nothing else matters. Looked for byte by byte a little way, then with memchr over
+/// long runs without any (an embedding's thousands of numbers).
+fn skip_to_structure(bytes: &[u8]) -> usize {
+    const NEAR: usize = 32;
+    let is_structure = |b: &u8| matches!(b, b'"' | b'{' | b'}' | b'[' | b']');
+    let near = &bytes[..bytes.len().min(NEAR)];
+    if let Some(at) = near.iter().position(is_structure) {
+        return at;
+    }
+    let rest = &bytes[near.len()..];
+    let found = match (memchr3(b'"', b'[', b']', rest), memchr2(b'{', b'}', rest)) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(at), None) | (None, Some(at)) => at,
+        (None, None) => rest.len(),
+    };
+    near.len() + found
 }
 
 #[cfg(test)]
