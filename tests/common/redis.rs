@@ -119,33 +119,35 @@ impl RedisServer {
     }
 
     fn start_with(extra: &[&str], password: Option<&str>) -> Self {
-        let port = free_port(false);
-        let mut args = base_args(&port.to_string(), &scratch_dir());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::launch(port, args, password, false)
+        let dir = scratch_dir();
+        Self::launch(false, password, false, |port| {
+            let mut args = base_args(&port.to_string(), &dir);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
+        })
     }
 
     fn cluster_node(dir: &std::path::Path, node_timeout_ms: u32) -> Self {
-        let port = free_port(true);
-        let conf = dir.join(format!("nodes-{port}.conf"));
-        let mut args = base_args(&port.to_string(), dir);
-        args.extend(
-            [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                conf.to_str().unwrap(),
-                "--cluster-node-timeout",
-                &node_timeout_ms.to_string(),
-            ]
-            .map(String::from),
-        );
-        Self::launch(port, args, None, false)
+        Self::launch(true, None, false, |port| {
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            let mut args = base_args(&port.to_string(), dir);
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--cluster-node-timeout",
+                    &node_timeout_ms.to_string(),
+                ]
+                .map(String::from),
+            );
+            args
+        })
     }
 
     /// A server that speaks only TLS, with a self-signed certificate made by `openssl`.
     pub fn start_tls() -> Self {
-        let port = free_port(false);
         let dir = scratch_dir();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let made = Command::new("openssl")
@@ -169,35 +171,52 @@ impl RedisServer {
             .status()
             .expect("openssl on PATH");
         assert!(made.success(), "openssl could not make a certificate");
-        let mut args = base_args("0", &dir);
-        args.extend(
-            [
-                "--tls-port",
-                &port.to_string(),
-                "--tls-cert-file",
-                cert.to_str().unwrap(),
-                "--tls-key-file",
-                key.to_str().unwrap(),
-                "--tls-ca-cert-file",
-                cert.to_str().unwrap(),
-                "--tls-auth-clients",
-                "no",
-            ]
-            .map(String::from),
-        );
-        Self::launch(port, args, None, true)
+        Self::launch(false, None, true, |port| {
+            let mut args = base_args("0", &dir);
+            args.extend(
+                [
+                    "--tls-port",
+                    &port.to_string(),
+                    "--tls-cert-file",
+                    cert.to_str().unwrap(),
+                    "--tls-key-file",
+                    key.to_str().unwrap(),
+                    "--tls-ca-cert-file",
+                    cert.to_str().unwrap(),
+                    "--tls-auth-clients",
+                    "no",
+                ]
+                .map(String::from),
+            );
+            args
+        })
     }
 
-    fn launch(port: u16, args: Vec<String>, password: Option<&str>, tls: bool) -> Self {
-        let mut server = RedisServer {
-            port,
-            args,
-            password: password.map(str::to_owned),
-            tls,
-            child: None,
-        };
-        server.restart();
-        server
+    /// Starts a server on a free port (with the cluster bus port above it free too if
+    /// `with_bus`), its arguments made by `args` for the port. A port another process takes
+    /// between being found free and the server binding it makes the server exit: then it is
+    /// tried again on another.
+    fn launch(
+        with_bus: bool,
+        password: Option<&str>,
+        tls: bool,
+        args: impl Fn(u16) -> Vec<String>,
+    ) -> Self {
+        for _ in 0..5 {
+            let port = free_port(with_bus);
+            let mut server = RedisServer {
+                port,
+                args: args(port),
+                password: password.map(str::to_owned),
+                tls,
+                child: None,
+            };
+            if server.try_restart() {
+                return server;
+            }
+            eprintln!("redis-server on {port} exited at start (port taken?); trying another");
+        }
+        panic!("redis-server exited at start on 5 ports in turn");
     }
 
     fn answers(&self) -> bool {
@@ -213,6 +232,16 @@ impl RedisServer {
 
     /// Starts (again) on the same port and waits until it answers.
     pub fn restart(&mut self) {
+        assert!(
+            self.try_restart(),
+            "redis-server on {} exited at start (port taken?)",
+            self.port
+        );
+    }
+
+    /// [`restart`](Self::restart), false if the server exits before it answers (or answers
+    /// while exiting: then another process answered on its port).
+    fn try_restart(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("redis-server")
             .args(&self.args)
@@ -222,7 +251,16 @@ impl RedisServer {
             .expect("redis-server on PATH (.ci/run installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
+        loop {
+            let answered = self.answers();
+            let child = self.child.as_mut().unwrap();
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
+            }
+            if answered {
+                return true;
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server on {} did not start",
@@ -355,41 +393,53 @@ impl RedisCluster {
     /// Three masters with `replicas` replicas each; a master unreachable for `node_timeout_ms`
     /// is failed over to one of its replicas.
     pub fn start_with(replicas: usize, node_timeout_ms: u32) -> Self {
-        let dir = scratch_dir();
-        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
-            .map(|_| RedisServer::cluster_node(&dir, node_timeout_ms))
-            .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("redis-cli on PATH (.ci/run installs it)");
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let cluster = RedisCluster { nodes, dir };
+        // `redis-cli --cluster create` failed once in a CI run with nothing on its stdout; its
+        // stderr is shown now, and the cluster is made again on fresh nodes (twice at most).
+        for attempt in 1.. {
+            let dir = scratch_dir();
+            let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
+                .map(|_| RedisServer::cluster_node(&dir, node_timeout_ms))
+                .collect();
+            let addrs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port))
+                .collect();
+            let out = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addrs)
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+                .output()
+                .expect("redis-cli on PATH (.ci/run installs it)");
+            let cluster = RedisCluster { nodes, dir };
+            if out.status.success() {
+                return cluster.await_ready(replicas);
+            }
+            let failure = format!(
+                "cluster create on {addrs:?} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(attempt < 3, "{failure}");
+            eprintln!("{failure}; making it again");
+        }
+        unreachable!()
+    }
+
+    /// Waits until the cluster just made is whole and its replicas are in sync.
+    fn await_ready(self, replicas: usize) -> Self {
         let deadline = Instant::now() + Duration::from_secs(20);
-        for i in 0..cluster.nodes.len() {
+        for i in 0..self.nodes.len() {
             // Every node agrees, each master's replicas have joined it, and a replica has its
             // master's data (its first sync can wait seconds: until then a failover would
             // promote it empty).
-            while !cluster.node_ok(i)
-                || cluster.replicas_known(i) < 3 * replicas
-                || !cluster.synced(i)
-            {
+            while !self.node_ok(i) || self.replicas_known(i) < 3 * replicas || !self.synced(i) {
                 assert!(Instant::now() < deadline, "cluster did not become ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        cluster
+        self
     }
 
     /// What `redis-cli` prints for `args` sent to node `i` (nothing from a dead node).
