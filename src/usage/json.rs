@@ -50,6 +50,11 @@ impl JsonBody {
                 extend_bounded(&mut self.buf, chunk, self.max);
                 return;
             }
+            if skip_whitespace(&self.buf).is_empty() && skip_whitespace(chunk).is_empty() {
+                // Only whitespace so far: what the body is is not known yet.
+                self.buf.clear();
+                return;
+            }
             self.overflow(chunk);
         }
         if let Some(outline) = &mut self.outline {

@@ -6,11 +6,14 @@
 //! follows the object's structure (strings passed over with memchr) and keeps, verbatim, only
 //! its top-level `type`, `usage` and `usageMetadata` members and the `usage` member of a
 //! top-level `message` or `response` object: every place a usage is read from. What it makes
-//! is a small JSON object that reads to the same usage as the whole document would.
+//! is a small JSON object that reads to the same usage as the whole document would, for an
+//! object whose top-level keys are written without escapes (as providers write them: a key
+//! with an escape is read as none of the kept ones, where a whole parse would decode it).
 //!
 //! Only what it keeps is parsed later: a document malformed elsewhere may be read where
-//! parsing it whole would give up. A document that is not an object, that ends early, or whose
-//! kept members exceed 64 KiB reports nothing.
+//! parsing it whole would give up. Whitespace between tokens is not kept; what follows the
+//! object is ignored, as a whole parse ignores it. A document that is not an object, that ends
+//! early, or whose kept members exceed 64 KiB reports nothing.
 
 use memchr::{memchr2, memchr3};
 
@@ -45,7 +48,7 @@ enum State {
     /// Before the top-level object.
     Before,
     Inside,
-    /// After the top-level object: only whitespace may follow.
+    /// After the top-level object: the rest is ignored.
     Done,
     /// Not an object, malformed where it was read, or too much kept: reports nothing.
     Broken,
@@ -163,16 +166,15 @@ impl Outline {
                 self.out.push(b'{');
                 return;
             }
-            State::Done if whitespace => return,
-            State::Before | State::Done => {
+            State::Before => {
                 self.state = State::Broken;
                 return;
             }
             State::Inside => {}
-            State::Broken => return,
+            State::Done | State::Broken => return,
         }
         if whitespace {
-            self.keep(&[byte]);
+            // Not kept: it would count against the bound for nothing.
             return;
         }
         if self.depth != self.level {
@@ -345,7 +347,7 @@ mod tests {
             ),
             (
                 r#" { "candidates" : [ {"content":{"parts":[{"inlineData":{"data":"AAAA"}}],"usage":{"total_tokens":1}}} ] , "usageMetadata" : {"promptTokenCount": 9 , "totalTokenCount":12} , "modelVersion":"m" } "#,
-                Some(r#"{"usageMetadata":{"promptTokenCount": 9 , "totalTokenCount":12} }"#),
+                Some(r#"{"usageMetadata":{"promptTokenCount":9,"totalTokenCount":12}}"#),
             ),
             (
                 r#"{"type":"message_start","message":{"content":[{"usage":{"input_tokens":666}}],"usage":{"input_tokens":4}}}"#,
@@ -368,7 +370,11 @@ mod tests {
             ),
             (r#"[{"usage":{"total_tokens":1}}]"#, None),
             (r#"{"usage":{"total_tokens":1}"#, None),
-            (r#"{"usage":{"total_tokens":1}} x"#, None),
+            // What follows the object is ignored, as serde_json's reader of one value does.
+            (
+                r#"{"usage":{"total_tokens":1}} x"#,
+                Some(r#"{"usage":{"total_tokens":1}}"#),
+            ),
             (r#"{"usage":,"x":1}"#, None),
             (r#"{"a" 1}"#, None),
         ];

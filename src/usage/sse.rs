@@ -42,8 +42,8 @@ pub(crate) struct EventSplitter {
     /// How to tell an event that makes the ones before it change nothing; `None` if none can,
     /// or once an event found that way did not (the stream's events do not replace each other).
     settling: Option<Settling>,
-    /// Events handed over (counted up to 2: settling events are looked for in a stream of
-    /// several).
+    /// Events handed over whole, not as an outline (counted up to 2: settling events are
+    /// looked for in a stream of several).
     handed: u8,
     max_event: usize,
     /// Data of the current event copied from earlier chunks (its data lines joined with `\n`),
@@ -130,7 +130,7 @@ impl EventSplitter {
     }
 
     /// Reads `chunk`, calling `on_event` with the data of every event it completes that has a
-    /// wanted data line. Returns whether `chunk` is known to hold no candidate for one: it
+    /// wanted data line (or, for an event past `max_event`, with its outline if it makes one). Returns whether `chunk` is known to hold no candidate for one: it
     /// began at a line start outside any wanted event, and the candidate search over all of it
     /// found none.
     pub(crate) fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) -> bool {
@@ -190,7 +190,7 @@ impl EventSplitter {
         let rest = &chunk[pos..];
         let candidate = (self.candidate)(rest);
         if let (Some(first), Some(how), true) = (candidate, self.settling, settling)
-            && let Some((start, settles)) = last_candidate_event(rest, first, how)
+            && let Some((start, settles)) = self.last_candidate_event(rest, first, how)
         {
             if settles {
                 // The current event, and all after it up to `start`, change nothing.
@@ -437,41 +437,48 @@ impl EventSplitter {
             self.hit = true;
         }
     }
-}
 
-/// In bytes that start at a line start, whose first candidate is at `first`: the start of the
-/// last whole event with a candidate, if it comes after the event of `first` and has one data
-/// line, and whether it settles the ones before it.
-fn last_candidate_event(bytes: &[u8], first: usize, settling: Settling) -> Option<(usize, bool)> {
-    let whole = &bytes[..last_blank_line_end(bytes)?];
-    let at = (settling.last_candidate)(whole)?;
-    let line_start = memrchr2(b'\n', b'\r', &whole[..at]).map_or(0, |t| t + 1);
-    let start = last_blank_line_end(&whole[..line_start])?;
-    if start <= first {
-        // No event with a candidate before it to pass over.
-        return None;
-    }
-    // Its one data line, up to its blank line.
-    let mut data = None;
-    let mut pos = start;
-    loop {
-        let len = memchr2(b'\n', b'\r', &whole[pos..])?;
-        let line = &whole[pos..pos + len];
-        if line.is_empty() {
-            break;
+    /// In bytes that start at a line start, whose first candidate is at `first`: the start of
+    /// the last whole event with a candidate, if it comes after the event of `first` and has
+    /// one data line that would be handed over whole (wanted, and within `max_event`), and
+    /// whether it settles the ones before it.
+    fn last_candidate_event(
+        &self,
+        bytes: &[u8],
+        first: usize,
+        settling: Settling,
+    ) -> Option<(usize, bool)> {
+        let whole = &bytes[..last_blank_line_end(bytes)?];
+        let at = (settling.last_candidate)(whole)?;
+        let line_start = memrchr2(b'\n', b'\r', &whole[..at]).map_or(0, |t| t + 1);
+        let start = last_blank_line_end(&whole[..line_start])?;
+        if start <= first {
+            // No event with a candidate before it to pass over.
+            return None;
         }
-        if let Some(offset) = data_value_offset(line) {
-            if data.is_some() {
-                return None;
+        // Its one data line, up to its blank line.
+        let mut data = None;
+        let mut pos = start;
+        loop {
+            let len = memchr2(b'\n', b'\r', &whole[pos..])?;
+            let line = &whole[pos..pos + len];
+            if line.is_empty() {
+                break;
             }
-            data = Some(&line[offset..]);
+            if let Some(offset) = data_value_offset(line) {
+                if data.is_some() {
+                    return None;
+                }
+                data = Some(&line[offset..]);
+            }
+            pos += len + 1;
+            if whole[pos - 1] == b'\r' && whole.get(pos) == Some(&b'\n') {
+                pos += 1;
+            }
         }
-        pos += len + 1;
-        if whole[pos - 1] == b'\r' && whole.get(pos) == Some(&b'\n') {
-            pos += 1;
-        }
+        let data = data.filter(|d| d.len() <= self.max_event && (self.wanted)(d))?;
+        Some((start, (settling.settles)(data)))
     }
-    Some((start, (settling.settles)(data?)))
 }
 
 /// In bytes that start at a line start: the end of the last empty line (its line end
