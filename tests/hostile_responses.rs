@@ -68,6 +68,22 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+/// Sends `req` to `app` and reads the answer's body (200 OK): its length, and the most heap
+/// this thread had in use meanwhile above what it had before.
+async fn read_counting_heap(app: Router, req: Request<Body>) -> (usize, isize) {
+    let base = IN_USE.with(Cell::get);
+    PEAK.with(|peak| peak.set(base));
+    let r = app.oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.into_body();
+    let mut got = 0;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        got += frame.unwrap().into_data().unwrap().len();
+    }
+    drop(body);
+    (got, PEAK.with(Cell::get) - base)
+}
+
 fn layer(store: &MemoryStore) -> TokenRateLimitLayer {
     TokenRateLimitLayer::builder()
         .store(store.clone())
@@ -262,20 +278,10 @@ async fn events_past_the_cap_are_charged_their_usage() {
             .header("content-length", REQUEST.len())
             .body(Body::from(REQUEST))
             .unwrap();
-        let base = IN_USE.with(Cell::get);
-        PEAK.with(|peak| peak.set(base));
-        let r = tokio::time::timeout(Duration::from_secs(60), app.oneshot(req))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{case}");
-        let mut body = r.into_body();
-        let mut got = 0;
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            got += frame.unwrap().into_data().unwrap().len();
-        }
-        drop(body);
-        let peak = PEAK.with(Cell::get) - base;
+        let (got, peak) =
+            tokio::time::timeout(Duration::from_secs(60), read_counting_heap(app, req))
+                .await
+                .unwrap();
         assert_eq!(
             got,
             bytes.len(),
@@ -382,17 +388,7 @@ async fn decompression_bombs_are_metered_in_bounded_memory() {
             .body(Body::from(REQUEST))
             .unwrap();
         let started = Instant::now();
-        let base = IN_USE.with(Cell::get);
-        PEAK.with(|peak| peak.set(base));
-        let r = app.oneshot(req).await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{encoding}");
-        let mut body = r.into_body();
-        let mut got = 0;
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            got += frame.unwrap().into_data().unwrap().len();
-        }
-        drop(body);
-        let peak = PEAK.with(Cell::get) - base;
+        let (got, peak) = read_counting_heap(app, req).await;
         println!(
             "{encoding}: {} bytes decoding to {} MiB, peak heap while metering {} KiB, {:?}",
             bytes.len(),
