@@ -108,6 +108,15 @@ const REQUEST: &str =
     r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"x":"......"}"#;
 const REQUEST_TOKENS: u64 = 20;
 
+/// [`REQUEST`] to `/v1/chat/completions`, counted under `case`.
+fn request(case: &str) -> Request<Body> {
+    Request::post("/v1/chat/completions")
+        .header("x-case", case)
+        .header("content-length", REQUEST.len())
+        .body(Body::from(REQUEST))
+        .unwrap()
+}
+
 /// An upstream at `/v1/chat/completions` behind `limits`, answering every request with
 /// `bytes` in `frame`-byte frames and these headers.
 fn upstream(
@@ -159,11 +168,7 @@ async fn broken_usage_is_charged_the_estimate() {
             1 << 16,
             vec![("content-type", content_type)],
         );
-        let req = Request::post("/v1/chat/completions")
-            .header("x-case", case)
-            .header("content-length", REQUEST.len())
-            .body(Body::from(REQUEST))
-            .unwrap();
+        let req = request(case);
         let r = tokio::time::timeout(Duration::from_secs(60), app.oneshot(req))
             .await
             .unwrap()
@@ -273,11 +278,7 @@ async fn events_past_the_cap_are_charged_their_usage() {
             1 << 16,
             vec![("content-type", content_type)],
         );
-        let req = Request::post("/v1/chat/completions")
-            .header("x-case", case)
-            .header("content-length", REQUEST.len())
-            .body(Body::from(REQUEST))
-            .unwrap();
+        let req = request(case);
         let (got, peak) =
             tokio::time::timeout(Duration::from_secs(60), read_counting_heap(app, req))
                 .await
@@ -382,11 +383,7 @@ async fn decompression_bombs_are_metered_in_bounded_memory() {
             ("content-encoding", encoding),
         ];
         let app = upstream(&limits, served, 1 << 10, headers);
-        let req = Request::post("/v1/chat/completions")
-            .header("x-case", encoding)
-            .header("content-length", REQUEST.len())
-            .body(Body::from(REQUEST))
-            .unwrap();
+        let req = request(encoding);
         let started = Instant::now();
         let (got, peak) = read_counting_heap(app, req).await;
         println!(
