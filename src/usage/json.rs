@@ -50,12 +50,15 @@ impl JsonBody {
                 extend_bounded(&mut self.buf, chunk, self.max);
                 return;
             }
-            if skip_whitespace(&self.buf).is_empty() && skip_whitespace(chunk).is_empty() {
+            let first = skip_whitespace(&self.buf)
+                .first()
+                .or(skip_whitespace(chunk).first());
+            let Some(&first) = first else {
                 // Only whitespace so far: what the body is is not known yet.
                 self.buf.clear();
                 return;
-            }
-            self.overflow(chunk);
+            };
+            self.overflow(chunk, first == b'{');
         }
         if let Some(outline) = &mut self.outline {
             outline.feed(chunk);
@@ -76,12 +79,9 @@ impl JsonBody {
 
     /// The body outgrows the cap with `chunk`: an object goes on through an outline, anything
     /// else keeps a tail.
-    fn overflow(&mut self, chunk: &[u8]) {
+    fn overflow(&mut self, chunk: &[u8], object: bool) {
         self.overflowed = true;
-        let first = skip_whitespace(&self.buf)
-            .first()
-            .or(skip_whitespace(chunk).first());
-        if first.is_none_or(|&b| b == b'{') {
+        if object {
             let mut outline = Box::<Outline>::default();
             outline.feed(&mem::take(&mut self.buf));
             self.outline = Some(outline);

@@ -11,8 +11,7 @@
 //! after a memchr-class pass over their bytes. In a stream of several such events, once per
 //! chunk it looks for the chunk's last whole one and, if that one settles the ones before it
 //! (its usage replaces theirs: Gemini's, OpenAI's with a usage in every chunk), passes over
-//! those unread too. An event that lies inside one chunk is read in
-//! place; only the part of an event that spans a chunk boundary is copied, and at most
+//! those unread too. An event that lies inside one chunk is read in place; only the part of an event that spans a chunk boundary is copied, and at most
 //! `max_event` bytes of it: past that, the event's data is read through an [`Outline`] as it
 //! passes, which keeps only the members a usage is read from.
 
@@ -130,9 +129,9 @@ impl EventSplitter {
     }
 
     /// Reads `chunk`, calling `on_event` with the data of every event it completes that has a
-    /// wanted data line (or, for an event past `max_event`, with its outline if it makes one). Returns whether `chunk` is known to hold no candidate for one: it
-    /// began at a line start outside any wanted event, and the candidate search over all of it
-    /// found none.
+    /// wanted data line (or, for an event past `max_event`, with its outline if it makes one).
+    /// Returns whether `chunk` is known to hold no candidate for one: it began at a line start
+    /// outside any wanted event, and the candidate search over all of it found none.
     pub(crate) fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) -> bool {
         let mut pos = 0;
         let mut clean = self.carry == Carry::LineStart && !self.hit;
@@ -232,14 +231,11 @@ impl EventSplitter {
 
     /// Where the next line starts after the line end at `at`.
     fn after_line_end(&mut self, chunk: &[u8], at: usize) -> usize {
-        if chunk[at] == b'\r' {
-            match chunk.get(at + 1) {
-                Some(b'\n') => return at + 2,
-                None => self.after_cr = true,
-                Some(_) => {}
-            }
+        if at + 1 == chunk.len() && chunk[at] == b'\r' {
+            // Its LF, if any, starts the next chunk.
+            self.after_cr = true;
         }
-        at + 1
+        next_line_start(chunk, at)
     }
 
     /// A line wholly inside `chunk`.
@@ -471,13 +467,19 @@ impl EventSplitter {
                 }
                 data = Some(&line[offset..]);
             }
-            pos += len + 1;
-            if whole[pos - 1] == b'\r' && whole.get(pos) == Some(&b'\n') {
-                pos += 1;
-            }
+            pos = next_line_start(whole, pos + len);
         }
         let data = data.filter(|d| d.len() <= self.max_event && (self.wanted)(d))?;
         Some((start, (settling.settles)(data)))
+    }
+}
+
+/// Where the next line starts after the line end at `at` (a CRLF is one line end).
+fn next_line_start(bytes: &[u8], at: usize) -> usize {
+    if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') {
+        at + 2
+    } else {
+        at + 1
     }
 }
 
